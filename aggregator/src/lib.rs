@@ -1,0 +1,1 @@
+//! Cohort's aggregator. See ARCHITECTURE.md.

@@ -1,0 +1,2 @@
+//! Cohort's learning side. See ARCHITECTURE.md.
+pub use cohort_protocol::{Layout, ParamGroups};
