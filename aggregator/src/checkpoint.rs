@@ -1,0 +1,334 @@
+//! Checkpoints: the only module of the crate that touches files.
+//!
+//! A checkpoint is a folder `round-000012/` (12 = rounds completed, or model
+//! steps in async mode) holding
+//! - `weights.safetensors`: the global weights, one F32 tensor per layout
+//!   tensor, named and shaped as in the layout (PyTorch's `safetensors`
+//!   opens it);
+//! - `strategy.safetensors`: the strategy's tensors (e.g. `m/backbone`,
+//!   `v/backbone` for FedAdam), bit-exact;
+//! - `state.json`: round, version, strategy name and steps, the sampling RNG
+//!   (seed, stream, word position), the layout and a SHA-256 of the config.
+//!
+//! It is written into a temporary folder and renamed into place, so a crash
+//! leaves either the old set of checkpoints or the new one. Not saved: the
+//! node registry (nodes register again when they reconnect; sampling after a
+//! resume is identical when the same nodes are registered) and, in async
+//! mode, plans outstanding and the partly filled buffer.
+//!
+//! Files are read as hostile input: sizes are bounded before reading, every
+//! tensor's dtype, shape and length is checked.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use cohort_protocol::{Layout, ParamGroups};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use crate::strategy::{Strategy, StrategyState};
+use crate::{AggError, Engine, EngineConfig};
+
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+pub const STRATEGY_FILE: &str = "strategy.safetensors";
+pub const STATE_FILE: &str = "state.json";
+const FORMAT: u32 = 1;
+/// Bound on `state.json` (the layout is the only large part).
+const MAX_STATE_BYTES: u64 = 64 << 20;
+/// Slack for safetensors headers above the tensor bytes.
+const HEADER_SLACK: u64 = 16 << 20;
+
+/// `state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedState {
+    pub format: u32,
+    pub federation: String,
+    pub round: u64,
+    pub version: u64,
+    pub strategy: StrategyState,
+    /// ChaCha8 seed, hex.
+    pub rng_seed: String,
+    pub rng_stream: u64,
+    /// Word position (u128, decimal string: JSON numbers stop at 2^64).
+    pub rng_word_pos: String,
+    /// SHA-256 of the config (with `rounds` zeroed), hex.
+    pub config_hash: String,
+    pub layout: Layout,
+}
+
+/// Name of the checkpoint folder of `round`.
+pub fn round_dir_name(round: u64) -> String {
+    format!("round-{round:06}")
+}
+
+/// SHA-256 of the canonical JSON of the config, `rounds` excluded (a run
+/// may be resumed to go further).
+pub fn config_hash(cfg: &EngineConfig) -> Result<String, AggError> {
+    let mut c = cfg.clone();
+    c.rounds = 0;
+    let json = serde_json::to_vec(&c).map_err(|e| AggError::Checkpoint(format!("config: {e}")))?;
+    Ok(hex(ring::digest::digest(&ring::digest::SHA256, &json).as_ref()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 || !s.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AggError + '_ {
+    move |source| AggError::Io { path: path.to_path_buf(), source }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AggError> {
+    let mut f = fs::File::create(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Reads a whole file, refusing it beyond `limit` bytes before allocating.
+fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AggError> {
+    let f = fs::File::open(path).map_err(io(path))?;
+    let len = f.metadata().map_err(io(path))?.len();
+    if len > limit {
+        return Err(AggError::Checkpoint(format!("{} has {len} bytes, over the limit of {limit}", path.display())));
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(limit + 1).read_to_end(&mut buf).map_err(io(path))?;
+    if buf.len() as u64 > limit {
+        return Err(AggError::Checkpoint(format!("{} grew over the limit of {limit}", path.display())));
+    }
+    Ok(buf)
+}
+
+fn le_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn st_err(e: safetensors::SafeTensorError) -> AggError {
+    AggError::Checkpoint(format!("safetensors: {e}"))
+}
+
+/// The global weights as safetensors bytes, tensors named by the layout.
+pub fn weights_to_safetensors(layout: &Layout, global: &ParamGroups) -> Result<Vec<u8>, AggError> {
+    layout.check(global)?;
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for g in &layout.groups {
+        let values = global.get(&g.name).ok_or_else(|| AggError::Checkpoint(format!("group `{}` missing", g.name)))?;
+        for t in &g.tensors {
+            let start = t.offset as usize;
+            let slice = values
+                .get(start..start + t.numel() as usize)
+                .ok_or_else(|| AggError::Checkpoint(format!("tensor `{}` out of its group", t.name)))?;
+            owned.push((t.name.clone(), t.shape.iter().map(|&d| d as usize).collect(), le_bytes(slice)));
+        }
+    }
+    let views = owned
+        .iter()
+        .map(|(n, s, b)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.as_str(), v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(st_err)?;
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "cohort-weights-v1".to_string());
+    safetensors::serialize(views, Some(meta)).map_err(st_err)
+}
+
+fn f32s(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>, AggError> {
+    if view.dtype() != Dtype::F32 {
+        return Err(AggError::Checkpoint(format!("tensor `{name}` is {:?}, not F32", view.dtype())));
+    }
+    let data = view.data();
+    if data.len() % 4 != 0 {
+        return Err(AggError::Checkpoint(format!("tensor `{name}` has a ragged length")));
+    }
+    Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+/// Reads global weights written by [`weights_to_safetensors`], checked
+/// against `layout` (names, dtypes, shapes).
+pub fn weights_from_safetensors(layout: &Layout, bytes: &[u8]) -> Result<ParamGroups, AggError> {
+    let st = SafeTensors::deserialize(bytes).map_err(st_err)?;
+    let mut out = ParamGroups::new();
+    for g in &layout.groups {
+        let mut values = Vec::with_capacity(g.len() as usize);
+        for t in &g.tensors {
+            let view = st.tensor(&t.name).map_err(st_err)?;
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            if view.shape() != shape.as_slice() {
+                return Err(AggError::Checkpoint(format!(
+                    "tensor `{}` has shape {:?}, the layout says {shape:?}",
+                    t.name,
+                    view.shape()
+                )));
+            }
+            values.extend(f32s(&view, &t.name)?);
+        }
+        out.insert(g.name.clone(), values);
+    }
+    layout.check(&out)?;
+    Ok(out)
+}
+
+fn tensors_to_safetensors(tensors: &BTreeMap<String, Vec<f32>>) -> Result<Vec<u8>, AggError> {
+    let owned: Vec<(&str, usize, Vec<u8>)> = tensors.iter().map(|(n, v)| (n.as_str(), v.len(), le_bytes(v))).collect();
+    let views = owned
+        .iter()
+        .map(|(n, len, b)| TensorView::new(Dtype::F32, vec![*len], b).map(|v| (*n, v)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(st_err)?;
+    safetensors::serialize(views, None).map_err(st_err)
+}
+
+fn tensors_from_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Vec<f32>>, AggError> {
+    let st = SafeTensors::deserialize(bytes).map_err(st_err)?;
+    let mut out = BTreeMap::new();
+    for name in st.names() {
+        let view = st.tensor(name).map_err(st_err)?;
+        out.insert(name.to_string(), f32s(&view, name)?);
+    }
+    Ok(out)
+}
+
+/// The newest complete checkpoint folder in `dir`, if any.
+pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>, AggError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(AggError::Io { path: dir.to_path_buf(), source: e }),
+    };
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        let Some(round) = name.to_str().and_then(|n| n.strip_prefix("round-")).and_then(|r| r.parse::<u64>().ok()) else {
+            continue;
+        };
+        let path = entry.path();
+        if !path.join(STATE_FILE).is_file() {
+            continue;
+        }
+        if best.as_ref().is_none_or(|(b, _)| round > *b) {
+            best = Some((round, path));
+        }
+    }
+    Ok(best)
+}
+
+impl Engine {
+    /// Writes a checkpoint of the current state into `dir/round-NNNNNN/`
+    /// (temp folder + rename) and returns its path. Sync mode: only between
+    /// rounds (after `poll` returned the report).
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<PathBuf, AggError> {
+        if self.round_open() {
+            return Err(AggError::RoundOpen(self.round));
+        }
+        fs::create_dir_all(dir).map_err(io(dir))?;
+        let name = round_dir_name(self.round);
+        let tmp = dir.join(format!(".tmp-{name}"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let strategy = self.strategy.state();
+        let state = SavedState {
+            format: FORMAT,
+            federation: self.cfg.federation.clone(),
+            round: self.round,
+            version: self.version,
+            strategy: strategy.clone(),
+            rng_seed: hex(&self.rng.get_seed()),
+            rng_stream: self.rng.get_stream(),
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+            config_hash: config_hash(&self.cfg)?,
+            layout: self.layout.clone(),
+        };
+        write_synced(&tmp.join(WEIGHTS_FILE), &weights_to_safetensors(&self.layout, &self.global)?)?;
+        write_synced(&tmp.join(STRATEGY_FILE), &tensors_to_safetensors(&strategy.tensors)?)?;
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
+        write_synced(&tmp.join(STATE_FILE), &json)?;
+        let dest = dir.join(&name);
+        if dest.exists() {
+            // Same round saved twice: move the old one aside first (rename
+            // cannot replace a non-empty folder).
+            let old = dir.join(format!(".old-{name}"));
+            if old.exists() {
+                fs::remove_dir_all(&old).map_err(io(&old))?;
+            }
+            fs::rename(&dest, &old).map_err(io(&dest))?;
+            fs::rename(&tmp, &dest).map_err(io(&tmp))?;
+            fs::remove_dir_all(&old).map_err(io(&old))?;
+        } else {
+            fs::rename(&tmp, &dest).map_err(io(&tmp))?;
+        }
+        // Make the rename itself durable.
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        info!(round = self.round, version = self.version, path = %dest.display(), "checkpoint written");
+        Ok(dest)
+    }
+
+    /// Resumes from the newest checkpoint in `dir` (`None` if there is
+    /// none). The config must hash like the one that wrote it (`rounds`
+    /// may differ) and `strategy` must be the same kind. Nodes must
+    /// register again.
+    pub fn resume(dir: &Path, cfg: EngineConfig, strategy: Box<dyn Strategy>) -> Result<Option<Self>, AggError> {
+        let Some((_, path)) = latest(dir)? else { return Ok(None) };
+        Self::resume_from(&path, cfg, strategy).map(Some)
+    }
+
+    /// Resumes from one checkpoint folder.
+    pub fn resume_from(path: &Path, cfg: EngineConfig, mut strategy: Box<dyn Strategy>) -> Result<Self, AggError> {
+        let state_bytes = read_bounded(&path.join(STATE_FILE), MAX_STATE_BYTES)?;
+        let state: SavedState =
+            serde_json::from_slice(&state_bytes).map_err(|e| AggError::Checkpoint(format!("state.json: {e}")))?;
+        if state.format != FORMAT {
+            return Err(AggError::Checkpoint(format!("unknown checkpoint format {}", state.format)));
+        }
+        if state.config_hash != config_hash(&cfg)? {
+            return Err(AggError::Checkpoint("the config differs from the one that wrote the checkpoint".into()));
+        }
+        state.layout.validate()?;
+        let params = state.layout.num_params();
+        let weight_bytes =
+            read_bounded(&path.join(WEIGHTS_FILE), params.saturating_mul(4).saturating_add(HEADER_SLACK))?;
+        let global = weights_from_safetensors(&state.layout, &weight_bytes)?;
+        let strat_bytes =
+            read_bounded(&path.join(STRATEGY_FILE), params.saturating_mul(8).saturating_add(HEADER_SLACK))?;
+        let mut strat_state = state.strategy.clone();
+        strat_state.tensors = tensors_from_safetensors(&strat_bytes)?;
+        for (name, t) in &strat_state.tensors {
+            let group = name.split_once('/').map(|(_, g)| g).unwrap_or("");
+            let expected = state.layout.group(group).map(|g| g.len());
+            if expected != Some(t.len() as u64) {
+                return Err(AggError::Checkpoint(format!("strategy tensor `{name}` does not fit the layout")));
+            }
+        }
+        strategy.restore(strat_state)?;
+        let seed = unhex32(&state.rng_seed).ok_or_else(|| AggError::Checkpoint("bad rng seed".into()))?;
+        let word_pos: u128 =
+            state.rng_word_pos.parse().map_err(|_| AggError::Checkpoint("bad rng word position".into()))?;
+        let mut rng = ChaCha8Rng::from_seed(seed);
+        rng.set_stream(state.rng_stream);
+        rng.set_word_pos(word_pos);
+        let mut engine = Engine::new(cfg, state.layout, global.clone(), strategy)?;
+        engine.restore_parts(global, state.round, state.version, rng);
+        info!(round = state.round, version = state.version, path = %path.display(), "resumed");
+        Ok(engine)
+    }
+}

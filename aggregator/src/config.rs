@@ -1,0 +1,186 @@
+//! Engine configuration: serde structs with `Default`, TOML-friendly.
+
+use std::collections::BTreeMap;
+
+use cohort_protocol::codec::CodecConfig;
+use cohort_protocol::messages::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::AggError;
+
+/// How rounds run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mode {
+    /// Rounds with a barrier: sample, wait for quorum + all-in or the
+    /// deadline, aggregate.
+    Sync,
+    /// FedBuff: no barrier; the model moves every `buffer_k` accepted updates.
+    Async(FedBuffConfig),
+}
+
+impl Default for Mode {
+    fn default() -> Self {
+        Mode::Sync
+    }
+}
+
+/// FedBuff (Nguyen et al., 2022) settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FedBuffConfig {
+    /// Accepted updates per model step.
+    pub buffer_k: u32,
+    /// Updates whose base is more than this many versions old are refused.
+    pub max_staleness: u64,
+    pub staleness: Discount,
+}
+
+impl Default for FedBuffConfig {
+    fn default() -> Self {
+        FedBuffConfig { buffer_k: 10, max_staleness: 20, staleness: Discount::default() }
+    }
+}
+
+/// Weight multiplier of an update `s` versions stale.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Discount {
+    /// 1 whatever the staleness.
+    Constant,
+    /// `(1 + s)^-exponent`; exponent 0.5 is FedBuff's `1/sqrt(1+s)`.
+    Polynomial { exponent: f64 },
+}
+
+impl Default for Discount {
+    fn default() -> Self {
+        Discount::Polynomial { exponent: 0.5 }
+    }
+}
+
+impl Discount {
+    pub fn factor(&self, staleness: u64) -> f64 {
+        match *self {
+            Discount::Constant => 1.0,
+            Discount::Polynomial { exponent } => (1.0 + staleness as f64).powf(-exponent),
+        }
+    }
+}
+
+/// Who takes part in a synchronous round.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Sampling {
+    /// Fraction of available nodes sampled each round.
+    pub fraction: f64,
+    /// At least this many nodes a round (when that many are available).
+    pub min_per_round: usize,
+    /// A round does not start with fewer nodes available.
+    pub min_available: usize,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { fraction: 1.0, min_per_round: 1, min_available: 1 }
+    }
+}
+
+impl Sampling {
+    /// Number of nodes to sample among `available`.
+    pub fn sample_size(&self, available: usize) -> usize {
+        let by_fraction = (self.fraction * available as f64).ceil();
+        let by_fraction = if by_fraction.is_finite() && by_fraction > 0.0 { by_fraction as usize } else { 0 };
+        by_fraction.max(self.min_per_round).min(available)
+    }
+}
+
+/// Whether a parameter group is aggregated or stays on the nodes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupPolicy {
+    /// Aggregated over the nodes that hold it.
+    #[default]
+    Global,
+    /// Never leaves the node (FedPer / FedRep personalized heads).
+    Local,
+}
+
+/// Everything the engine needs to know, apart from the layout, the initial
+/// weights and the strategy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    pub federation: String,
+    pub seed: u64,
+    pub mode: Mode,
+    pub sampling: Sampling,
+    /// Time a sampled node has, from the start of the round (sync) or from
+    /// its plan (async).
+    pub deadline_ms: u64,
+    /// Fraction of the sampled nodes whose updates a sync round needs.
+    pub quorum: f32,
+    /// Sent in every plan (the strategy may adjust it, e.g. FedProx's mu).
+    pub train: TrainConfig,
+    pub codec: CodecConfig,
+    /// Policy per group name; groups not listed are `global`.
+    pub group_policy: BTreeMap<String, GroupPolicy>,
+    /// Updates whose L2 norm (all groups together) is above this are refused.
+    pub max_update_norm: Option<f32>,
+    /// Rounds (sync) or model steps (async) to run; 0 = no limit.
+    pub rounds: u64,
+    /// Cap on decoded deltas kept in memory by strategies that must retain
+    /// every update (median, trimmed mean, Krum); beyond it updates are
+    /// refused with [`crate::RefusalCode::MemoryCap`].
+    pub max_retained_bytes: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            federation: "cohort".into(),
+            seed: 0,
+            mode: Mode::Sync,
+            sampling: Sampling::default(),
+            deadline_ms: 60_000,
+            quorum: 0.5,
+            train: TrainConfig::default(),
+            codec: CodecConfig::default(),
+            group_policy: BTreeMap::new(),
+            max_update_norm: None,
+            rounds: 0,
+            max_retained_bytes: 1 << 30,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn policy(&self, group: &str) -> GroupPolicy {
+        self.group_policy.get(group).copied().unwrap_or_default()
+    }
+
+    pub fn validate(&self) -> Result<(), AggError> {
+        let bad = |m: &str| Err(AggError::Config(m.to_string()));
+        if !(self.sampling.fraction.is_finite() && self.sampling.fraction >= 0.0 && self.sampling.fraction <= 1.0) {
+            return bad("sampling.fraction must be in [0, 1]");
+        }
+        if !(self.quorum.is_finite() && (0.0..=1.0).contains(&self.quorum)) {
+            return bad("quorum must be in [0, 1]");
+        }
+        if let Some(n) = self.max_update_norm {
+            if !(n.is_finite() && n > 0.0) {
+                return bad("max_update_norm must be finite and positive");
+            }
+        }
+        if let Mode::Async(fb) = &self.mode {
+            if fb.buffer_k == 0 {
+                return bad("async buffer_k must be at least 1");
+            }
+            if let Discount::Polynomial { exponent } = fb.staleness {
+                if !(exponent.is_finite() && exponent >= 0.0) {
+                    return bad("staleness exponent must be finite and >= 0");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,912 @@
+//! The round engine: registration, sampling and plans, checks of every
+//! update, streaming accumulation, round closing, FedBuff. No I/O, no clock:
+//! time comes in as `now_ms` from the caller.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+use cohort_protocol::codec::{decode_accumulate, decoded_len};
+use cohort_protocol::messages::{unpack_groups, NodeId, RoundPlan, UpdateHeader};
+use cohort_protocol::{head_group, task_of_group, Fingerprint, Layout, ParamGroups, BACKBONE};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tracing::{debug, info, warn};
+
+use crate::config::{EngineConfig, GroupPolicy, Mode};
+use crate::strategy::{Collect, Metrics, Strategy};
+use crate::AggError;
+
+/// Longest node id the engine accepts.
+pub const MAX_NODE_ID_LEN: usize = 256;
+/// Refusals kept for one report; beyond it they are only counted.
+pub const MAX_REFUSALS_KEPT: usize = 1024;
+
+/// A node's hello, as the engine needs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// Tasks the node holds, with its number of training samples of each.
+    pub tasks: Vec<(String, u64)>,
+    /// Fingerprint of the node's sub-layout: the global layout restricted to
+    /// `backbone` and the heads of its tasks.
+    pub fingerprint: Fingerprint,
+}
+
+/// An update whose sealed payload the caller has already opened (the engine
+/// does not depend on sealing). `groups[i]` is the encoded delta of
+/// `header.groups[i]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpenedUpdate {
+    pub header: UpdateHeader,
+    pub groups: Vec<Vec<u8>>,
+}
+
+/// Why an update was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    UnknownNode,
+    WrongFederation,
+    /// Not the open round (or no plan matches it).
+    WrongRound,
+    /// Base version other than the plan's, or beyond the maximum staleness.
+    StaleBase,
+    /// After the deadline, or after the round closed.
+    Late,
+    /// A second update from the same node for the same round.
+    Duplicate,
+    /// The node has no plan for this round.
+    NotSampled,
+    /// A local group, a head the node does not hold, or an unknown group.
+    GroupNotAllowed,
+    /// Encoded length other than the layout's.
+    WrongLength,
+    NonFinite,
+    NormTooLarge,
+    Malformed,
+    /// Sample counts missing, zero, or beyond what the node registered.
+    BadWeight,
+    /// The retained-update memory cap of a robust strategy is reached.
+    MemoryCap,
+}
+
+/// A refused update: a code and a human-readable reason. A refusal changes
+/// nothing in the model or the accumulators.
+#[derive(Clone, Debug, PartialEq, Eq, Error, Serialize, Deserialize)]
+#[error("{code:?}: {message}")]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: RefusalCode, message: impl Into<String>) -> Self {
+        Refusal { code, message: message.into() }
+    }
+}
+
+/// Why a node did not contribute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// Reported gone by the caller.
+    Dropout,
+    /// Nothing accepted before the deadline.
+    Timeout,
+    /// Unregistered while it had a plan.
+    Unregistered,
+    /// The node reported an error.
+    Error(String),
+    /// Its updates were refused until the deadline (last refusal).
+    Refused(RefusalCode),
+}
+
+/// What an accepted update did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubmitOutcome {
+    pub round: u64,
+    /// Versions between the update's base and the current model (async).
+    pub staleness: u64,
+    /// The weight multiplier its staleness earned (1 in sync mode).
+    pub discount: f64,
+    /// Async: this update filled the buffer and the model stepped.
+    pub model_stepped: bool,
+}
+
+/// What happened in one round (sync) or one model step (async).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundReport {
+    pub round: u64,
+    /// Model version after the round.
+    pub version: u64,
+    /// The model moved.
+    pub stepped: bool,
+    pub quorum_met: bool,
+    pub sampled: usize,
+    pub accepted: Vec<NodeId>,
+    pub failures: Vec<(NodeId, FailureReason)>,
+    pub refused: Vec<(NodeId, Refusal)>,
+    /// Refusals beyond [`MAX_REFUSALS_KEPT`], only counted.
+    pub refused_dropped: u64,
+    /// Contributors per aggregated group.
+    pub contributors: BTreeMap<String, u32>,
+    /// Encoded bytes of the accepted updates.
+    pub bytes_received: u64,
+    /// Mean staleness of the accepted updates (async).
+    pub mean_staleness: f64,
+    /// Groups whose combined delta was not finite and were skipped.
+    pub skipped_groups: Vec<String>,
+    pub eval: Option<Metrics>,
+    pub closed_at_ms: u64,
+}
+
+/// Caller-supplied central evaluation, called with the version and the new
+/// global weights after each model step.
+pub type Evaluator = Box<dyn FnMut(u64, &ParamGroups) -> Option<Metrics> + Send>;
+
+#[derive(Clone, Debug)]
+pub(crate) struct NodeEntry {
+    pub(crate) info: NodeInfo,
+    /// Global groups the node holds: what it may upload.
+    pub(crate) upload: Vec<String>,
+    pub(crate) samples: BTreeMap<String, u64>,
+}
+
+/// Collected updates of one group.
+#[derive(Debug)]
+enum GroupAcc {
+    Stream { sum: Vec<f32>, weight: f64, count: u32 },
+    Retain { deltas: Vec<Vec<f32>>, weights: Vec<f64> },
+}
+
+/// Everything collected since the last model step.
+#[derive(Debug, Default)]
+struct Collecting {
+    groups: BTreeMap<String, GroupAcc>,
+    retained_bytes: u64,
+    accepted: Vec<NodeId>,
+    staleness_sum: u64,
+    failures: Vec<(NodeId, FailureReason)>,
+    refused: Vec<(NodeId, Refusal)>,
+    refused_dropped: u64,
+    bytes: u64,
+}
+
+impl Collecting {
+    fn refuse(&mut self, node: &str, r: &Refusal) {
+        if self.refused.len() < MAX_REFUSALS_KEPT {
+            self.refused.push((node.to_string(), r.clone()));
+        } else {
+            self.refused_dropped += 1;
+        }
+    }
+}
+
+/// A plan handed out and not yet answered.
+#[derive(Clone, Debug)]
+struct Issued {
+    plan: RoundPlan,
+    deadline_at: u64,
+}
+
+/// The open synchronous round.
+#[derive(Debug)]
+struct SyncRound {
+    round: u64,
+    deadline_at: u64,
+    plans: BTreeMap<NodeId, Issued>,
+    resolved: BTreeSet<NodeId>,
+    accepted: BTreeSet<NodeId>,
+    last_refusal: BTreeMap<NodeId, RefusalCode>,
+}
+
+/// The engine. See the crate docs for the calling sequence.
+pub struct Engine {
+    pub(crate) cfg: EngineConfig,
+    pub(crate) layout: Layout,
+    pub(crate) global: ParamGroups,
+    pub(crate) version: u64,
+    /// Sync: the last round started. Async: model steps taken.
+    pub(crate) round: u64,
+    pub(crate) strategy: Box<dyn Strategy>,
+    pub(crate) rng: ChaCha8Rng,
+    pub(crate) nodes: BTreeMap<NodeId, NodeEntry>,
+    sync_round: Option<SyncRound>,
+    outstanding: BTreeMap<NodeId, Issued>,
+    /// Async: round of each node's last accepted update (duplicate check).
+    last_accepted: BTreeMap<NodeId, u64>,
+    collecting: Collecting,
+    reports: VecDeque<RoundReport>,
+    /// Decoded values of the update being checked: O(model), reused.
+    scratch: Vec<f32>,
+    evaluator: Option<Evaluator>,
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("federation", &self.cfg.federation)
+            .field("strategy", &self.strategy.name())
+            .field("round", &self.round)
+            .field("version", &self.version)
+            .field("nodes", &self.nodes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// A new engine at version 0, round 0.
+    pub fn new(
+        cfg: EngineConfig,
+        layout: Layout,
+        initial: ParamGroups,
+        strategy: Box<dyn Strategy>,
+    ) -> Result<Self, AggError> {
+        cfg.validate()?;
+        layout.validate()?;
+        layout.check(&initial)?;
+        for name in cfg.group_policy.keys() {
+            if layout.group(name).is_none() {
+                return Err(AggError::Config(format!("group_policy names unknown group `{name}`")));
+            }
+        }
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        Ok(Engine {
+            cfg,
+            layout,
+            global: initial,
+            version: 0,
+            round: 0,
+            strategy,
+            rng,
+            nodes: BTreeMap::new(),
+            sync_round: None,
+            outstanding: BTreeMap::new(),
+            last_accepted: BTreeMap::new(),
+            collecting: Collecting::default(),
+            reports: VecDeque::new(),
+            scratch: Vec::new(),
+            evaluator: None,
+        })
+    }
+
+    /// Central evaluation run after each model step (its result goes in the
+    /// report); replaces the strategy's own `evaluate`.
+    pub fn set_evaluator(&mut self, evaluator: Evaluator) {
+        self.evaluator = Some(evaluator);
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+    pub fn global(&self) -> &ParamGroups {
+        &self.global
+    }
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+    pub fn strategy(&self) -> &dyn Strategy {
+        self.strategy.as_ref()
+    }
+    pub fn num_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+    /// A registered node's hello.
+    pub fn node(&self, id: &str) -> Option<&NodeInfo> {
+        self.nodes.get(id).map(|n| &n.info)
+    }
+    /// The groups a registered node uploads (its global groups).
+    pub fn upload_groups(&self, id: &str) -> Option<&[String]> {
+        self.nodes.get(id).map(|n| n.upload.as_slice())
+    }
+    /// A synchronous round is open.
+    pub fn round_open(&self) -> bool {
+        self.sync_round.is_some()
+    }
+    /// The configured number of rounds (model steps in async) is done.
+    pub fn is_finished(&self) -> bool {
+        self.cfg.rounds > 0 && self.round >= self.cfg.rounds
+    }
+    /// Bytes of decoded deltas kept by a retaining strategy right now.
+    pub fn retained_bytes(&self) -> u64 {
+        self.collecting.retained_bytes
+    }
+
+    /// A digest of the accumulators (sums, weights, retained deltas), for
+    /// tests that a refused update changed nothing.
+    pub fn accumulator_digest(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for (g, acc) in &self.collecting.groups {
+            ctx.update(g.as_bytes());
+            match acc {
+                GroupAcc::Stream { sum, weight, count } => {
+                    ctx.update(&weight.to_le_bytes());
+                    ctx.update(&count.to_le_bytes());
+                    for v in sum {
+                        ctx.update(&v.to_le_bytes());
+                    }
+                }
+                GroupAcc::Retain { deltas, weights } => {
+                    for (d, w) in deltas.iter().zip(weights) {
+                        ctx.update(&w.to_le_bytes());
+                        for v in d {
+                            ctx.update(&v.to_le_bytes());
+                        }
+                    }
+                }
+            }
+        }
+        ctx.update(&(self.collecting.accepted.len() as u64).to_le_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    /// The groups a node with these tasks holds, in layout order.
+    pub fn groups_of(&self, tasks: &[String]) -> Vec<String> {
+        self.layout
+            .group_names()
+            .filter(|g| *g == BACKBONE || task_of_group(g).is_some_and(|t| tasks.iter().any(|x| x == t)))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Hello: checks the node's sub-layout fingerprint and records it.
+    /// Registering again replaces the previous record.
+    pub fn register(&mut self, node: NodeInfo) -> Result<(), AggError> {
+        let refuse = |reason: String| AggError::Registration { node: node.id.clone(), reason };
+        if node.id.is_empty() || node.id.len() > MAX_NODE_ID_LEN {
+            return Err(refuse(format!("node id must have 1..={MAX_NODE_ID_LEN} bytes")));
+        }
+        let mut samples = BTreeMap::new();
+        for (task, n) in &node.tasks {
+            if self.layout.group(&head_group(task)).is_none() {
+                return Err(refuse(format!("unknown task `{task}`")));
+            }
+            if samples.insert(task.clone(), *n).is_some() {
+                return Err(refuse(format!("task `{task}` listed twice")));
+            }
+        }
+        let tasks: Vec<String> = samples.keys().cloned().collect();
+        let held = self.groups_of(&tasks);
+        let expected = self.layout.subset(&held)?.fingerprint();
+        if expected != node.fingerprint {
+            warn!(node = %node.id, got = %node.fingerprint, %expected, "layout fingerprint mismatch");
+            return Err(refuse(format!(
+                "layout fingerprint {} does not match the expected {expected}",
+                node.fingerprint
+            )));
+        }
+        let upload = held.into_iter().filter(|g| self.cfg.policy(g) == GroupPolicy::Global).collect();
+        debug!(node = %node.id, "registered");
+        self.nodes.insert(node.id.clone(), NodeEntry { info: node, upload, samples });
+        Ok(())
+    }
+
+    /// The node is gone: it leaves the pool, and a plan it held becomes a
+    /// failure.
+    pub fn unregister(&mut self, node: &str) {
+        if self.nodes.remove(node).is_some() {
+            debug!(node, "unregistered");
+        }
+        self.last_accepted.remove(node);
+        self.fail(node, FailureReason::Unregistered);
+    }
+
+    /// A dropout, error or timeout reported by the caller. Ignored for a
+    /// node without a pending plan.
+    pub fn fail(&mut self, node: &str, reason: FailureReason) {
+        if let Some(r) = self.sync_round.as_mut() {
+            if r.plans.contains_key(node) && !r.resolved.contains(node) {
+                r.resolved.insert(node.to_string());
+                info!(node, ?reason, round = r.round, "node failed");
+                self.collecting.failures.push((node.to_string(), reason));
+                return;
+            }
+        }
+        if self.outstanding.remove(node).is_some() {
+            info!(node, ?reason, "node failed");
+            self.collecting.failures.push((node.to_string(), reason));
+        }
+    }
+
+    fn plan(&self, node: &NodeEntry, round: u64, train: cohort_protocol::messages::TrainConfig, deadline_ms: u64) -> RoundPlan {
+        let upload = node.upload.iter().filter(|g| !train.frozen.contains(g)).cloned().collect();
+        RoundPlan {
+            federation: self.cfg.federation.clone(),
+            round,
+            base_version: self.version,
+            upload,
+            train,
+            codec: self.cfg.codec.clone(),
+            deadline_ms,
+        }
+    }
+
+    /// Sync: samples the nodes of the next round and returns their plans
+    /// (in node order).
+    pub fn start_round(&mut self, now_ms: u64) -> Result<Vec<(NodeId, RoundPlan)>, AggError> {
+        if !matches!(self.cfg.mode, Mode::Sync) {
+            return Err(AggError::WrongMode("start_round"));
+        }
+        if let Some(r) = &self.sync_round {
+            return Err(AggError::RoundOpen(r.round));
+        }
+        if self.is_finished() {
+            return Err(AggError::Finished(self.cfg.rounds));
+        }
+        let available: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        let needed = self.cfg.sampling.min_available.max(1);
+        if available.len() < needed {
+            return Err(AggError::NotEnoughNodes { available: available.len(), needed });
+        }
+        let round = self.round + 1;
+        let picked =
+            self.strategy.configure(round, &available, &self.cfg.sampling, &self.cfg.train, &mut self.rng);
+        let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);
+        let mut plans = BTreeMap::new();
+        let mut out = Vec::with_capacity(picked.len());
+        for (id, train) in picked {
+            let Some(node) = self.nodes.get(&id) else { continue };
+            let plan = self.plan(node, round, train, self.cfg.deadline_ms);
+            plans.insert(id.clone(), Issued { plan: plan.clone(), deadline_at });
+            out.push((id, plan));
+        }
+        if out.is_empty() {
+            return Err(AggError::NotEnoughNodes { available: available.len(), needed: 1 });
+        }
+        self.round = round;
+        info!(round, sampled = out.len(), available = available.len(), "round started");
+        self.sync_round = Some(SyncRound {
+            round,
+            deadline_at,
+            plans,
+            resolved: BTreeSet::new(),
+            accepted: BTreeSet::new(),
+            last_refusal: BTreeMap::new(),
+        });
+        Ok(out)
+    }
+
+    /// Sync: the plan of a sampled node of the open round (with the time
+    /// left). Async: a fresh plan on the current model.
+    pub fn plan_for(&mut self, node: &str, now_ms: u64) -> Result<RoundPlan, AggError> {
+        let Some(entry) = self.nodes.get(node) else {
+            return Err(AggError::UnknownNode(node.to_string()));
+        };
+        match self.cfg.mode {
+            Mode::Sync => {
+                let r = self.sync_round.as_ref().ok_or(AggError::NoRoundOpen)?;
+                match r.plans.get(node) {
+                    Some(i) if !r.resolved.contains(node) => {
+                        let mut plan = i.plan.clone();
+                        plan.deadline_ms = r.deadline_at.saturating_sub(now_ms);
+                        Ok(plan)
+                    }
+                    _ => Err(AggError::NotSampled(node.to_string())),
+                }
+            }
+            Mode::Async(_) => {
+                if self.is_finished() {
+                    return Err(AggError::Finished(self.cfg.rounds));
+                }
+                let round = self.version;
+                let mut train = self.strategy.train_config(round, node, &self.cfg.train);
+                train.seed = rand::RngCore::next_u64(&mut self.rng);
+                let plan = self.plan(entry, round, train, self.cfg.deadline_ms);
+                let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);
+                self.outstanding.insert(node.to_string(), Issued { plan: plan.clone(), deadline_at });
+                Ok(plan)
+            }
+        }
+    }
+
+    /// Checks an opened update and, if it passes, adds it to the round's
+    /// accumulators. A refusal changes nothing but the report.
+    pub fn submit(&mut self, update: OpenedUpdate, now_ms: u64) -> Result<SubmitOutcome, Refusal> {
+        let groups: Vec<&[u8]> = update.groups.iter().map(Vec::as_slice).collect();
+        self.submit_groups(&update.header, &groups, now_ms)
+    }
+
+    /// Same as [`Engine::submit`], from the packed plaintext of a sealed
+    /// update (`messages::pack_groups` layout).
+    pub fn submit_packed(&mut self, header: &UpdateHeader, packed: &[u8], now_ms: u64) -> Result<SubmitOutcome, Refusal> {
+        match unpack_groups(packed, header.groups.len()) {
+            Ok(groups) => self.submit_groups(header, &groups, now_ms),
+            Err(e) => {
+                let r = Refusal::new(RefusalCode::Malformed, e.to_string());
+                self.log_refusal(&header.node, &r);
+                Err(r)
+            }
+        }
+    }
+
+    /// Same as [`Engine::submit`], with borrowed encoded groups.
+    pub fn submit_groups(&mut self, header: &UpdateHeader, groups: &[&[u8]], now_ms: u64) -> Result<SubmitOutcome, Refusal> {
+        match self.check_and_accumulate(header, groups, now_ms) {
+            Ok(o) => Ok(o),
+            Err(r) => {
+                self.log_refusal(&header.node, &r);
+                Err(r)
+            }
+        }
+    }
+
+    fn log_refusal(&mut self, node: &str, r: &Refusal) {
+        warn!(node, code = ?r.code, reason = %r.message, "update refused");
+        // Only registered nodes get a line in the report: anyone can make
+        // up ids, and the report must stay bounded.
+        if self.nodes.contains_key(node) {
+            self.collecting.refuse(node, r);
+            if let Some(round) = self.sync_round.as_mut() {
+                if round.plans.contains_key(node) {
+                    round.last_refusal.insert(node.to_string(), r.code);
+                }
+            }
+        }
+    }
+
+    fn check_and_accumulate(
+        &mut self,
+        h: &UpdateHeader,
+        encoded: &[&[u8]],
+        now_ms: u64,
+    ) -> Result<SubmitOutcome, Refusal> {
+        use RefusalCode as C;
+        if h.federation != self.cfg.federation {
+            return Err(Refusal::new(C::WrongFederation, format!("federation `{}`", h.federation)));
+        }
+        let Some(node) = self.nodes.get(&h.node) else {
+            return Err(Refusal::new(C::UnknownNode, format!("node `{}` is not registered", h.node)));
+        };
+        // Round, base version, deadline, duplicates: which plan answers this?
+        let (plan, staleness, discount) = match &self.cfg.mode {
+            Mode::Sync => {
+                let Some(r) = &self.sync_round else {
+                    return Err(if h.round <= self.round {
+                        Refusal::new(C::Late, format!("round {} is closed", h.round))
+                    } else {
+                        Refusal::new(C::WrongRound, format!("round {} has not started", h.round))
+                    });
+                };
+                if h.round < r.round {
+                    return Err(Refusal::new(C::Late, format!("round {} is closed", h.round)));
+                }
+                if h.round != r.round {
+                    return Err(Refusal::new(C::WrongRound, format!("round {} is not the open round {}", h.round, r.round)));
+                }
+                let Some(issued) = r.plans.get(&h.node) else {
+                    return Err(Refusal::new(C::NotSampled, format!("not sampled in round {}", r.round)));
+                };
+                if r.accepted.contains(&h.node) {
+                    return Err(Refusal::new(C::Duplicate, format!("already has an update in round {}", r.round)));
+                }
+                if r.resolved.contains(&h.node) {
+                    return Err(Refusal::new(C::Late, "recorded as failed in this round"));
+                }
+                if now_ms > r.deadline_at {
+                    return Err(Refusal::new(C::Late, format!("{} ms after the deadline", now_ms - r.deadline_at)));
+                }
+                if h.base_version != issued.plan.base_version {
+                    return Err(Refusal::new(
+                        C::StaleBase,
+                        format!("base version {} instead of {}", h.base_version, issued.plan.base_version),
+                    ));
+                }
+                (&issued.plan, 0, 1.0)
+            }
+            Mode::Async(fb) => {
+                if self.last_accepted.get(&h.node) == Some(&h.round) && !self.outstanding.contains_key(&h.node) {
+                    return Err(Refusal::new(C::Duplicate, format!("already has an update for round {}", h.round)));
+                }
+                let Some(issued) = self.outstanding.get(&h.node) else {
+                    return Err(Refusal::new(C::NotSampled, "no plan outstanding"));
+                };
+                if h.round != issued.plan.round {
+                    return Err(Refusal::new(C::WrongRound, format!("round {} is not the plan's {}", h.round, issued.plan.round)));
+                }
+                if h.base_version != issued.plan.base_version {
+                    return Err(Refusal::new(
+                        C::StaleBase,
+                        format!("base version {} instead of {}", h.base_version, issued.plan.base_version),
+                    ));
+                }
+                if now_ms > issued.deadline_at {
+                    return Err(Refusal::new(C::Late, format!("{} ms after the deadline", now_ms - issued.deadline_at)));
+                }
+                let staleness = self.version.saturating_sub(h.base_version);
+                if staleness > fb.max_staleness {
+                    return Err(Refusal::new(
+                        C::StaleBase,
+                        format!("staleness {staleness} over the maximum {}", fb.max_staleness),
+                    ));
+                }
+                (&issued.plan, staleness, fb.staleness.factor(staleness))
+            }
+        };
+        // Groups: allowed for this node, in the plan, each once.
+        if encoded.len() != h.groups.len() {
+            return Err(Refusal::new(C::Malformed, format!("{} groups named, {} sent", h.groups.len(), encoded.len())));
+        }
+        if h.groups.is_empty() {
+            return Err(Refusal::new(C::Malformed, "no group"));
+        }
+        let mut seen = BTreeSet::new();
+        let mut total_len = 0u64;
+        let mut lens = Vec::with_capacity(h.groups.len());
+        for (g, bytes) in h.groups.iter().zip(encoded) {
+            if !seen.insert(g.as_str()) {
+                return Err(Refusal::new(C::Malformed, format!("group `{g}` sent twice")));
+            }
+            if !plan.upload.contains(g) {
+                let why = match self.layout.group(g) {
+                    None => "unknown group",
+                    Some(_) if self.cfg.policy(g) == GroupPolicy::Local => "local group, never uploaded",
+                    Some(_) if !node.upload.contains(g) => "group the node does not hold",
+                    Some(_) => "group not in the plan",
+                };
+                return Err(Refusal::new(C::GroupNotAllowed, format!("`{g}`: {why}")));
+            }
+            let expected = self.layout.group(g).map(|gl| gl.len()).unwrap_or(0);
+            let got = decoded_len(bytes).map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
+            if got != expected {
+                return Err(Refusal::new(C::WrongLength, format!("`{g}` holds {got} values, the layout says {expected}")));
+            }
+            lens.push(expected as usize);
+            total_len += expected;
+        }
+        // Weights: examples for the backbone, the task's samples for a head,
+        // never more than the node registered (times the epochs).
+        let epochs = u64::from(plan.train.epochs.max(1));
+        let mut weights = Vec::with_capacity(h.groups.len());
+        for g in &h.groups {
+            let (claimed, registered) = match task_of_group(g) {
+                Some(task) => {
+                    let claimed: u64 = h.metrics.iter().filter(|m| m.task == task).map(|m| m.samples).fold(0, u64::saturating_add);
+                    (claimed, node.samples.get(task).copied().unwrap_or(0))
+                }
+                None => (h.num_examples, node.samples.values().copied().fold(0, u64::saturating_add)),
+            };
+            if claimed == 0 || claimed > registered.saturating_mul(epochs) {
+                return Err(Refusal::new(
+                    C::BadWeight,
+                    format!("`{g}`: {claimed} examples claimed, {registered} registered x {epochs} epochs"),
+                ));
+            }
+            weights.push(claimed as f64 * discount);
+        }
+        let collect = self.strategy.collect();
+        if collect == Collect::Retain {
+            let need = total_len.saturating_mul(4);
+            if self.collecting.retained_bytes.saturating_add(need) > self.cfg.max_retained_bytes {
+                return Err(Refusal::new(
+                    C::MemoryCap,
+                    format!(
+                        "{} + {need} bytes retained would exceed the cap of {}",
+                        self.collecting.retained_bytes, self.cfg.max_retained_bytes
+                    ),
+                ));
+            }
+        }
+        // Decode everything before anything counts, so that a refusal
+        // (malformed, non-finite, norm) leaves the accumulators untouched.
+        let total = total_len as usize;
+        if self.scratch.len() < total {
+            self.scratch.resize(total, 0.0);
+        }
+        let scratch = &mut self.scratch[..total];
+        scratch.fill(0.0);
+        let mut offset = 0;
+        let mut sq = 0.0f64;
+        for ((g, bytes), &len) in h.groups.iter().zip(encoded).zip(&lens) {
+            let part = &mut scratch[offset..offset + len];
+            decode_accumulate(bytes, 1.0, part).map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
+            if let Some(i) = part.iter().position(|v| !v.is_finite()) {
+                return Err(Refusal::new(C::NonFinite, format!("`{g}`[{i}] is not finite")));
+            }
+            sq += part.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+            offset += len;
+        }
+        let norm = sq.sqrt();
+        if let Some(bound) = self.cfg.max_update_norm {
+            if norm > f64::from(bound) {
+                return Err(Refusal::new(C::NormTooLarge, format!("L2 norm {norm:.6e} over the bound {bound:.6e}")));
+            }
+        }
+        let clip = match self.strategy.clip_norm() {
+            Some(c) if norm > f64::from(c) && norm > 0.0 => f64::from(c) / norm,
+            _ => 1.0,
+        };
+        // Accepted: commit.
+        let round = plan.round;
+        let bytes: u64 = encoded.iter().map(|b| b.len() as u64).sum();
+        let mut offset = 0;
+        for ((g, &len), &w) in h.groups.iter().zip(&lens).zip(&weights) {
+            let part = &self.scratch[offset..offset + len];
+            offset += len;
+            let acc = self.collecting.groups.entry(g.clone()).or_insert_with(|| match collect {
+                Collect::Stream => GroupAcc::Stream { sum: vec![0.0; len], weight: 0.0, count: 0 },
+                Collect::Retain => GroupAcc::Retain { deltas: Vec::new(), weights: Vec::new() },
+            });
+            match acc {
+                GroupAcc::Stream { sum, weight, count } => {
+                    let m = (w * clip) as f32;
+                    for (a, x) in sum.iter_mut().zip(part) {
+                        *a += m * x;
+                    }
+                    *weight += w;
+                    *count += 1;
+                }
+                GroupAcc::Retain { deltas, weights } => {
+                    let c = clip as f32;
+                    deltas.push(if clip == 1.0 { part.to_vec() } else { part.iter().map(|x| x * c).collect() });
+                    weights.push(w);
+                    self.collecting.retained_bytes += 4 * len as u64;
+                }
+            }
+        }
+        self.collecting.accepted.push(h.node.clone());
+        self.collecting.bytes += bytes;
+        self.collecting.staleness_sum += staleness;
+        debug!(node = %h.node, round, staleness, "update accepted");
+        let mut model_stepped = false;
+        match &self.cfg.mode {
+            Mode::Sync => {
+                if let Some(r) = self.sync_round.as_mut() {
+                    r.accepted.insert(h.node.clone());
+                    r.resolved.insert(h.node.clone());
+                }
+            }
+            Mode::Async(fb) => {
+                let k = fb.buffer_k as usize;
+                self.outstanding.remove(&h.node);
+                self.last_accepted.insert(h.node.clone(), round);
+                if self.collecting.accepted.len() >= k {
+                    self.step_async(now_ms);
+                    model_stepped = true;
+                }
+            }
+        }
+        Ok(SubmitOutcome { round, staleness, discount, model_stepped })
+    }
+
+    /// Combines what was collected and steps the model. Returns the report
+    /// fields it fills.
+    fn step_model(&mut self, round: u64, now_ms: u64, sampled: usize, quorum_met: bool) -> RoundReport {
+        let collecting = std::mem::take(&mut self.collecting);
+        let mut report = RoundReport {
+            round,
+            version: self.version,
+            sampled,
+            quorum_met,
+            accepted: collecting.accepted,
+            failures: collecting.failures,
+            refused: collecting.refused,
+            refused_dropped: collecting.refused_dropped,
+            bytes_received: collecting.bytes,
+            closed_at_ms: now_ms,
+            ..RoundReport::default()
+        };
+        if !report.accepted.is_empty() {
+            report.mean_staleness = collecting.staleness_sum as f64 / report.accepted.len() as f64;
+        }
+        if !quorum_met {
+            return report;
+        }
+        let mut combined = BTreeMap::new();
+        for (g, acc) in collecting.groups {
+            let (delta, count) = match acc {
+                GroupAcc::Stream { sum, weight, count } => {
+                    if !(weight > 0.0) {
+                        continue;
+                    }
+                    (sum.into_iter().map(|s| (f64::from(s) / weight) as f32).collect::<Vec<f32>>(), count)
+                }
+                GroupAcc::Retain { deltas, weights } => match self.strategy.combine(&g, &deltas, &weights) {
+                    Ok(d) => (d, deltas.len() as u32),
+                    Err(e) => {
+                        warn!(group = %g, error = %e, "combine failed; group left unchanged");
+                        report.skipped_groups.push(g);
+                        continue;
+                    }
+                },
+            };
+            if delta.iter().any(|v| !v.is_finite()) {
+                warn!(group = %g, "combined delta is not finite; group left unchanged");
+                report.skipped_groups.push(g);
+                continue;
+            }
+            report.contributors.insert(g.clone(), count);
+            combined.insert(g, delta);
+        }
+        if combined.is_empty() {
+            return report;
+        }
+        if let Err(e) = self.strategy.aggregate(round, &combined, &mut self.global, &report.failures) {
+            warn!(error = %e, round, "strategy failed to aggregate; model unchanged this round");
+            report.skipped_groups.extend(combined.into_keys());
+            report.contributors.clear();
+            return report;
+        }
+        self.version += 1;
+        report.version = self.version;
+        report.stepped = true;
+        report.eval = match self.evaluator.as_mut() {
+            Some(f) => f(self.version, &self.global),
+            None => self.strategy.evaluate(self.version, &self.global),
+        };
+        info!(round, version = self.version, accepted = report.accepted.len(), failures = report.failures.len(), refused = report.refused.len(), "model stepped");
+        report
+    }
+
+    fn step_async(&mut self, now_ms: u64) {
+        self.round += 1;
+        let report = self.step_model(self.round, now_ms, 0, true);
+        self.reports.push_back(report);
+    }
+
+    /// Closes the sync round when every sampled node answered (accepted or
+    /// failed) or at the deadline; in async mode expires plans past their
+    /// deadline and hands out the reports of model steps. Returns at most
+    /// one report per call.
+    pub fn poll(&mut self, now_ms: u64) -> Option<RoundReport> {
+        match self.cfg.mode {
+            Mode::Sync => {
+                let r = self.sync_round.as_ref()?;
+                let all_in = r.plans.keys().all(|n| r.resolved.contains(n));
+                if !all_in && now_ms < r.deadline_at {
+                    return None;
+                }
+                let r = self.sync_round.take()?;
+                for n in r.plans.keys().filter(|n| !r.resolved.contains(*n)) {
+                    let reason = match r.last_refusal.get(n) {
+                        Some(code) => FailureReason::Refused(*code),
+                        None => FailureReason::Timeout,
+                    };
+                    self.collecting.failures.push((n.clone(), reason));
+                }
+                let sampled = r.plans.len();
+                let needed = ((f64::from(self.cfg.quorum) * sampled as f64).ceil() as usize).max(1);
+                let quorum_met = r.accepted.len() >= needed;
+                if !quorum_met {
+                    warn!(round = r.round, accepted = r.accepted.len(), needed, "quorum not met; model unchanged");
+                }
+                Some(self.step_model(r.round, now_ms, sampled, quorum_met))
+            }
+            Mode::Async(_) => {
+                let expired: Vec<NodeId> =
+                    self.outstanding.iter().filter(|(_, i)| now_ms > i.deadline_at).map(|(n, _)| n.clone()).collect();
+                for n in expired {
+                    self.fail(&n, FailureReason::Timeout);
+                }
+                self.reports.pop_front()
+            }
+        }
+    }
+
+    /// What a node downloads: the named groups of the global model (unknown
+    /// names are skipped). Local groups keep their initial values, which a
+    /// new node may start its personal head from.
+    pub fn weights_for<S: AsRef<str>>(&self, groups: &[S]) -> ParamGroups {
+        groups
+            .iter()
+            .filter_map(|g| self.global.get(g.as_ref()).map(|v| (g.as_ref().to_string(), v.to_vec())))
+            .collect()
+    }
+
+    /// Replaces the global weights (resume).
+    pub(crate) fn restore_parts(&mut self, global: ParamGroups, round: u64, version: u64, rng: ChaCha8Rng) {
+        self.global = global;
+        self.round = round;
+        self.version = version;
+        self.rng = rng;
+    }
+}

@@ -1,0 +1,40 @@
+//! The one error type of `cohort-aggregator` (refusals of single updates are
+//! [`crate::Refusal`], which is not an error of the engine).
+
+use thiserror::Error;
+
+/// What can go wrong in the engine, its strategies and its checkpoints.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AggError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Protocol(#[from] cohort_protocol::ProtocolError),
+    #[error("node `{0}` is not registered")]
+    UnknownNode(String),
+    #[error("node `{node}` refused at registration: {reason}")]
+    Registration { node: String, reason: String },
+    #[error("not enough nodes available: {available} < {needed}")]
+    NotEnoughNodes { available: usize, needed: usize },
+    #[error("round {0} is still open")]
+    RoundOpen(u64),
+    #[error("no round is open")]
+    NoRoundOpen,
+    #[error("node `{0}` has no plan in this round")]
+    NotSampled(String),
+    #[error("the federation has finished its {0} rounds")]
+    Finished(u64),
+    #[error("operation `{0}` does not exist in this mode")]
+    WrongMode(&'static str),
+    #[error("strategy `{strategy}`: {message}")]
+    Strategy { strategy: String, message: String },
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("checkpoint I/O on {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}

@@ -1,0 +1,638 @@
+//! Strategies, in the spirit of Flower's: a strategy picks the nodes of a
+//! round and their training settings (`configure`), combines the accepted
+//! updates of each group (`combine`, or a streamed weighted mean), steps the
+//! global model with a server optimizer (`aggregate`) and may evaluate it.
+//!
+//! Conventions (all strategies):
+//! - A group's input is the **delta** `w_local - w_global` of each update.
+//!   The mean-based strategies receive the mean weighted by examples (backbone:
+//!   `num_examples`; `head/<t>`: the samples of task `t`), computed by the
+//!   engine in streaming, O(model) memory.
+//! - The robust combiners (median, trimmed mean, Krum) need every delta and
+//!   are **unweighted** (as in the papers and in Flower), except that
+//!   multi-Krum averages its selected deltas weighted by examples, as Flower
+//!   does. The engine keeps their decoded deltas, up to
+//!   `EngineConfig::max_retained_bytes`.
+//! - Clipping (`clip_norm`) scales each update so that its L2 norm over all
+//!   the groups it carries is at most the bound, before it is combined.
+//! - A group with no contributor in a round is left unchanged, and its server
+//!   optimizer state (momentum, moments) is **not** advanced.
+//! - The adaptive optimizers follow Reddi et al. (2021), Algorithm 2, without
+//!   bias correction, with `m` and `v` starting at zero; the pseudo-gradient
+//!   is the mean delta `Δ`, and the step is `w += lr * m / (sqrt(v) + tau)`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use cohort_protocol::messages::{NodeId, TrainConfig};
+use cohort_protocol::ParamGroups;
+use rand::seq::index::sample as sample_indices;
+use rand::RngCore;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Sampling;
+use crate::engine::FailureReason;
+use crate::AggError;
+
+/// Named scalar metrics (e.g. `accuracy`, `loss`).
+pub type Metrics = BTreeMap<String, f64>;
+
+/// How the engine collects the updates of a group for a strategy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Collect {
+    /// Weighted running sum: memory O(model) whatever the contributors.
+    Stream,
+    /// Keep every decoded delta (robust strategies), capped by
+    /// `EngineConfig::max_retained_bytes`.
+    Retain,
+}
+
+/// State of a strategy that must survive a restart (server optimizer
+/// moments). Tensors are stored bit-exactly in the checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StrategyState {
+    pub name: String,
+    /// Server steps taken.
+    pub steps: u64,
+    #[serde(skip)]
+    pub tensors: BTreeMap<String, Vec<f32>>,
+}
+
+/// A federated strategy. The engine owns one and drives it; it does no I/O.
+pub trait Strategy: Send + fmt::Debug {
+    fn name(&self) -> &str;
+
+    /// How updates are collected for [`Strategy::combine`].
+    fn collect(&self) -> Collect {
+        Collect::Stream
+    }
+
+    /// Bound on the L2 norm of each update (all its groups); larger updates
+    /// are scaled down to it before they are combined.
+    fn clip_norm(&self) -> Option<f32> {
+        None
+    }
+
+    /// Training settings of `node` in `round` (FedProx puts its mu here).
+    fn train_config(&mut self, _round: u64, _node: &str, base: &TrainConfig) -> TrainConfig {
+        base.clone()
+    }
+
+    /// Picks the nodes of a synchronous round among `available` (sorted) and
+    /// gives each its training settings. The default samples uniformly
+    /// without replacement and draws one training seed per node, all from
+    /// `rng`, so that a round is a function of the seed and of its position.
+    fn configure(
+        &mut self,
+        round: u64,
+        available: &[NodeId],
+        sampling: &Sampling,
+        base: &TrainConfig,
+        rng: &mut ChaCha8Rng,
+    ) -> Vec<(NodeId, TrainConfig)> {
+        let n = sampling.sample_size(available.len());
+        let mut picked: Vec<usize> = sample_indices(rng, available.len(), n).into_vec();
+        // Plans in node order, whatever order the sampler drew them in.
+        picked.sort_unstable();
+        picked
+            .into_iter()
+            .filter_map(|i| available.get(i))
+            .map(|node| {
+                let mut train = self.train_config(round, node, base);
+                train.seed = rng.next_u64();
+                (node.clone(), train)
+            })
+            .collect()
+    }
+
+    /// Combines retained deltas of one group (only called when
+    /// [`Strategy::collect`] is [`Collect::Retain`]). `weights` are the
+    /// update weights (examples, staleness-discounted).
+    fn combine(&self, _group: &str, deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, AggError> {
+        weighted_mean(deltas, weights)
+    }
+
+    /// Steps the global model: `combined` holds one combined delta per group
+    /// that had contributors this round; other groups must stay unchanged.
+    fn aggregate(
+        &mut self,
+        round: u64,
+        combined: &BTreeMap<String, Vec<f32>>,
+        global: &mut ParamGroups,
+        failures: &[(NodeId, FailureReason)],
+    ) -> Result<(), AggError>;
+
+    /// Evaluation hook, called after each model step. The engine also
+    /// accepts a caller-supplied evaluator, which takes precedence.
+    fn evaluate(&mut self, _round: u64, _global: &ParamGroups) -> Option<Metrics> {
+        None
+    }
+
+    fn state(&self) -> StrategyState;
+
+    fn restore(&mut self, state: StrategyState) -> Result<(), AggError>;
+}
+
+/// How the deltas of one group are combined.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Combiner {
+    /// Weighted mean (streamed).
+    Mean,
+    /// Coordinate-wise median (Yin et al., 2018).
+    Median,
+    /// Coordinate-wise mean after dropping the `floor(beta * n)` largest and
+    /// smallest values (Yin et al., 2018).
+    TrimmedMean { beta: f32 },
+    /// Krum / multi-Krum (Blanchard et al., 2017): `f` assumed Byzantine
+    /// nodes, the `m` best-scored deltas are averaged (`m = 1`: Krum).
+    Krum { f: usize, m: usize },
+}
+
+/// The server optimizer that turns a combined delta into a model step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServerOpt {
+    /// `w += lr * Δ` (FedAvg: lr 1).
+    Sgd { lr: f32 },
+    /// FedAvgM (Hsu et al., 2019): `m = momentum * m + Δ; w += lr * m`.
+    Momentum { lr: f32, momentum: f32 },
+    /// FedAdagrad: `m = b1 m + (1-b1) Δ; v += Δ²`.
+    Adagrad { lr: f32, beta1: f32, tau: f32 },
+    /// FedAdam: `v = b2 v + (1-b2) Δ²`.
+    Adam { lr: f32, beta1: f32, beta2: f32, tau: f32 },
+    /// FedYogi: `v = v - (1-b2) Δ² sign(v - Δ²)`.
+    Yogi { lr: f32, beta1: f32, beta2: f32, tau: f32 },
+}
+
+/// The built-in strategies: a combiner, a server optimizer, optional
+/// clipping and FedProx's mu. Build them with [`strategy_from_config`].
+#[derive(Clone, Debug)]
+pub struct ServerStrategy {
+    name: String,
+    combiner: Combiner,
+    opt: ServerOpt,
+    clip_norm: Option<f32>,
+    prox_mu: f32,
+    steps: u64,
+    /// First moment / momentum per group.
+    m: BTreeMap<String, Vec<f32>>,
+    /// Second moment per group.
+    v: BTreeMap<String, Vec<f32>>,
+}
+
+impl ServerStrategy {
+    pub fn new(name: impl Into<String>, combiner: Combiner, opt: ServerOpt) -> Self {
+        ServerStrategy {
+            name: name.into(),
+            combiner,
+            opt,
+            clip_norm: None,
+            prox_mu: 0.0,
+            steps: 0,
+            m: BTreeMap::new(),
+            v: BTreeMap::new(),
+        }
+    }
+
+    pub fn with_clip_norm(mut self, clip: Option<f32>) -> Self {
+        self.clip_norm = clip;
+        self
+    }
+
+    pub fn with_prox_mu(mut self, mu: f32) -> Self {
+        self.prox_mu = mu;
+        self
+    }
+
+    pub fn combiner(&self) -> Combiner {
+        self.combiner
+    }
+
+    pub fn server_opt(&self) -> ServerOpt {
+        self.opt
+    }
+
+    fn step_group(&mut self, group: &str, w: &mut [f32], delta: &[f32]) -> Result<(), AggError> {
+        if w.len() != delta.len() {
+            return Err(AggError::Strategy {
+                strategy: self.name.clone(),
+                message: format!("group `{group}`: delta of {} values for {} weights", delta.len(), w.len()),
+            });
+        }
+        let n = w.len();
+        match self.opt {
+            ServerOpt::Sgd { lr } => {
+                for (wi, di) in w.iter_mut().zip(delta) {
+                    *wi += lr * di;
+                }
+            }
+            ServerOpt::Momentum { lr, momentum } => {
+                let m = moment(&mut self.m, group, n);
+                for ((wi, mi), di) in w.iter_mut().zip(m.iter_mut()).zip(delta) {
+                    *mi = momentum * *mi + di;
+                    *wi += lr * *mi;
+                }
+            }
+            ServerOpt::Adagrad { lr, beta1, tau } => {
+                let m = moment(&mut self.m, group, n);
+                let v = moment(&mut self.v, group, n);
+                for (((wi, mi), vi), di) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                    *mi = beta1 * *mi + (1.0 - beta1) * di;
+                    *vi += di * di;
+                    *wi += lr * *mi / (vi.sqrt() + tau);
+                }
+            }
+            ServerOpt::Adam { lr, beta1, beta2, tau } => {
+                let m = moment(&mut self.m, group, n);
+                let v = moment(&mut self.v, group, n);
+                for (((wi, mi), vi), di) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                    *mi = beta1 * *mi + (1.0 - beta1) * di;
+                    *vi = beta2 * *vi + (1.0 - beta2) * di * di;
+                    *wi += lr * *mi / (vi.sqrt() + tau);
+                }
+            }
+            ServerOpt::Yogi { lr, beta1, beta2, tau } => {
+                let m = moment(&mut self.m, group, n);
+                let v = moment(&mut self.v, group, n);
+                for (((wi, mi), vi), di) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                    let d2 = di * di;
+                    *mi = beta1 * *mi + (1.0 - beta1) * di;
+                    *vi -= (1.0 - beta2) * d2 * sign(*vi - d2);
+                    *wi += lr * *mi / (vi.sqrt() + tau);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The moment vector of `group`, created at zero (or reset if the length
+/// changed, which a validated layout rules out).
+fn moment<'a>(map: &'a mut BTreeMap<String, Vec<f32>>, group: &str, n: usize) -> &'a mut Vec<f32> {
+    let e = map.entry(group.to_string()).or_insert_with(|| vec![0.0; n]);
+    if e.len() != n {
+        *e = vec![0.0; n];
+    }
+    e
+}
+
+/// Yogi's sign: 0 at 0.
+fn sign(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+impl Strategy for ServerStrategy {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn collect(&self) -> Collect {
+        match self.combiner {
+            Combiner::Mean => Collect::Stream,
+            _ => Collect::Retain,
+        }
+    }
+
+    fn clip_norm(&self) -> Option<f32> {
+        self.clip_norm
+    }
+
+    fn train_config(&mut self, _round: u64, _node: &str, base: &TrainConfig) -> TrainConfig {
+        let mut t = base.clone();
+        if self.prox_mu > 0.0 {
+            t.prox_mu = self.prox_mu;
+        }
+        t
+    }
+
+    fn combine(&self, _group: &str, deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, AggError> {
+        match self.combiner {
+            Combiner::Mean => weighted_mean(deltas, weights),
+            Combiner::Median => median(deltas),
+            Combiner::TrimmedMean { beta } => trimmed_mean(deltas, beta),
+            Combiner::Krum { f, m } => krum(deltas, weights, f, m),
+        }
+    }
+
+    fn aggregate(
+        &mut self,
+        _round: u64,
+        combined: &BTreeMap<String, Vec<f32>>,
+        global: &mut ParamGroups,
+        _failures: &[(NodeId, FailureReason)],
+    ) -> Result<(), AggError> {
+        for (group, delta) in combined {
+            let Some(w) = global.get_mut(group) else {
+                return Err(AggError::Strategy {
+                    strategy: self.name.clone(),
+                    message: format!("unknown group `{group}`"),
+                });
+            };
+            self.step_group(group, w, delta)?;
+        }
+        self.steps += 1;
+        Ok(())
+    }
+
+    fn state(&self) -> StrategyState {
+        let mut tensors = BTreeMap::new();
+        for (g, m) in &self.m {
+            tensors.insert(format!("m/{g}"), m.clone());
+        }
+        for (g, v) in &self.v {
+            tensors.insert(format!("v/{g}"), v.clone());
+        }
+        StrategyState { name: self.name.clone(), steps: self.steps, tensors }
+    }
+
+    fn restore(&mut self, state: StrategyState) -> Result<(), AggError> {
+        if state.name != self.name {
+            return Err(AggError::Checkpoint(format!(
+                "checkpoint holds strategy `{}`, the engine was given `{}`",
+                state.name, self.name
+            )));
+        }
+        self.steps = state.steps;
+        self.m.clear();
+        self.v.clear();
+        for (k, t) in state.tensors {
+            if let Some(g) = k.strip_prefix("m/") {
+                self.m.insert(g.to_string(), t);
+            } else if let Some(g) = k.strip_prefix("v/") {
+                self.v.insert(g.to_string(), t);
+            } else {
+                return Err(AggError::Checkpoint(format!("unknown strategy tensor `{k}`")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_same_len(deltas: &[Vec<f32>]) -> Result<usize, AggError> {
+    let n = deltas.first().map(Vec::len).ok_or_else(|| AggError::Strategy {
+        strategy: "combine".into(),
+        message: "no delta to combine".into(),
+    })?;
+    if deltas.iter().any(|d| d.len() != n) {
+        return Err(AggError::Strategy { strategy: "combine".into(), message: "deltas of different lengths".into() });
+    }
+    Ok(n)
+}
+
+/// `sum(w_i d_i) / sum(w_i)`, accumulated in f64, in the given order.
+pub fn weighted_mean(deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, AggError> {
+    let n = check_same_len(deltas)?;
+    let total: f64 = weights.iter().take(deltas.len()).sum();
+    if weights.len() != deltas.len() || !(total > 0.0 && total.is_finite()) {
+        return Err(AggError::Strategy { strategy: "mean".into(), message: "weights must be positive".into() });
+    }
+    let mut acc = vec![0.0f64; n];
+    for (d, &w) in deltas.iter().zip(weights) {
+        for (a, x) in acc.iter_mut().zip(d) {
+            *a += w * f64::from(*x);
+        }
+    }
+    Ok(acc.into_iter().map(|a| (a / total) as f32).collect())
+}
+
+/// Coordinate-wise median; the mean of the two middle values when the count
+/// is even.
+pub fn median(deltas: &[Vec<f32>]) -> Result<Vec<f32>, AggError> {
+    let n = check_same_len(deltas)?;
+    let k = deltas.len();
+    let mut col = vec![0.0f32; k];
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        for (c, d) in col.iter_mut().zip(deltas) {
+            *c = d[i];
+        }
+        let (lo, mid, _) = col.select_nth_unstable_by(k / 2, f32::total_cmp);
+        let mid = *mid;
+        if k % 2 == 1 {
+            out.push(mid);
+        } else {
+            let below = lo.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            out.push(((f64::from(below) + f64::from(mid)) / 2.0) as f32);
+        }
+    }
+    Ok(out)
+}
+
+/// Coordinate-wise trimmed mean: drops `floor(beta * n)` values at each end
+/// (fewer if that would leave nothing), averages the rest.
+pub fn trimmed_mean(deltas: &[Vec<f32>], beta: f32) -> Result<Vec<f32>, AggError> {
+    let n = check_same_len(deltas)?;
+    let k = deltas.len();
+    let cut = ((f64::from(beta.clamp(0.0, 0.5)) * k as f64).floor() as usize).min((k - 1) / 2);
+    let kept = (k - 2 * cut) as f64;
+    let mut col = vec![0.0f32; k];
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        for (c, d) in col.iter_mut().zip(deltas) {
+            *c = d[i];
+        }
+        col.sort_unstable_by(f32::total_cmp);
+        let s: f64 = col[cut..k - cut].iter().map(|&x| f64::from(x)).sum();
+        out.push((s / kept) as f32);
+    }
+    Ok(out)
+}
+
+/// Krum's scores: for each delta, the sum of its squared distances to its
+/// `n - f - 2` nearest others (at least 1).
+pub fn krum_scores(deltas: &[Vec<f32>], f: usize) -> Result<Vec<f64>, AggError> {
+    check_same_len(deltas)?;
+    let k = deltas.len();
+    let mut dist = vec![0.0f64; k * k];
+    for i in 0..k {
+        for j in i + 1..k {
+            let d: f64 = deltas[i]
+                .iter()
+                .zip(&deltas[j])
+                .map(|(a, b)| {
+                    let x = f64::from(*a) - f64::from(*b);
+                    x * x
+                })
+                .sum();
+            dist[i * k + j] = d;
+            dist[j * k + i] = d;
+        }
+    }
+    let neighbours = k.saturating_sub(f + 2).clamp(1, k.saturating_sub(1).max(1));
+    Ok((0..k)
+        .map(|i| {
+            let mut row: Vec<f64> = (0..k).filter(|&j| j != i).map(|j| dist[i * k + j]).collect();
+            row.sort_unstable_by(f64::total_cmp);
+            row.iter().take(neighbours).sum()
+        })
+        .collect())
+}
+
+/// Krum (`m = 1`) or multi-Krum: the example-weighted mean of the `m` deltas
+/// with the lowest scores (ties go to the earlier submission).
+pub fn krum(deltas: &[Vec<f32>], weights: &[f64], f: usize, m: usize) -> Result<Vec<f32>, AggError> {
+    let scores = krum_scores(deltas, f)?;
+    let mut order: Vec<usize> = (0..deltas.len()).collect();
+    order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
+    order.truncate(m.clamp(1, deltas.len()));
+    order.sort_unstable();
+    let chosen: Vec<Vec<f32>> = order.iter().map(|&i| deltas[i].clone()).collect();
+    let w: Vec<f64> = order.iter().map(|&i| weights.get(i).copied().unwrap_or(1.0)).collect();
+    weighted_mean(&chosen, &w)
+}
+
+/// Parameters of the adaptive server optimizers (Reddi et al. defaults as in
+/// Flower: lr 0.1, beta1 0.9, beta2 0.99, tau 1e-9).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdaptiveParams {
+    pub server_lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub tau: f32,
+}
+
+impl Default for AdaptiveParams {
+    fn default() -> Self {
+        AdaptiveParams { server_lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-9 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MomentumParams {
+    pub server_lr: f32,
+    pub momentum: f32,
+}
+
+impl Default for MomentumParams {
+    fn default() -> Self {
+        MomentumParams { server_lr: 1.0, momentum: 0.9 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProxParams {
+    pub mu: f32,
+}
+
+impl Default for ProxParams {
+    fn default() -> Self {
+        ProxParams { mu: 0.01 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrimParams {
+    pub beta: f32,
+}
+
+impl Default for TrimParams {
+    fn default() -> Self {
+        TrimParams { beta: 0.1 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct KrumParams {
+    pub f: usize,
+    pub m: usize,
+}
+
+impl Default for KrumParams {
+    fn default() -> Self {
+        KrumParams { f: 1, m: 1 }
+    }
+}
+
+/// Which strategy, tagged by `name` (TOML: `name = "fedadam"`, then its
+/// parameters beside it).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name")]
+pub enum StrategyKind {
+    #[serde(rename = "fedavg")]
+    FedAvg,
+    #[serde(rename = "fedavgm")]
+    FedAvgM(MomentumParams),
+    #[serde(rename = "fedadam")]
+    FedAdam(AdaptiveParams),
+    #[serde(rename = "fedyogi")]
+    FedYogi(AdaptiveParams),
+    #[serde(rename = "fedadagrad")]
+    FedAdagrad(AdaptiveParams),
+    #[serde(rename = "fedprox")]
+    FedProx(ProxParams),
+    #[serde(rename = "median")]
+    Median,
+    #[serde(rename = "trimmed_mean")]
+    TrimmedMean(TrimParams),
+    #[serde(rename = "krum")]
+    Krum(KrumParams),
+}
+
+impl Default for StrategyKind {
+    fn default() -> Self {
+        StrategyKind::FedAvg
+    }
+}
+
+/// A strategy as written in a config file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StrategyConfig {
+    #[serde(flatten)]
+    pub kind: StrategyKind,
+    /// Clip each update to this L2 norm before combining.
+    #[serde(default)]
+    pub clip_norm: Option<f32>,
+}
+
+/// Builds a built-in strategy.
+pub fn strategy_from_config(cfg: &StrategyConfig) -> Box<dyn Strategy> {
+    Box::new(server_strategy(cfg))
+}
+
+/// Same as [`strategy_from_config`], with the concrete type.
+pub fn server_strategy(cfg: &StrategyConfig) -> ServerStrategy {
+    let sgd1 = ServerOpt::Sgd { lr: 1.0 };
+    let s = match cfg.kind {
+        StrategyKind::FedAvg => ServerStrategy::new("fedavg", Combiner::Mean, sgd1),
+        StrategyKind::FedAvgM(p) => ServerStrategy::new(
+            "fedavgm",
+            Combiner::Mean,
+            ServerOpt::Momentum { lr: p.server_lr, momentum: p.momentum },
+        ),
+        StrategyKind::FedAdam(p) => ServerStrategy::new(
+            "fedadam",
+            Combiner::Mean,
+            ServerOpt::Adam { lr: p.server_lr, beta1: p.beta1, beta2: p.beta2, tau: p.tau },
+        ),
+        StrategyKind::FedYogi(p) => ServerStrategy::new(
+            "fedyogi",
+            Combiner::Mean,
+            ServerOpt::Yogi { lr: p.server_lr, beta1: p.beta1, beta2: p.beta2, tau: p.tau },
+        ),
+        StrategyKind::FedAdagrad(p) => ServerStrategy::new(
+            "fedadagrad",
+            Combiner::Mean,
+            ServerOpt::Adagrad { lr: p.server_lr, beta1: p.beta1, tau: p.tau },
+        ),
+        StrategyKind::FedProx(p) => ServerStrategy::new("fedprox", Combiner::Mean, sgd1).with_prox_mu(p.mu),
+        StrategyKind::Median => ServerStrategy::new("median", Combiner::Median, sgd1),
+        StrategyKind::TrimmedMean(p) => {
+            ServerStrategy::new("trimmed_mean", Combiner::TrimmedMean { beta: p.beta }, sgd1)
+        }
+        StrategyKind::Krum(p) => ServerStrategy::new("krum", Combiner::Krum { f: p.f, m: p.m }, sgd1),
+    };
+    s.with_clip_norm(cfg.clip_norm)
+}
