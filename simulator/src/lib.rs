@@ -1,1 +1,158 @@
-//! See ARCHITECTURE.md.
+//! Many virtual Cohort nodes in one process.
+//!
+//! A [`Simulation`] drives the aggregator's transport-free `Engine` and runs
+//! the real node runtime (train, delta, error feedback, encode, seal) for
+//! each sampled client, in parallel on a rayon pool; the only thing it
+//! replaces is the network, by an in-process delivery on a virtual clock.
+//! [`run_experiment`] adds the multi-task questions (shared backbone vs one
+//! federation per task vs local-only), personalized evaluation, metrics
+//! files and the plot.
+
+pub mod config;
+pub mod data;
+mod error;
+pub mod metrics;
+pub mod plot;
+pub mod run;
+
+use std::path::Path;
+
+pub use config::ExperimentConfig;
+pub use error::SimError;
+pub use metrics::{RoundMetrics, TaskScore};
+pub use run::{client_id, local_only, PersonalScore, Simulation};
+
+use config::Sharing;
+
+/// Everything an experiment produced.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ExperimentResult {
+    pub name: String,
+    pub sharing: String,
+    pub rounds: Vec<RoundMetrics>,
+    /// Central accuracy per task after the last round.
+    pub final_central: Vec<TaskScore>,
+    pub personalized: Vec<PersonalScore>,
+    /// Local-only baseline: (task, accuracy on own held-out data, on the
+    /// central test set).
+    pub local_only: Vec<(String, f32, f32)>,
+    pub wall_s: f64,
+}
+
+impl ExperimentResult {
+    /// Central accuracy of `task` after the last round.
+    pub fn accuracy(&self, task: &str) -> Option<f32> {
+        self.final_central.iter().find(|s| s.task == task).map(|s| s.accuracy)
+    }
+}
+
+/// Runs an experiment as its config says, writing metrics, the plot and the
+/// summary into `cfg.output` when set. `on_round` sees every round.
+pub fn run_experiment(cfg: &ExperimentConfig, mut on_round: impl FnMut(&RoundMetrics)) -> Result<ExperimentResult, SimError> {
+    cfg.validate()?;
+    let started = std::time::Instant::now();
+    let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
+    let mut writer = match &cfg.output {
+        Some(dir) => Some(metrics::MetricsWriter::create(dir, &task_names)?),
+        None => None,
+    };
+    let mut result = ExperimentResult {
+        name: cfg.name.clone(),
+        sharing: format!("{:?}", cfg.sharing),
+        ..ExperimentResult::default()
+    };
+    let mut write_err = None;
+    let mut record = |m: &RoundMetrics| {
+        if let Some(w) = writer.as_mut() {
+            if let Err(e) = w.write(m) {
+                write_err.get_or_insert(e);
+            }
+        }
+        on_round(m);
+    };
+    match cfg.sharing {
+        Sharing::SharedBackbone => {
+            let mut sim = Simulation::new(cfg.clone())?;
+            result.rounds = sim.run(&mut record)?;
+            result.final_central = sim.evaluate_central()?;
+            if cfg.eval.personalized {
+                result.personalized = sim.personalized_eval()?;
+            }
+        }
+        Sharing::Separate => {
+            // One federation per task, same settings; rounds are merged by
+            // number so that the metrics read like one run.
+            for t in &cfg.tasks {
+                let mut one = cfg.clone();
+                one.tasks = vec![config::TaskConfig { holders: 1.0, ..t.clone() }];
+                one.output = None;
+                let mut sim = Simulation::new(one)?;
+                let rounds = sim.run(|_| {})?;
+                merge_rounds(&mut result.rounds, rounds);
+                result.final_central.extend(sim.evaluate_central()?);
+                if cfg.eval.personalized {
+                    result.personalized.extend(sim.personalized_eval()?);
+                }
+            }
+            for m in &result.rounds {
+                record(m);
+            }
+        }
+        Sharing::LocalOnly => {
+            let pop = data::Population::new(cfg)?;
+            result.local_only = local_only(cfg, &pop)?;
+            result.final_central = result
+                .local_only
+                .iter()
+                .map(|(t, _, c)| TaskScore { task: t.clone(), accuracy: *c, loss: f32::NAN })
+                .collect();
+        }
+    }
+    if let Some(e) = write_err {
+        return Err(e);
+    }
+    result.wall_s = started.elapsed().as_secs_f64();
+    if let Some(dir) = &cfg.output {
+        write_outputs(dir, cfg, &result)?;
+    }
+    Ok(result)
+}
+
+fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
+    for m in rounds {
+        match into.iter_mut().find(|r| r.round == m.round) {
+            Some(r) => {
+                r.central.extend(m.central);
+                r.train_loss.extend(m.train_loss);
+                r.sampled += m.sampled;
+                r.accepted += m.accepted;
+                r.dropped += m.dropped;
+                r.late += m.late;
+                r.refused += m.refused;
+                r.bytes_up += m.bytes_up;
+                r.bytes_down += m.bytes_down;
+                r.wall_ms += m.wall_ms;
+            }
+            None => into.push(m),
+        }
+    }
+}
+
+fn write_outputs(dir: &Path, cfg: &ExperimentConfig, result: &ExperimentResult) -> Result<(), SimError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SimError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let summary = dir.join("summary.txt");
+    std::fs::write(&summary, metrics::summary_table(&result.rounds)).map_err(io(&summary))?;
+    let json = dir.join("result.json");
+    let text = serde_json::to_string_pretty(result).map_err(|e| SimError::Config(e.to_string()))?;
+    std::fs::write(&json, text).map_err(io(&json))?;
+    let used = dir.join("experiment.toml");
+    std::fs::write(&used, cfg.to_toml()?).map_err(io(&used))?;
+    if result.rounds.iter().any(|r| !r.central.is_empty()) {
+        plot::accuracy_plot(&dir.join("accuracy.svg"), &format!("{}: central accuracy", cfg.name), &result.rounds)?;
+    }
+    Ok(())
+}

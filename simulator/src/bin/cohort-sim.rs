@@ -1,0 +1,370 @@
+//! `cohort-sim`: run a federated, multi-task experiment in one process.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use cohort_aggregator::{FedBuffConfig, Mode, StrategyConfig};
+use cohort_protocol::codec::TopK;
+use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
+use cohort_simulator::metrics::summary_table;
+use cohort_simulator::{run_experiment, ExperimentConfig, RoundMetrics};
+use cohort_tasks::{BackboneKind, Partitioner};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Runs a federated, multi-task learning experiment with many virtual nodes in
+/// one process: the real node runtime (local dfdx training, 8-bit deltas with
+/// error feedback, sealing) and the real aggregator engine, over an
+/// in-process transport on a virtual clock.
+///
+/// With no arguments it runs the embedded default workload W0: two tasks,
+/// `digits` (MNIST 5k) and `fashion` (Fashion-MNIST 6k/1k), on one 28x28 MLP
+/// backbone; 20 clients holding one or both tasks with Dirichlet(0.5) label
+/// skew; 10 clients a round; FedAvg; 8-bit stochastic deltas; 10 rounds.
+///
+/// Settings come from the defaults, then `--config FILE` (TOML, see
+/// `simulator/experiments/`), then the flags below. `--print-config` shows the
+/// resulting experiment file.
+#[derive(Debug, Parser)]
+#[command(name = "cohort-sim", version, about, long_about)]
+struct Cli {
+    /// Experiment file (TOML). Flags override its values.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print the effective experiment as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Registered clients.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Clients sampled per round (sync) or in flight (async).
+    #[arg(long)]
+    per_round: Option<usize>,
+    /// Rounds (sync) or model steps (async).
+    #[arg(long)]
+    rounds: Option<u64>,
+    /// A task as NAME=DATASET, repeatable; replaces the tasks of the file.
+    /// DATASET: mnist5k, fashion6k, digits8x8, penguins/species,
+    /// penguins/island, penguins/sex, or idx:FOLDER (MNIST-format gzipped IDX
+    /// files, e.g. idx:/usr/share/datasets/fashion-mnist).
+    #[arg(long = "task", value_name = "NAME=DATASET")]
+    tasks: Vec<String>,
+    /// Backbone: mlp28, cnn28, mlp8x8, mlp_tab4.
+    #[arg(long)]
+    backbone: Option<String>,
+    /// Partitioner: iid, dirichlet:ALPHA, shards:PER_CLIENT, quantity:SIGMA,
+    /// or sampled:SAMPLES:ALPHA (clients draw their data on demand; for very
+    /// large populations).
+    #[arg(long)]
+    partition: Option<String>,
+    /// Strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad, fedprox,
+    /// median, trimmed_mean, krum.
+    #[arg(long)]
+    strategy: Option<String>,
+    /// A strategy parameter as KEY=VALUE, repeatable (e.g. server_lr=0.01,
+    /// beta=0.2, mu=0.1, f=2).
+    #[arg(long = "strategy-param", value_name = "KEY=VALUE")]
+    strategy_params: Vec<String>,
+    /// Clip each update to this L2 norm before combining.
+    #[arg(long)]
+    clip_norm: Option<f32>,
+    /// Bits per value of the deltas: 32, 16, 8, 4, 2, 1.
+    #[arg(long)]
+    bits: Option<u8>,
+    /// Top-k sparsification: a fraction (0.01) or a count (1000).
+    #[arg(long)]
+    top_k: Option<String>,
+    /// sync, or async (FedBuff).
+    #[arg(long)]
+    mode: Option<String>,
+    /// Async: accepted updates per model step.
+    #[arg(long)]
+    buffer_k: Option<u32>,
+    /// Local epochs per round.
+    #[arg(long)]
+    epochs: Option<u32>,
+    /// Local batch size.
+    #[arg(long)]
+    batch: Option<u32>,
+    /// Local learning rate.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Heads: global (aggregated) or local (personalized, never sent).
+    #[arg(long)]
+    heads: Option<String>,
+    /// shared (one backbone for all tasks), separate (one federation per
+    /// task), local (no federation).
+    #[arg(long)]
+    sharing: Option<String>,
+    /// Probability that a sampled client drops out of a round.
+    #[arg(long)]
+    dropout: Option<f64>,
+    /// Mean reply latency in ms on the virtual clock (exponential).
+    #[arg(long)]
+    latency_ms: Option<f64>,
+    /// Round deadline in ms on the virtual clock.
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Fraction of Byzantine clients.
+    #[arg(long)]
+    byzantine: Option<f64>,
+    /// Attack of the Byzantine clients: sign_flip[:SCALE], scale:FACTOR,
+    /// noise:STD, label_flip.
+    #[arg(long)]
+    attack: Option<String>,
+    /// Fine-tune heads on each client and evaluate on its own held-out data.
+    #[arg(long)]
+    personalized: bool,
+    /// Seed of everything random.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Worker threads (0 = one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Folder for metrics.csv, metrics.jsonl, accuracy.svg, summary.txt.
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parse_kv(s: &str) -> Result<(&str, &str)> {
+    s.split_once('=').with_context(|| format!("`{s}` is not KEY=VALUE"))
+}
+
+fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
+    if let Some(v) = cli.clients {
+        cfg.clients.count = v;
+        cfg.clients.per_round = cfg.clients.per_round.min(v);
+    }
+    if let Some(v) = cli.per_round {
+        cfg.clients.per_round = v;
+    }
+    if let Some(v) = cli.rounds {
+        cfg.rounds = v;
+    }
+    if !cli.tasks.is_empty() {
+        cfg.tasks = cli
+            .tasks
+            .iter()
+            .map(|t| parse_kv(t).map(|(n, d)| TaskConfig { name: n.into(), dataset: d.into(), holders: 1.0 }))
+            .collect::<Result<_>>()?;
+    }
+    if let Some(b) = &cli.backbone {
+        cfg.backbone = b.parse::<BackboneKind>().map_err(|e| anyhow::anyhow!("--backbone: {e}"))?;
+    }
+    if let Some(p) = &cli.partition {
+        let parts: Vec<&str> = p.split(':').collect();
+        let num = |i: usize| -> Result<f64> {
+            parts.get(i).with_context(|| format!("--partition {p}: missing a number"))?.parse::<f64>().with_context(|| format!("--partition {p}"))
+        };
+        cfg.clients.data = match parts[0] {
+            "iid" => ClientData::Partition { partitioner: Partitioner::Iid },
+            "dirichlet" => ClientData::Partition { partitioner: Partitioner::Dirichlet { alpha: num(1)? } },
+            "shards" => ClientData::Partition { partitioner: Partitioner::Shards { shards_per_client: num(1)? as usize } },
+            "quantity" => ClientData::Partition { partitioner: Partitioner::QuantitySkew { sigma: num(1)? } },
+            "sampled" => ClientData::Sampled { samples: num(1)? as usize, alpha: num(2)? },
+            other => bail!("--partition: unknown partitioner `{other}` (iid, dirichlet:A, shards:K, quantity:S, sampled:N:A)"),
+        };
+    }
+    if cli.strategy.is_some() || !cli.strategy_params.is_empty() {
+        let name = cli.strategy.clone().unwrap_or_else(|| {
+            toml::to_string(&cfg.strategy).ok().and_then(|t| {
+                t.lines().find_map(|l| l.strip_prefix("name = ").map(|n| n.trim_matches('"').to_string()))
+            }).unwrap_or_else(|| "fedavg".into())
+        });
+        let mut text = format!("name = {name:?}\n");
+        for kv in &cli.strategy_params {
+            let (k, v) = parse_kv(kv)?;
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        let clip = cfg.strategy.clip_norm;
+        cfg.strategy = toml::from_str::<StrategyConfig>(&text).with_context(|| format!("--strategy {name}: bad name or parameters"))?;
+        cfg.strategy.clip_norm = clip;
+    }
+    if cli.clip_norm.is_some() {
+        cfg.strategy.clip_norm = cli.clip_norm;
+    }
+    if let Some(b) = cli.bits {
+        cfg.engine.codec.bits = b;
+    }
+    if let Some(k) = &cli.top_k {
+        cfg.engine.codec.top_k = Some(if k.contains('.') {
+            TopK::Fraction(k.parse().with_context(|| format!("--top-k {k}"))?)
+        } else {
+            TopK::Count(k.parse().with_context(|| format!("--top-k {k}"))?)
+        });
+    }
+    match cli.mode.as_deref() {
+        None => {}
+        Some("sync") => cfg.engine.mode = Mode::Sync,
+        Some("async") => {
+            if !matches!(cfg.engine.mode, Mode::Async(_)) {
+                cfg.engine.mode = Mode::Async(FedBuffConfig::default());
+            }
+        }
+        Some(m) => bail!("--mode: `{m}` is neither sync nor async"),
+    }
+    if let Some(k) = cli.buffer_k {
+        match &mut cfg.engine.mode {
+            Mode::Async(f) => f.buffer_k = k,
+            Mode::Sync => bail!("--buffer-k needs --mode async"),
+        }
+    }
+    if let Some(v) = cli.epochs {
+        cfg.engine.train.epochs = v;
+    }
+    if let Some(v) = cli.batch {
+        cfg.engine.train.batch_size = v;
+    }
+    if let Some(v) = cli.lr {
+        cfg.engine.train.lr = v;
+    }
+    match cli.heads.as_deref() {
+        None => {}
+        Some("global") => cfg.heads = HeadPolicy::Global,
+        Some("local") => cfg.heads = HeadPolicy::Local,
+        Some(h) => bail!("--heads: `{h}` is neither global nor local"),
+    }
+    match cli.sharing.as_deref() {
+        None => {}
+        Some("shared") => cfg.sharing = Sharing::SharedBackbone,
+        Some("separate") => cfg.sharing = Sharing::Separate,
+        Some("local") => cfg.sharing = Sharing::LocalOnly,
+        Some(s) => bail!("--sharing: `{s}` is not shared, separate or local"),
+    }
+    if let Some(v) = cli.dropout {
+        cfg.faults.dropout = v;
+    }
+    if let Some(v) = cli.latency_ms {
+        cfg.faults.latency_mean_ms = v;
+    }
+    if let Some(v) = cli.deadline_ms {
+        cfg.engine.deadline_ms = v;
+    }
+    if let Some(v) = cli.byzantine {
+        cfg.faults.byzantine = v;
+    }
+    if let Some(a) = &cli.attack {
+        let (kind, arg) = a.split_once(':').map_or((a.as_str(), None), |(k, v)| (k, Some(v)));
+        let num = |d: f32| -> Result<f32> { arg.map_or(Ok(d), |v| v.parse().with_context(|| format!("--attack {a}"))) };
+        cfg.faults.attack = match kind {
+            "sign_flip" => Attack::SignFlip { scale: num(4.0)? },
+            "scale" => Attack::Scale { factor: num(10.0)? },
+            "noise" => Attack::Noise { std: num(0.1)? },
+            "label_flip" => Attack::LabelFlip,
+            other => bail!("--attack: unknown attack `{other}`"),
+        };
+    }
+    if cli.personalized {
+        cfg.eval.personalized = true;
+    }
+    if let Some(v) = cli.seed {
+        cfg.seed = v;
+    }
+    if let Some(v) = cli.threads {
+        cfg.threads = v;
+    }
+    if let Some(o) = &cli.output {
+        cfg.output = Some(o.clone());
+    }
+    Ok(())
+}
+
+fn describe(m: &RoundMetrics) -> String {
+    let mut s = format!("round {:>3}", m.round);
+    for t in &m.central {
+        s.push_str(&format!("  {} {:6.2}%", t.task, 100.0 * t.accuracy));
+    }
+    s.push_str(&format!(
+        "  | {}/{} accepted{}{}  {:.0} ms",
+        m.accepted,
+        m.sampled,
+        if m.dropped > 0 { format!(", {} dropped", m.dropped) } else { String::new() },
+        if m.late + m.refused > 0 { format!(", {} late/refused", m.late + m.refused) } else { String::new() },
+        m.wall_ms
+    ));
+    s
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let mut cfg = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            ExperimentConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => ExperimentConfig::default(),
+    };
+    apply(&cli, &mut cfg)?;
+    cfg.validate()?;
+    if cli.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let tasks: Vec<String> = cfg.tasks.iter().map(|t| format!("{} ({})", t.name, t.dataset)).collect();
+    println!(
+        "cohort-sim `{}`: {} clients, {} per round, {} rounds, tasks {}, backbone {}, strategy {}, {}-bit deltas, seed {}",
+        cfg.name,
+        cfg.clients.count,
+        cfg.clients.per_round,
+        cfg.rounds,
+        tasks.join(", "),
+        cfg.backbone,
+        toml::to_string(&cfg.strategy).unwrap_or_default().lines().next().unwrap_or_default(),
+        cfg.engine.codec.bits,
+        cfg.seed
+    );
+    let bar = if cli.quiet || !std::io::stderr().is_terminal() {
+        ProgressBar::hidden()
+    } else {
+        let b = ProgressBar::new(cfg.rounds);
+        b.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    };
+    let result = run_experiment(&cfg, |m| {
+        bar.inc(1);
+        bar.println(describe(m));
+        if bar.is_hidden() && !cli.quiet {
+            println!("{}", describe(m));
+        }
+    })?;
+    bar.finish_and_clear();
+    println!("\n{}", summary_table(&result.rounds));
+    if !result.local_only.is_empty() {
+        println!("local-only training:");
+        for (t, local, central) in &result.local_only {
+            println!("  {t:<12} own held-out {:6.2}%  central test {:6.2}%", 100.0 * local, 100.0 * central);
+        }
+    }
+    if !result.personalized.is_empty() {
+        println!("personalized evaluation (own held-out data):");
+        for p in &result.personalized {
+            println!(
+                "  {:<12} {} clients: global model {:6.2}%  after fine-tuning heads {:6.2}%",
+                p.task,
+                p.clients,
+                100.0 * p.before,
+                100.0 * p.after
+            );
+        }
+    }
+    for s in &result.final_central {
+        println!("final {} accuracy: {:.2}%", s.task, 100.0 * s.accuracy);
+    }
+    if let Some(dir) = &cfg.output {
+        println!("metrics, plot and summary written to {}", dir.display());
+    }
+    Ok(())
+}

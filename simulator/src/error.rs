@@ -1,0 +1,21 @@
+use thiserror::Error;
+
+/// Everything that can go wrong in a simulation.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum SimError {
+    #[error("experiment config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Tasks(#[from] cohort_tasks::TasksError),
+    #[error(transparent)]
+    Aggregator(#[from] cohort_aggregator::AggError),
+    #[error(transparent)]
+    Protocol(#[from] cohort_protocol::ProtocolError),
+    #[error("client {client}: {source}")]
+    Node { client: usize, source: cohort_node::NodeError },
+    #[error("{path}: {source}")]
+    Io { path: std::path::PathBuf, source: std::io::Error },
+    #[error("plot: {0}")]
+    Plot(String),
+}

@@ -1,0 +1,134 @@
+//! Per-round metrics: what a researcher reads, as CSV, JSON lines and a
+//! summary table.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::SimError;
+
+/// Accuracy and loss of one task.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TaskScore {
+    pub task: String,
+    pub accuracy: f32,
+    pub loss: f32,
+}
+
+/// What happened in one round.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RoundMetrics {
+    pub round: u64,
+    /// Model version after the round.
+    pub version: u64,
+    /// Central evaluation of the global model, per task (empty when not
+    /// evaluated this round).
+    pub central: Vec<TaskScore>,
+    /// Mean local training loss of the accepted clients, per task.
+    pub train_loss: Vec<TaskScore>,
+    pub sampled: usize,
+    pub accepted: usize,
+    pub dropped: usize,
+    pub late: usize,
+    pub refused: usize,
+    /// Sealed update bytes sent by clients.
+    pub bytes_up: u64,
+    /// Model bytes sent to clients (raw f32 of the groups each one needed).
+    pub bytes_down: u64,
+    pub wall_ms: f64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
+    move |source| SimError::Io { path: path.to_path_buf(), source }
+}
+
+/// Writes `metrics.csv` and `metrics.jsonl` in a folder, a row per round.
+#[derive(Debug)]
+pub struct MetricsWriter {
+    csv: BufWriter<File>,
+    jsonl: BufWriter<File>,
+    csv_path: PathBuf,
+    jsonl_path: PathBuf,
+    tasks: Vec<String>,
+}
+
+impl MetricsWriter {
+    pub fn create(dir: &Path, tasks: &[String]) -> Result<Self, SimError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let csv_path = dir.join("metrics.csv");
+        let jsonl_path = dir.join("metrics.jsonl");
+        let mut csv = BufWriter::new(File::create(&csv_path).map_err(io_err(&csv_path))?);
+        let jsonl = BufWriter::new(File::create(&jsonl_path).map_err(io_err(&jsonl_path))?);
+        let mut header = String::from("round,version");
+        for t in tasks {
+            let _ = write!(header, ",acc_{t},loss_{t},train_loss_{t}");
+        }
+        header.push_str(",sampled,accepted,dropped,late,refused,bytes_up,bytes_down,wall_ms");
+        writeln!(csv, "{header}").map_err(io_err(&csv_path))?;
+        Ok(MetricsWriter { csv, jsonl, csv_path, jsonl_path, tasks: tasks.to_vec() })
+    }
+
+    pub fn write(&mut self, m: &RoundMetrics) -> Result<(), SimError> {
+        let mut row = format!("{},{}", m.round, m.version);
+        for t in &self.tasks {
+            let c = m.central.iter().find(|s| &s.task == t);
+            let l = m.train_loss.iter().find(|s| &s.task == t);
+            let f = |x: Option<f32>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
+            let _ = write!(row, ",{},{},{}", f(c.map(|s| s.accuracy)), f(c.map(|s| s.loss)), f(l.map(|s| s.loss)));
+        }
+        let _ = write!(
+            row,
+            ",{},{},{},{},{},{},{},{:.1}",
+            m.sampled, m.accepted, m.dropped, m.late, m.refused, m.bytes_up, m.bytes_down, m.wall_ms
+        );
+        writeln!(self.csv, "{row}").map_err(io_err(&self.csv_path))?;
+        let line = serde_json::to_string(m).map_err(|e| SimError::Config(e.to_string()))?;
+        writeln!(self.jsonl, "{line}").map_err(io_err(&self.jsonl_path))?;
+        self.csv.flush().map_err(io_err(&self.csv_path))?;
+        self.jsonl.flush().map_err(io_err(&self.jsonl_path))
+    }
+}
+
+/// The final table: per task, first and last central accuracy and the best.
+pub fn summary_table(rounds: &[RoundMetrics]) -> String {
+    let mut out = String::new();
+    let evaluated: Vec<&RoundMetrics> = rounds.iter().filter(|r| !r.central.is_empty()).collect();
+    let Some(last) = evaluated.last() else {
+        return "no central evaluation was run\n".into();
+    };
+    let _ = writeln!(out, "{:<12} {:>9} {:>9} {:>9} {:>10}", "task", "acc", "best", "loss", "best@round");
+    for s in &last.central {
+        let (best, at) = evaluated
+            .iter()
+            .filter_map(|r| r.central.iter().find(|c| c.task == s.task).map(|c| (c.accuracy, r.round)))
+            .fold((f32::MIN, 0), |a, b| if b.0 > a.0 { b } else { a });
+        let _ = writeln!(
+            out,
+            "{:<12} {:>8.2}% {:>8.2}% {:>9.4} {:>10}",
+            s.task,
+            100.0 * s.accuracy,
+            100.0 * best,
+            s.loss,
+            at
+        );
+    }
+    let up: u64 = rounds.iter().map(|r| r.bytes_up).sum();
+    let down: u64 = rounds.iter().map(|r| r.bytes_down).sum();
+    let wall: f64 = rounds.iter().map(|r| r.wall_ms).sum();
+    let acc: usize = rounds.iter().map(|r| r.accepted).sum();
+    let refused: usize = rounds.iter().map(|r| r.refused + r.late).sum();
+    let dropped: usize = rounds.iter().map(|r| r.dropped).sum();
+    let _ = writeln!(
+        out,
+        "rounds {}, updates accepted {acc}, dropped {dropped}, refused or late {refused}; {:.2} MB up, {:.2} MB down; {:.2} s ({:.3} s/round)",
+        rounds.len(),
+        up as f64 / 1e6,
+        down as f64 / 1e6,
+        wall / 1e3,
+        wall / 1e3 / rounds.len().max(1) as f64
+    );
+    out
+}

@@ -1,0 +1,759 @@
+//! The simulation loop: the aggregator's [`Engine`] and many virtual nodes
+//! running the real node runtime, with an in-process transport and a
+//! virtual clock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cohort_aggregator::{strategy_from_config, Engine, EngineConfig, FailureReason, GroupPolicy, Mode, NodeInfo, RefusalCode};
+use cohort_node::{mix_seed, NodeRuntime, NodeState};
+use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
+use cohort_protocol::messages::RoundPlan;
+use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
+use cohort_protocol::{head_group, Fingerprint, ParamGroups, BACKBONE, PROTOCOL_VERSION};
+use cohort_tasks::{Dataset, ModelSpec, TaskData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Exp, Normal};
+use rayon::prelude::*;
+
+use crate::config::{Attack, ExperimentConfig, HeadPolicy};
+use crate::data::{choose_fraction, Population};
+use crate::metrics::{RoundMetrics, TaskScore};
+use crate::SimError;
+
+/// The id of virtual client `i`: sortable, so that node order is client order.
+pub fn client_id(i: usize) -> String {
+    format!("sim-{i:07}")
+}
+
+fn client_index(id: &str) -> Option<usize> {
+    id.strip_prefix("sim-")?.parse().ok()
+}
+
+/// A client's state between rounds, stored compactly: local heads as f32,
+/// error-feedback residuals quantized to 8 bits (nearest, per-chunk scale),
+/// which keeps a residual at a quarter of its size while adding an error far
+/// below the residual itself.
+#[derive(Debug, Default)]
+struct StoredState {
+    local: ParamGroups,
+    residuals: Vec<(String, usize, Vec<u8>)>,
+}
+
+fn residual_codec() -> CodecConfig {
+    CodecConfig { bits: 8, rounding: Rounding::Nearest, chunk: 64, top_k: None }
+}
+
+impl StoredState {
+    fn pack(state: NodeState) -> Result<Option<Self>, SimError> {
+        if state.local.is_empty() && state.residuals.is_empty() {
+            return Ok(None);
+        }
+        let mut residuals = Vec::with_capacity(state.residuals.len());
+        for (name, ef) in state.residuals {
+            let bytes = codec::encode(&ef.residual, &residual_codec(), 0)?;
+            residuals.push((name, ef.residual.len(), bytes));
+        }
+        Ok(Some(StoredState { local: state.local, residuals }))
+    }
+
+    fn unpack(self) -> Result<NodeState, SimError> {
+        let mut state = NodeState { local: self.local, ..NodeState::default() };
+        for (name, len, bytes) in self.residuals {
+            let residual = codec::decode(&bytes, len)?;
+            state.residuals.insert(name, ErrorFeedback { residual });
+        }
+        Ok(state)
+    }
+
+    fn bytes(&self) -> usize {
+        4 * self.local.num_values() + self.residuals.iter().map(|r| r.2.len()).sum::<usize>()
+    }
+}
+
+/// One client's training job for a round.
+struct Job {
+    client: usize,
+    id: String,
+    plan: RoundPlan,
+    state: NodeState,
+    /// Reply time on the virtual clock, from the plan.
+    latency_ms: u64,
+    /// Weights the client starts from (the version its plan names).
+    weights: Arc<ParamGroups>,
+}
+
+/// What came back from a client.
+struct Reply {
+    client: usize,
+    id: String,
+    latency_ms: u64,
+    result: Result<cohort_node::RoundOutput, SimError>,
+    state: NodeState,
+}
+
+/// A running simulation: one engine, one population of virtual clients.
+pub struct Simulation {
+    pub cfg: ExperimentConfig,
+    pub pop: Population,
+    pub engine: Engine,
+    /// The model with every task's head.
+    pub spec: ModelSpec,
+    keys: SealKeyPair,
+    replay: ReplayGuard,
+    states: HashMap<usize, StoredState>,
+    byzantine: Vec<usize>,
+    flipped: Vec<Option<Dataset>>,
+    pool: rayon::ThreadPool,
+    /// Virtual time, in milliseconds.
+    clock_ms: u64,
+    fingerprints: HashMap<Vec<usize>, Fingerprint>,
+}
+
+impl std::fmt::Debug for Simulation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Simulation").field("name", &self.cfg.name).field("engine", &self.engine).finish_non_exhaustive()
+    }
+}
+
+/// The engine settings an experiment implies.
+pub fn engine_config(cfg: &ExperimentConfig) -> EngineConfig {
+    let mut e = cfg.engine.clone();
+    e.seed = cfg.seed;
+    e.rounds = cfg.rounds;
+    e.train.seed = mix_seed(cfg.seed, 0x7EA1);
+    let n = cfg.clients.count;
+    e.sampling.fraction = cfg.clients.per_round as f64 / n as f64;
+    e.sampling.min_per_round = cfg.clients.per_round;
+    e.sampling.min_available = e.sampling.min_available.min(n).max(1);
+    if cfg.heads == HeadPolicy::Local {
+        for t in &cfg.tasks {
+            e.group_policy.insert(head_group(&t.name), GroupPolicy::Local);
+        }
+    }
+    e
+}
+
+impl Simulation {
+    /// Loads the data, partitions it, builds the model and the engine and
+    /// registers every client.
+    pub fn new(cfg: ExperimentConfig) -> Result<Self, SimError> {
+        cfg.validate()?;
+        let pop = Population::new(&cfg)?;
+        Self::with_population(cfg, pop)
+    }
+
+    /// Same as [`Simulation::new`] on an already built population.
+    pub fn with_population(cfg: ExperimentConfig, pop: Population) -> Result<Self, SimError> {
+        let spec = ModelSpec { backbone: cfg.backbone, tasks: pop.tasks.iter().map(|t| t.spec()).collect() };
+        let layout = spec.layout();
+        let initial = spec.init(mix_seed(cfg.seed, 0x1417));
+        let strategy = strategy_from_config(&cfg.strategy);
+        let engine = Engine::new(engine_config(&cfg), layout, initial, strategy)?;
+        let threads = if cfg.threads == 0 { rayon::current_num_threads() } else { cfg.threads };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("cohort-sim-{i}"))
+            .build()
+            .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
+        let byzantine = choose_fraction(pop.clients(), cfg.faults.byzantine, mix_seed(cfg.seed, 0xB42));
+        let flipped = (0..pop.tasks.len())
+            .map(|t| (matches!(cfg.faults.attack, Attack::LabelFlip) && !byzantine.is_empty()).then(|| pop.flipped(t)))
+            .collect();
+        let keys = SealKeyPair::generate()?;
+        let mut sim = Simulation {
+            cfg,
+            pop,
+            engine,
+            spec,
+            keys,
+            replay: ReplayGuard::default(),
+            states: HashMap::new(),
+            byzantine,
+            flipped,
+            pool,
+            clock_ms: 0,
+            fingerprints: HashMap::new(),
+        };
+        for c in 0..sim.pop.clients() {
+            let info = sim.node_info(c)?;
+            sim.engine.register(info)?;
+        }
+        Ok(sim)
+    }
+
+    fn node_info(&mut self, client: usize) -> Result<NodeInfo, SimError> {
+        let tasks = self.pop.client_tasks(client);
+        let fingerprint = match self.fingerprints.get(&tasks) {
+            Some(f) => *f,
+            None => {
+                let names: Vec<&str> = tasks.iter().map(|&t| self.pop.tasks[t].name.as_str()).collect();
+                let f = self.spec.subset(&names)?.layout().fingerprint();
+                self.fingerprints.insert(tasks.clone(), f);
+                f
+            }
+        };
+        Ok(NodeInfo {
+            id: client_id(client),
+            tasks: tasks
+                .iter()
+                .map(|&t| (self.pop.tasks[t].name.clone(), self.pop.train_count(client, t) as u64))
+                .collect(),
+            fingerprint,
+        })
+    }
+
+    pub fn is_byzantine(&self, client: usize) -> bool {
+        self.byzantine.binary_search(&client).is_ok()
+    }
+
+    /// Bytes of per-client state held between rounds.
+    pub fn state_bytes(&self) -> usize {
+        self.states.values().map(StoredState::bytes).sum()
+    }
+
+    /// Clients with stored state.
+    pub fn clients_with_state(&self) -> usize {
+        self.states.len()
+    }
+
+    fn take_state(&mut self, client: usize) -> Result<NodeState, SimError> {
+        match self.states.remove(&client) {
+            Some(s) => s.unpack(),
+            None => Ok(NodeState::default()),
+        }
+    }
+
+    fn put_state(&mut self, client: usize, state: NodeState) -> Result<(), SimError> {
+        if let Some(s) = StoredState::pack(state)? {
+            self.states.insert(client, s);
+        }
+        Ok(())
+    }
+
+    fn latency(&self, round: u64, client: usize) -> u64 {
+        let mean = self.cfg.faults.latency_mean_ms;
+        if mean <= 0.0 {
+            return 0;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(self.cfg.seed, 0x1A7), mix_seed(round, client as u64)));
+        Exp::new(1.0 / mean).map(|e| e.sample(&mut rng).round() as u64).unwrap_or(0)
+    }
+
+    fn drops_out(&self, round: u64, client: usize) -> bool {
+        let p = self.cfg.faults.dropout;
+        if p <= 0.0 {
+            return false;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(self.cfg.seed, 0xD20), mix_seed(round, client as u64)));
+        rng.gen::<f64>() < p
+    }
+
+    /// Trains a batch of jobs in parallel on the pool; replies come back in
+    /// job order.
+    fn train_jobs(&self, jobs: Vec<Job>) -> Vec<Reply> {
+        let ctx = TrainCtx {
+            spec: &self.spec,
+            pop: &self.pop,
+            flipped: &self.flipped,
+            byzantine: &self.byzantine,
+            attack: self.cfg.faults.attack,
+            federation: &self.engine.config().federation,
+            key: self.keys.public(),
+        };
+        self.pool.install(|| jobs.into_par_iter().map(|job| ctx.train(job)).collect())
+    }
+
+    /// Opens a reply's sealed update and hands it to the engine at virtual
+    /// time `now`. Returns the refusal code, if any.
+    fn deliver(&mut self, reply: &cohort_node::RoundOutput, now: u64) -> Option<RefusalCode> {
+        let h = &reply.update.header;
+        let ctx = SealContext {
+            version: PROTOCOL_VERSION,
+            federation: h.federation.clone(),
+            round: h.round,
+            sender: h.node.clone(),
+            groups: h.groups.clone(),
+        };
+        let opened = self.replay.check_and_record(&ctx).and_then(|()| self.keys.open(&ctx, &reply.update.sealed));
+        match opened {
+            Ok(plain) => self.engine.submit_packed(h, &plain, now).err().map(|r| r.code),
+            Err(e) => {
+                self.engine.fail(&h.node, FailureReason::Error(format!("unsealing failed: {e}")));
+                Some(RefusalCode::Malformed)
+            }
+        }
+    }
+
+    /// Central evaluation of the global model on each task's test set.
+    pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
+        let global = self.engine.global();
+        self.pool.install(|| {
+            self.pop
+                .tasks
+                .par_iter()
+                .map(|t| {
+                    let spec = self.spec.subset(&[t.name.as_str()])?;
+                    let params: ParamGroups = [BACKBONE.to_string(), head_group(&t.name)]
+                        .into_iter()
+                        .filter_map(|g| global.get(&g).map(|v| (g, v.to_vec())))
+                        .collect();
+                    let m = cohort_tasks::evaluate(&spec, &params, &t.name, &t.split.test, None)?;
+                    Ok(TaskScore { task: t.name.clone(), accuracy: m.accuracy, loss: m.loss })
+                })
+                .collect()
+        })
+    }
+
+    /// Runs one synchronous round: plans, dropouts, parallel training,
+    /// sealed delivery on the virtual clock, close, evaluation.
+    pub fn sync_round(&mut self) -> Result<RoundMetrics, SimError> {
+        let started = Instant::now();
+        let t0 = self.clock_ms;
+        let plans = self.engine.start_round(t0)?;
+        let round = self.engine.round();
+        let weights = Arc::new(self.engine.global().clone());
+        let mut m = RoundMetrics { round, sampled: plans.len(), ..RoundMetrics::default() };
+        let mut jobs = Vec::with_capacity(plans.len());
+        for (id, plan) in plans {
+            let Some(client) = client_index(&id) else { continue };
+            if self.drops_out(round, client) {
+                self.engine.fail(&id, FailureReason::Dropout);
+                m.dropped += 1;
+                continue;
+            }
+            m.bytes_down += 4 * self.download_values(client, &plan) as u64;
+            let state = self.take_state(client)?;
+            let latency_ms = self.latency(round, client);
+            jobs.push(Job { client, id, plan, state, latency_ms, weights: Arc::clone(&weights) });
+        }
+        let replies = self.train_jobs(jobs);
+        // Deliver in order of arrival on the virtual clock (ties by client):
+        // the engine's streaming sums then do not depend on the thread count.
+        let mut replies = replies;
+        replies.sort_by_key(|r| (r.latency_ms, r.client));
+        let mut loss: HashMap<String, (f64, u64)> = HashMap::new();
+        let mut last = t0;
+        for r in replies {
+            let Reply { client, id, latency_ms, result, state } = r;
+            self.put_state(client, state)?;
+            let now = t0 + latency_ms;
+            last = last.max(now);
+            match result {
+                Ok(out) => {
+                    m.bytes_up += out.update.sealed.len() as u64;
+                    match self.deliver(&out, now) {
+                        None => {
+                            for tm in &out.update.header.metrics {
+                                let e = loss.entry(tm.task.clone()).or_default();
+                                e.0 += f64::from(tm.loss) * tm.samples as f64;
+                                e.1 += tm.samples;
+                            }
+                        }
+                        Some(RefusalCode::Late) => m.late += 1,
+                        Some(_) => m.refused += 1,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(client, error = %e, "client failed");
+                    self.engine.fail(&id, FailureReason::Error(e.to_string()));
+                    m.refused += 1;
+                }
+            }
+        }
+        let report = match self.engine.poll(last) {
+            Some(r) => r,
+            None => {
+                last = t0 + self.engine.config().deadline_ms;
+                self.engine.poll(last).ok_or_else(|| SimError::Config("round did not close at its deadline".into()))?
+            }
+        };
+        self.clock_ms = last.max(t0 + 1);
+        m.version = report.version;
+        m.accepted = report.accepted.len();
+        m.train_loss = self.loss_scores(loss);
+        if self.should_eval(round) {
+            m.central = self.evaluate_central()?;
+        }
+        m.wall_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(m)
+    }
+
+    fn loss_scores(&self, loss: HashMap<String, (f64, u64)>) -> Vec<TaskScore> {
+        self.pop
+            .tasks
+            .iter()
+            .filter_map(|t| {
+                let (s, n) = loss.get(&t.name)?;
+                (*n > 0).then(|| TaskScore { task: t.name.clone(), accuracy: f32::NAN, loss: (s / *n as f64) as f32 })
+            })
+            .collect()
+    }
+
+    fn should_eval(&self, round: u64) -> bool {
+        self.cfg.eval.central && (round % self.cfg.eval.every.max(1) == 0 || round >= self.cfg.rounds)
+    }
+
+    /// Values a client downloads for a plan: the uploaded (global) groups it
+    /// trains.
+    fn download_values(&self, _client: usize, plan: &RoundPlan) -> usize {
+        let g = self.engine.global();
+        plan.upload.iter().filter_map(|n| g.get(n)).map(<[f32]>::len).sum()
+    }
+
+    /// Runs the experiment to the end, calling `on_round` after each round
+    /// (sync) or model step (async).
+    pub fn run(&mut self, mut on_round: impl FnMut(&RoundMetrics)) -> Result<Vec<RoundMetrics>, SimError> {
+        let mut out = Vec::new();
+        match self.engine.config().mode.clone() {
+            Mode::Sync => {
+                while !self.engine.is_finished() {
+                    let m = self.sync_round()?;
+                    on_round(&m);
+                    out.push(m);
+                }
+            }
+            Mode::Async(_) => self.run_async(&mut |m| {
+                on_round(&m);
+                out.push(m);
+            })?,
+        }
+        Ok(out)
+    }
+
+    /// FedBuff on the virtual clock: `per_round` clients are always in
+    /// flight; each finishes after its latency, its update goes in, and a new
+    /// client gets a plan on the current model. Jobs whose inputs are fixed
+    /// train in parallel ahead of their delivery time.
+    fn run_async(&mut self, emit: &mut dyn FnMut(RoundMetrics)) -> Result<(), SimError> {
+        struct InFlight {
+            finish: u64,
+            job: Option<Job>,
+            reply: Option<Reply>,
+        }
+        let n = self.pop.clients();
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.cfg.seed, 0xA5));
+        let mut busy = std::collections::HashSet::new();
+        let mut flight: Vec<InFlight> = Vec::new();
+        let mut issued = 0u64;
+        let mut step_started = Instant::now();
+        let mut m = RoundMetrics::default();
+        let mut loss: HashMap<String, (f64, u64)> = HashMap::new();
+        let mut snapshot = (self.engine.version(), Arc::new(self.engine.global().clone()));
+        let max_issues = self.cfg.rounds.saturating_mul(64).saturating_mul(self.cfg.clients.per_round as u64).max(1000);
+        loop {
+            while flight.len() < self.cfg.clients.per_round && busy.len() < n && !self.engine.is_finished() {
+                let client = loop {
+                    let c = rng.gen_range(0..n);
+                    if !busy.contains(&c) {
+                        break c;
+                    }
+                };
+                let id = client_id(client);
+                let plan = self.engine.plan_for(&id, self.clock_ms)?;
+                issued += 1;
+                if issued > max_issues {
+                    return Err(SimError::Config("async run made no progress: every update was refused".into()));
+                }
+                if snapshot.0 != self.engine.version() {
+                    snapshot = (self.engine.version(), Arc::new(self.engine.global().clone()));
+                }
+                let latency = self.latency(issued, client).max(1);
+                m.sampled += 1;
+                if self.drops_out(issued, client) {
+                    self.engine.fail(&id, FailureReason::Dropout);
+                    m.dropped += 1;
+                    continue;
+                }
+                busy.insert(client);
+                m.bytes_down += 4 * self.download_values(client, &plan) as u64;
+                let state = self.take_state(client)?;
+                let job = Job { client, id, plan, state, latency_ms: latency, weights: Arc::clone(&snapshot.1) };
+                flight.push(InFlight { finish: self.clock_ms + latency, job: Some(job), reply: None });
+            }
+            if flight.is_empty() {
+                break;
+            }
+            let Some(next) = (0..flight.len()).min_by_key(|&i| (flight[i].finish, flight[i].job.as_ref().map_or(0, |j| j.client))) else {
+                break;
+            };
+            if flight[next].reply.is_none() {
+                let jobs: Vec<Job> = flight.iter_mut().filter_map(|f| f.job.take()).collect();
+                let mut replies = self.train_jobs(jobs).into_iter();
+                for f in flight.iter_mut().filter(|f| f.reply.is_none()) {
+                    f.reply = replies.next();
+                }
+            }
+            let f = flight.swap_remove(next);
+            self.clock_ms = self.clock_ms.max(f.finish);
+            let Some(Reply { client, id, result, state, .. }) = f.reply else { continue };
+            busy.remove(&client);
+            self.put_state(client, state)?;
+            match result {
+                Ok(out) => {
+                    m.bytes_up += out.update.sealed.len() as u64;
+                    match self.deliver(&out, self.clock_ms) {
+                        None => {
+                            m.accepted += 1;
+                            for tm in &out.update.header.metrics {
+                                let e = loss.entry(tm.task.clone()).or_default();
+                                e.0 += f64::from(tm.loss) * tm.samples as f64;
+                                e.1 += tm.samples;
+                            }
+                        }
+                        Some(RefusalCode::Late | RefusalCode::StaleBase) => m.late += 1,
+                        Some(_) => m.refused += 1,
+                    }
+                }
+                Err(e) => {
+                    self.engine.fail(&id, FailureReason::Error(e.to_string()));
+                    m.refused += 1;
+                }
+            }
+            while let Some(report) = self.engine.poll(self.clock_ms) {
+                m.round = report.round;
+                m.version = report.version;
+                m.train_loss = self.loss_scores(std::mem::take(&mut loss));
+                if self.should_eval(report.round) {
+                    m.central = self.evaluate_central()?;
+                }
+                m.wall_ms = step_started.elapsed().as_secs_f64() * 1e3;
+                step_started = Instant::now();
+                emit(std::mem::take(&mut m));
+            }
+            if self.engine.is_finished() {
+                // Updates still in flight are simply never delivered.
+                for f in flight.drain(..) {
+                    if let Some(j) = f.job {
+                        self.put_state(j.client, j.state)?;
+                    }
+                    if let Some(r) = f.reply {
+                        self.put_state(r.client, r.state)?;
+                    }
+                }
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a training worker needs: shared, read-only parts of the simulation.
+struct TrainCtx<'a> {
+    spec: &'a ModelSpec,
+    pop: &'a Population,
+    flipped: &'a [Option<Dataset>],
+    byzantine: &'a [usize],
+    attack: Attack,
+    federation: &'a str,
+    key: cohort_protocol::seal::SealPublicKey,
+}
+
+impl TrainCtx<'_> {
+    /// Runs the real node runtime for one job.
+    fn train(&self, job: Job) -> Reply {
+        let Job { client, id, plan, state, latency_ms, weights } = job;
+        let byz = self.byzantine.binary_search(&client).is_ok();
+        let pop = self.pop;
+        let task_ids = pop.client_tasks(client);
+        let names: Vec<&str> = task_ids.iter().map(|&t| pop.tasks[t].name.as_str()).collect();
+        let parts: Vec<(usize, Vec<usize>)> = task_ids.iter().map(|&t| (t, pop.client_data(client, t).0)).collect();
+        let mut node_state = NodeState::default();
+        let result = (|| -> Result<cohort_node::RoundOutput, SimError> {
+            let node_spec = self.spec.subset(&names)?;
+            let mut node = NodeRuntime::new(id.clone(), self.federation, node_spec, self.key.clone());
+            node.state = state;
+            let data: Vec<TaskData<'_>> = parts
+                .iter()
+                .map(|(t, idx)| {
+                    let set = match (&self.flipped[*t], byz) {
+                        (Some(f), true) => f,
+                        _ => &pop.tasks[*t].split.train,
+                    };
+                    TaskData { task: pop.tasks[*t].name.as_str(), data: set, indices: idx.as_slice() }
+                })
+                .collect();
+            let noise_seed = mix_seed(plan.train.seed ^ 0x0015E, client as u64);
+            let attack = self.attack;
+            let out = node.run_round_with(&plan, &weights, &data, |_, delta| {
+                if byz {
+                    tamper(attack, delta, noise_seed);
+                }
+            });
+            node_state = std::mem::take(&mut node.state);
+            out.map_err(|source| SimError::Node { client, source })
+        })();
+        Reply { client, id, latency_ms, result, state: node_state }
+    }
+}
+
+/// Turns an honest delta into a Byzantine one.
+fn tamper(attack: Attack, delta: &mut [f32], seed: u64) {
+    match attack {
+        Attack::SignFlip { scale } => delta.iter_mut().for_each(|d| *d *= -scale),
+        Attack::Scale { factor } => delta.iter_mut().for_each(|d| *d *= factor),
+        Attack::Noise { std } => {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            if let Ok(n) = Normal::new(0.0f32, std) {
+                delta.iter_mut().for_each(|d| *d = n.sample(&mut rng));
+            }
+        }
+        Attack::LabelFlip => {}
+    }
+}
+
+/// Accuracy of one task on the clients' own held-out data.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct PersonalScore {
+    pub task: String,
+    pub clients: usize,
+    /// The model as the federation left it.
+    pub before: f32,
+    /// After each client fine-tuned its head(s) on its own training data.
+    pub after: f32,
+}
+
+impl Simulation {
+    /// Personalized evaluation: up to `eval.personalize_clients` clients
+    /// fine-tune their heads (the backbone frozen) for
+    /// `eval.personalize_epochs` epochs on their own training data, then
+    /// evaluate on their held-out split. Needs `eval.holdout > 0`.
+    pub fn personalized_eval(&mut self) -> Result<Vec<PersonalScore>, SimError> {
+        let k = self.cfg.eval.personalize_clients.min(self.pop.clients());
+        let mut train = self.engine.config().train.clone();
+        train.epochs = self.cfg.eval.personalize_epochs.max(1);
+        train.frozen = vec![BACKBONE.to_string()];
+        let global = self.engine.global().clone();
+        let clients: Vec<(usize, ParamGroups)> = (0..k)
+            .map(|c| {
+                let mut w = global.clone();
+                if let Some(s) = self.states.get(&c) {
+                    for (name, v) in s.local.iter() {
+                        w.insert(name, v.to_vec());
+                    }
+                }
+                (c, w)
+            })
+            .collect();
+        let pop = &self.pop;
+        let spec = &self.spec;
+        let results: Vec<Result<Vec<(usize, usize, f32, f32)>, SimError>> = self.pool.install(|| {
+            clients
+                .into_par_iter()
+                .map(|(c, w)| {
+                    let mut out = Vec::new();
+                    for t in pop.client_tasks(c) {
+                        let name = pop.tasks[t].name.as_str();
+                        let (tr, held) = pop.client_data(c, t);
+                        if held.is_empty() || tr.is_empty() {
+                            continue;
+                        }
+                        let s = spec.subset(&[name])?;
+                        let params: ParamGroups = s
+                            .layout()
+                            .group_names()
+                            .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
+                            .collect();
+                        let data = &pop.tasks[t].split.train;
+                        let before = cohort_tasks::evaluate(&s, &params, name, data, Some(&held))?;
+                        let mut cfg = train.clone();
+                        cfg.seed = mix_seed(train.seed, c as u64);
+                        let tuned = cohort_tasks::train(&s, &params, &[TaskData { task: name, data, indices: &tr }], &cfg)?;
+                        let after = cohort_tasks::evaluate(&s, &tuned.params, name, data, Some(&held))?;
+                        out.push((t, held.len(), before.accuracy, after.accuracy));
+                    }
+                    Ok(out)
+                })
+                .collect()
+        });
+        let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); self.pop.tasks.len()];
+        for r in results {
+            for (t, n, b, a) in r? {
+                let s = &mut sums[t];
+                s.0 += n;
+                s.1 += f64::from(b) * n as f64;
+                s.2 += f64::from(a) * n as f64;
+                s.3 += 1;
+            }
+        }
+        Ok(self
+            .pop
+            .tasks
+            .iter()
+            .zip(sums)
+            .filter(|(_, s)| s.0 > 0)
+            .map(|(t, s)| PersonalScore {
+                task: t.name.clone(),
+                clients: s.3,
+                before: (s.1 / s.0 as f64) as f32,
+                after: (s.2 / s.0 as f64) as f32,
+            })
+            .collect())
+    }
+}
+
+/// Local-only training, the baseline of the multi-task questions: each of up
+/// to `eval.personalize_clients` clients trains alone, from the same initial
+/// weights, for as many epochs as it would have trained in the federation
+/// (`rounds x epochs`), then is evaluated on its held-out split and on the
+/// central test set. Returns (task, mean local accuracy, mean central
+/// accuracy).
+pub fn local_only(cfg: &ExperimentConfig, pop: &Population) -> Result<Vec<(String, f32, f32)>, SimError> {
+    let spec = ModelSpec { backbone: cfg.backbone, tasks: pop.tasks.iter().map(|t| t.spec()).collect() };
+    let init = spec.init(mix_seed(cfg.seed, 0x1417));
+    let mut train = cfg.engine.train.clone();
+    train.epochs = train.epochs.saturating_mul(u32::try_from(cfg.rounds).unwrap_or(u32::MAX));
+    let k = cfg.eval.personalize_clients.min(pop.clients());
+    let threads = if cfg.threads == 0 { rayon::current_num_threads() } else { cfg.threads };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
+    let results: Vec<Result<Vec<(usize, usize, f32, f32)>, SimError>> = pool.install(|| {
+        (0..k)
+            .into_par_iter()
+            .map(|c| {
+                let mut out = Vec::new();
+                for t in pop.client_tasks(c) {
+                    let name = pop.tasks[t].name.as_str();
+                    let (tr, held) = pop.client_data(c, t);
+                    if tr.is_empty() || held.is_empty() {
+                        continue;
+                    }
+                    let s = spec.subset(&[name])?;
+                    let params: ParamGroups = s
+                        .layout()
+                        .group_names()
+                        .filter_map(|g| init.get(g).map(|v| (g.to_string(), v.to_vec())))
+                        .collect();
+                    let data = &pop.tasks[t].split.train;
+                    let mut cfg_c = train.clone();
+                    cfg_c.seed = mix_seed(train.seed, c as u64);
+                    let trained = cohort_tasks::train(&s, &params, &[TaskData { task: name, data, indices: &tr }], &cfg_c)?;
+                    let local = cohort_tasks::evaluate(&s, &trained.params, name, data, Some(&held))?;
+                    let central = cohort_tasks::evaluate(&s, &trained.params, name, &pop.tasks[t].split.test, None)?;
+                    out.push((t, held.len(), local.accuracy, central.accuracy));
+                }
+                Ok(out)
+            })
+            .collect()
+    });
+    let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); pop.tasks.len()];
+    for r in results {
+        for (t, n, l, c) in r? {
+            sums[t].0 += n;
+            sums[t].1 += f64::from(l) * n as f64;
+            sums[t].2 += f64::from(c);
+            sums[t].3 += 1;
+        }
+    }
+    Ok(pop
+        .tasks
+        .iter()
+        .zip(sums)
+        .filter(|(_, s)| s.3 > 0)
+        .map(|(t, s)| (t.name.clone(), (s.1 / s.0.max(1) as f64) as f32, (s.2 / s.3 as f64) as f32))
+        .collect())
+}
