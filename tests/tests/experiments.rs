@@ -1,0 +1,58 @@
+//! The example experiment files in `simulator/experiments/` parse, and the
+//! small ones run.
+
+use std::path::PathBuf;
+
+use cohort_simulator::{run_experiment, ExperimentConfig, Simulation};
+
+fn experiments() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../simulator/experiments")
+}
+
+fn load(name: &str) -> ExperimentConfig {
+    let path = experiments().join(name);
+    let text = std::fs::read_to_string(&path).expect("experiment file");
+    ExperimentConfig::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn every_experiment_file_parses() {
+    let mut n = 0;
+    for e in std::fs::read_dir(experiments()).expect("experiments folder") {
+        let path = e.expect("entry").path();
+        if path.extension().is_some_and(|x| x == "toml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            ExperimentConfig::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "only {n} experiment files");
+}
+
+#[test]
+fn digits_iid_file_runs_and_writes_outputs() {
+    let mut cfg = load("digits-iid.toml");
+    let dir = std::env::temp_dir().join(format!("cohort-exp-{}", std::process::id()));
+    cfg.output = Some(dir.clone());
+    let r = run_experiment(&cfg, |_| {}).expect("runs");
+    assert!(r.accuracy("digits").expect("evaluated") >= 0.95);
+    for f in ["metrics.csv", "metrics.jsonl", "accuracy.svg", "summary.txt", "result.json", "experiment.toml"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).expect("csv");
+    assert_eq!(csv.lines().count() as u64, cfg.rounds + 1, "a header and a row per round");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn scale_file_holds_no_state_for_idle_clients() {
+    let mut cfg = load("scale.toml");
+    cfg.rounds = 2;
+    let mut sim = Simulation::new(cfg).expect("builds");
+    let rounds = sim.run(|_| {}).expect("runs");
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds.iter().all(|m| m.sampled == 1000 && m.accepted == 1000));
+    // Only clients that trained keep state (8-bit residuals): at most 2000.
+    assert!(sim.clients_with_state() <= 2000, "{} clients with state", sim.clients_with_state());
+    println!("state: {} clients, {} bytes", sim.clients_with_state(), sim.state_bytes());
+}
