@@ -73,7 +73,9 @@ pub fn config_hash(cfg: &EngineConfig) -> Result<String, AggError> {
     let mut c = cfg.clone();
     c.rounds = 0;
     let json = serde_json::to_vec(&c).map_err(|e| AggError::Checkpoint(format!("config: {e}")))?;
-    Ok(hex(ring::digest::digest(&ring::digest::SHA256, &json).as_ref()))
+    Ok(hex(
+        ring::digest::digest(&ring::digest::SHA256, &json).as_ref()
+    ))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -92,7 +94,10 @@ fn unhex32(s: &str) -> Option<[u8; 32]> {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AggError + '_ {
-    move |source| AggError::Io { path: path.to_path_buf(), source }
+    move |source| AggError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AggError> {
@@ -106,12 +111,18 @@ fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AggError> {
     let f = fs::File::open(path).map_err(io(path))?;
     let len = f.metadata().map_err(io(path))?.len();
     if len > limit {
-        return Err(AggError::Checkpoint(format!("{} has {len} bytes, over the limit of {limit}", path.display())));
+        return Err(AggError::Checkpoint(format!(
+            "{} has {len} bytes, over the limit of {limit}",
+            path.display()
+        )));
     }
     let mut buf = Vec::with_capacity(len as usize);
     f.take(limit + 1).read_to_end(&mut buf).map_err(io(path))?;
     if buf.len() as u64 > limit {
-        return Err(AggError::Checkpoint(format!("{} grew over the limit of {limit}", path.display())));
+        return Err(AggError::Checkpoint(format!(
+            "{} grew over the limit of {limit}",
+            path.display()
+        )));
     }
     Ok(buf)
 }
@@ -129,13 +140,21 @@ pub fn weights_to_safetensors(layout: &Layout, global: &ParamGroups) -> Result<V
     layout.check(global)?;
     let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for g in &layout.groups {
-        let values = global.get(&g.name).ok_or_else(|| AggError::Checkpoint(format!("group `{}` missing", g.name)))?;
+        let values = global
+            .get(&g.name)
+            .ok_or_else(|| AggError::Checkpoint(format!("group `{}` missing", g.name)))?;
         for t in &g.tensors {
             let start = t.offset as usize;
             let slice = values
                 .get(start..start + t.numel() as usize)
-                .ok_or_else(|| AggError::Checkpoint(format!("tensor `{}` out of its group", t.name)))?;
-            owned.push((t.name.clone(), t.shape.iter().map(|&d| d as usize).collect(), le_bytes(slice)));
+                .ok_or_else(|| {
+                    AggError::Checkpoint(format!("tensor `{}` out of its group", t.name))
+                })?;
+            owned.push((
+                t.name.clone(),
+                t.shape.iter().map(|&d| d as usize).collect(),
+                le_bytes(slice),
+            ));
         }
     }
     let views = owned
@@ -150,13 +169,21 @@ pub fn weights_to_safetensors(layout: &Layout, global: &ParamGroups) -> Result<V
 
 fn f32s(view: &TensorView<'_>, name: &str) -> Result<Vec<f32>, AggError> {
     if view.dtype() != Dtype::F32 {
-        return Err(AggError::Checkpoint(format!("tensor `{name}` is {:?}, not F32", view.dtype())));
+        return Err(AggError::Checkpoint(format!(
+            "tensor `{name}` is {:?}, not F32",
+            view.dtype()
+        )));
     }
     let data = view.data();
     if data.len() % 4 != 0 {
-        return Err(AggError::Checkpoint(format!("tensor `{name}` has a ragged length")));
+        return Err(AggError::Checkpoint(format!(
+            "tensor `{name}` has a ragged length"
+        )));
     }
-    Ok(data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    Ok(data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
 }
 
 /// Reads global weights written by [`weights_to_safetensors`], checked
@@ -185,7 +212,10 @@ pub fn weights_from_safetensors(layout: &Layout, bytes: &[u8]) -> Result<ParamGr
 }
 
 fn tensors_to_safetensors(tensors: &BTreeMap<String, Vec<f32>>) -> Result<Vec<u8>, AggError> {
-    let owned: Vec<(&str, usize, Vec<u8>)> = tensors.iter().map(|(n, v)| (n.as_str(), v.len(), le_bytes(v))).collect();
+    let owned: Vec<(&str, usize, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.len(), le_bytes(v)))
+        .collect();
     let views = owned
         .iter()
         .map(|(n, len, b)| TensorView::new(Dtype::F32, vec![*len], b).map(|v| (*n, v)))
@@ -209,13 +239,22 @@ pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>, AggError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(AggError::Io { path: dir.to_path_buf(), source: e }),
+        Err(e) => {
+            return Err(AggError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            })
+        }
     };
     let mut best: Option<(u64, PathBuf)> = None;
     for entry in entries {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
-        let Some(round) = name.to_str().and_then(|n| n.strip_prefix("round-")).and_then(|r| r.parse::<u64>().ok()) else {
+        let Some(round) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("round-"))
+            .and_then(|r| r.parse::<u64>().ok())
+        else {
             continue;
         };
         let path = entry.path();
@@ -257,9 +296,16 @@ impl Engine {
             config_hash: config_hash(&self.cfg)?,
             layout: self.layout.clone(),
         };
-        write_synced(&tmp.join(WEIGHTS_FILE), &weights_to_safetensors(&self.layout, &self.global)?)?;
-        write_synced(&tmp.join(STRATEGY_FILE), &tensors_to_safetensors(&strategy.tensors)?)?;
-        let json = serde_json::to_vec_pretty(&state).map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
+        write_synced(
+            &tmp.join(WEIGHTS_FILE),
+            &weights_to_safetensors(&self.layout, &self.global)?,
+        )?;
+        write_synced(
+            &tmp.join(STRATEGY_FILE),
+            &tensors_to_safetensors(&strategy.tensors)?,
+        )?;
+        let json = serde_json::to_vec_pretty(&state)
+            .map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
         write_synced(&tmp.join(STATE_FILE), &json)?;
         let dest = dir.join(&name);
         if dest.exists() {
@@ -287,42 +333,66 @@ impl Engine {
     /// none). The config must hash like the one that wrote it (`rounds`
     /// may differ) and `strategy` must be the same kind. Nodes must
     /// register again.
-    pub fn resume(dir: &Path, cfg: EngineConfig, strategy: Box<dyn Strategy>) -> Result<Option<Self>, AggError> {
-        let Some((_, path)) = latest(dir)? else { return Ok(None) };
+    pub fn resume(
+        dir: &Path,
+        cfg: EngineConfig,
+        strategy: Box<dyn Strategy>,
+    ) -> Result<Option<Self>, AggError> {
+        let Some((_, path)) = latest(dir)? else {
+            return Ok(None);
+        };
         Self::resume_from(&path, cfg, strategy).map(Some)
     }
 
     /// Resumes from one checkpoint folder.
-    pub fn resume_from(path: &Path, cfg: EngineConfig, mut strategy: Box<dyn Strategy>) -> Result<Self, AggError> {
+    pub fn resume_from(
+        path: &Path,
+        cfg: EngineConfig,
+        mut strategy: Box<dyn Strategy>,
+    ) -> Result<Self, AggError> {
         let state_bytes = read_bounded(&path.join(STATE_FILE), MAX_STATE_BYTES)?;
-        let state: SavedState =
-            serde_json::from_slice(&state_bytes).map_err(|e| AggError::Checkpoint(format!("state.json: {e}")))?;
+        let state: SavedState = serde_json::from_slice(&state_bytes)
+            .map_err(|e| AggError::Checkpoint(format!("state.json: {e}")))?;
         if state.format != FORMAT {
-            return Err(AggError::Checkpoint(format!("unknown checkpoint format {}", state.format)));
+            return Err(AggError::Checkpoint(format!(
+                "unknown checkpoint format {}",
+                state.format
+            )));
         }
         if state.config_hash != config_hash(&cfg)? {
-            return Err(AggError::Checkpoint("the config differs from the one that wrote the checkpoint".into()));
+            return Err(AggError::Checkpoint(
+                "the config differs from the one that wrote the checkpoint".into(),
+            ));
         }
         state.layout.validate()?;
         let params = state.layout.num_params();
-        let weight_bytes =
-            read_bounded(&path.join(WEIGHTS_FILE), params.saturating_mul(4).saturating_add(HEADER_SLACK))?;
+        let weight_bytes = read_bounded(
+            &path.join(WEIGHTS_FILE),
+            params.saturating_mul(4).saturating_add(HEADER_SLACK),
+        )?;
         let global = weights_from_safetensors(&state.layout, &weight_bytes)?;
-        let strat_bytes =
-            read_bounded(&path.join(STRATEGY_FILE), params.saturating_mul(8).saturating_add(HEADER_SLACK))?;
+        let strat_bytes = read_bounded(
+            &path.join(STRATEGY_FILE),
+            params.saturating_mul(8).saturating_add(HEADER_SLACK),
+        )?;
         let mut strat_state = state.strategy.clone();
         strat_state.tensors = tensors_from_safetensors(&strat_bytes)?;
         for (name, t) in &strat_state.tensors {
             let group = name.split_once('/').map(|(_, g)| g).unwrap_or("");
             let expected = state.layout.group(group).map(|g| g.len());
             if expected != Some(t.len() as u64) {
-                return Err(AggError::Checkpoint(format!("strategy tensor `{name}` does not fit the layout")));
+                return Err(AggError::Checkpoint(format!(
+                    "strategy tensor `{name}` does not fit the layout"
+                )));
             }
         }
         strategy.restore(strat_state)?;
-        let seed = unhex32(&state.rng_seed).ok_or_else(|| AggError::Checkpoint("bad rng seed".into()))?;
-        let word_pos: u128 =
-            state.rng_word_pos.parse().map_err(|_| AggError::Checkpoint("bad rng word position".into()))?;
+        let seed =
+            unhex32(&state.rng_seed).ok_or_else(|| AggError::Checkpoint("bad rng seed".into()))?;
+        let word_pos: u128 = state
+            .rng_word_pos
+            .parse()
+            .map_err(|_| AggError::Checkpoint("bad rng word position".into()))?;
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(state.rng_stream);
         rng.set_word_pos(word_pos);

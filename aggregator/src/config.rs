@@ -9,20 +9,15 @@ use serde::{Deserialize, Serialize};
 use crate::AggError;
 
 /// How rounds run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Mode {
     /// Rounds with a barrier: sample, wait for quorum + all-in or the
     /// deadline, aggregate.
+    #[default]
     Sync,
     /// FedBuff: no barrier; the model moves every `buffer_k` accepted updates.
     Async(FedBuffConfig),
-}
-
-impl Default for Mode {
-    fn default() -> Self {
-        Mode::Sync
-    }
 }
 
 /// FedBuff (Nguyen et al., 2022) settings.
@@ -38,7 +33,11 @@ pub struct FedBuffConfig {
 
 impl Default for FedBuffConfig {
     fn default() -> Self {
-        FedBuffConfig { buffer_k: 10, max_staleness: 20, staleness: Discount::default() }
+        FedBuffConfig {
+            buffer_k: 10,
+            max_staleness: 20,
+            staleness: Discount::default(),
+        }
     }
 }
 
@@ -81,7 +80,11 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { fraction: 1.0, min_per_round: 1, min_available: 1 }
+        Sampling {
+            fraction: 1.0,
+            min_per_round: 1,
+            min_available: 1,
+        }
     }
 }
 
@@ -89,7 +92,11 @@ impl Sampling {
     /// Number of nodes to sample among `available`.
     pub fn sample_size(&self, available: usize) -> usize {
         let by_fraction = (self.fraction * available as f64).ceil();
-        let by_fraction = if by_fraction.is_finite() && by_fraction > 0.0 { by_fraction as usize } else { 0 };
+        let by_fraction = if by_fraction.is_finite() && by_fraction > 0.0 {
+            by_fraction as usize
+        } else {
+            0
+        };
         by_fraction.max(self.min_per_round).min(available)
     }
 }
@@ -160,7 +167,10 @@ impl EngineConfig {
 
     pub fn validate(&self) -> Result<(), AggError> {
         let bad = |m: &str| Err(AggError::Config(m.to_string()));
-        if !(self.sampling.fraction.is_finite() && self.sampling.fraction >= 0.0 && self.sampling.fraction <= 1.0) {
+        if !(self.sampling.fraction.is_finite()
+            && self.sampling.fraction >= 0.0
+            && self.sampling.fraction <= 1.0)
+        {
             return bad("sampling.fraction must be in [0, 1]");
         }
         if !(self.quorum.is_finite() && (0.0..=1.0).contains(&self.quorum)) {

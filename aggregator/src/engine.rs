@@ -83,7 +83,10 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(code: RefusalCode, message: impl Into<String>) -> Self {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -157,8 +160,15 @@ pub(crate) struct NodeEntry {
 /// Collected updates of one group.
 #[derive(Debug)]
 enum GroupAcc {
-    Stream { sum: Vec<f32>, weight: f64, count: u32 },
-    Retain { deltas: Vec<Vec<f32>>, weights: Vec<f64> },
+    Stream {
+        sum: Vec<f32>,
+        weight: f64,
+        count: u32,
+    },
+    Retain {
+        deltas: Vec<Vec<f32>>,
+        weights: Vec<f64>,
+    },
 }
 
 /// Everything collected since the last model step.
@@ -249,7 +259,9 @@ impl Engine {
         layout.check(&initial)?;
         for name in cfg.group_policy.keys() {
             if layout.group(name).is_none() {
-                return Err(AggError::Config(format!("group_policy names unknown group `{name}`")));
+                return Err(AggError::Config(format!(
+                    "group_policy names unknown group `{name}`"
+                )));
             }
         }
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -354,7 +366,9 @@ impl Engine {
     pub fn groups_of(&self, tasks: &[String]) -> Vec<String> {
         self.layout
             .group_names()
-            .filter(|g| *g == BACKBONE || task_of_group(g).is_some_and(|t| tasks.iter().any(|x| x == t)))
+            .filter(|g| {
+                *g == BACKBONE || task_of_group(g).is_some_and(|t| tasks.iter().any(|x| x == t))
+            })
             .map(str::to_string)
             .collect()
     }
@@ -362,9 +376,14 @@ impl Engine {
     /// Hello: checks the node's sub-layout fingerprint and records it.
     /// Registering again replaces the previous record.
     pub fn register(&mut self, node: NodeInfo) -> Result<(), AggError> {
-        let refuse = |reason: String| AggError::Registration { node: node.id.clone(), reason };
+        let refuse = |reason: String| AggError::Registration {
+            node: node.id.clone(),
+            reason,
+        };
         if node.id.is_empty() || node.id.len() > MAX_NODE_ID_LEN {
-            return Err(refuse(format!("node id must have 1..={MAX_NODE_ID_LEN} bytes")));
+            return Err(refuse(format!(
+                "node id must have 1..={MAX_NODE_ID_LEN} bytes"
+            )));
         }
         let mut samples = BTreeMap::new();
         for (task, n) in &node.tasks {
@@ -385,9 +404,19 @@ impl Engine {
                 node.fingerprint
             )));
         }
-        let upload = held.into_iter().filter(|g| self.cfg.policy(g) == GroupPolicy::Global).collect();
+        let upload = held
+            .into_iter()
+            .filter(|g| self.cfg.policy(g) == GroupPolicy::Global)
+            .collect();
         debug!(node = %node.id, "registered");
-        self.nodes.insert(node.id.clone(), NodeEntry { info: node, upload, samples });
+        self.nodes.insert(
+            node.id.clone(),
+            NodeEntry {
+                info: node,
+                upload,
+                samples,
+            },
+        );
         Ok(())
     }
 
@@ -418,8 +447,19 @@ impl Engine {
         }
     }
 
-    fn plan(&self, node: &NodeEntry, round: u64, train: cohort_protocol::messages::TrainConfig, deadline_ms: u64) -> RoundPlan {
-        let upload = node.upload.iter().filter(|g| !train.frozen.contains(g)).cloned().collect();
+    fn plan(
+        &self,
+        node: &NodeEntry,
+        round: u64,
+        train: cohort_protocol::messages::TrainConfig,
+        deadline_ms: u64,
+    ) -> RoundPlan {
+        let upload = node
+            .upload
+            .iter()
+            .filter(|g| !train.frozen.contains(g))
+            .cloned()
+            .collect();
         RoundPlan {
             federation: self.cfg.federation.clone(),
             round,
@@ -446,25 +486,49 @@ impl Engine {
         let available: Vec<NodeId> = self.nodes.keys().cloned().collect();
         let needed = self.cfg.sampling.min_available.max(1);
         if available.len() < needed {
-            return Err(AggError::NotEnoughNodes { available: available.len(), needed });
+            return Err(AggError::NotEnoughNodes {
+                available: available.len(),
+                needed,
+            });
         }
         let round = self.round + 1;
-        let picked =
-            self.strategy.configure(round, &available, &self.cfg.sampling, &self.cfg.train, &mut self.rng);
+        let picked = self.strategy.configure(
+            round,
+            &available,
+            &self.cfg.sampling,
+            &self.cfg.train,
+            &mut self.rng,
+        );
         let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);
         let mut plans = BTreeMap::new();
         let mut out = Vec::with_capacity(picked.len());
         for (id, train) in picked {
-            let Some(node) = self.nodes.get(&id) else { continue };
+            let Some(node) = self.nodes.get(&id) else {
+                continue;
+            };
             let plan = self.plan(node, round, train, self.cfg.deadline_ms);
-            plans.insert(id.clone(), Issued { plan: plan.clone(), deadline_at });
+            plans.insert(
+                id.clone(),
+                Issued {
+                    plan: plan.clone(),
+                    deadline_at,
+                },
+            );
             out.push((id, plan));
         }
         if out.is_empty() {
-            return Err(AggError::NotEnoughNodes { available: available.len(), needed: 1 });
+            return Err(AggError::NotEnoughNodes {
+                available: available.len(),
+                needed: 1,
+            });
         }
         self.round = round;
-        info!(round, sampled = out.len(), available = available.len(), "round started");
+        info!(
+            round,
+            sampled = out.len(),
+            available = available.len(),
+            "round started"
+        );
         self.sync_round = Some(SyncRound {
             round,
             deadline_at,
@@ -503,7 +567,13 @@ impl Engine {
                 train.seed = rand::RngCore::next_u64(&mut self.rng);
                 let plan = self.plan(entry, round, train, self.cfg.deadline_ms);
                 let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);
-                self.outstanding.insert(node.to_string(), Issued { plan: plan.clone(), deadline_at });
+                self.outstanding.insert(
+                    node.to_string(),
+                    Issued {
+                        plan: plan.clone(),
+                        deadline_at,
+                    },
+                );
                 Ok(plan)
             }
         }
@@ -518,7 +588,12 @@ impl Engine {
 
     /// Same as [`Engine::submit`], from the packed plaintext of a sealed
     /// update (`messages::pack_groups` layout).
-    pub fn submit_packed(&mut self, header: &UpdateHeader, packed: &[u8], now_ms: u64) -> Result<SubmitOutcome, Refusal> {
+    pub fn submit_packed(
+        &mut self,
+        header: &UpdateHeader,
+        packed: &[u8],
+        now_ms: u64,
+    ) -> Result<SubmitOutcome, Refusal> {
         match unpack_groups(packed, header.groups.len()) {
             Ok(groups) => self.submit_groups(header, &groups, now_ms),
             Err(e) => {
@@ -530,7 +605,12 @@ impl Engine {
     }
 
     /// Same as [`Engine::submit`], with borrowed encoded groups.
-    pub fn submit_groups(&mut self, header: &UpdateHeader, groups: &[&[u8]], now_ms: u64) -> Result<SubmitOutcome, Refusal> {
+    pub fn submit_groups(
+        &mut self,
+        header: &UpdateHeader,
+        groups: &[&[u8]],
+        now_ms: u64,
+    ) -> Result<SubmitOutcome, Refusal> {
         match self.check_and_accumulate(header, groups, now_ms) {
             Ok(o) => Ok(o),
             Err(r) => {
@@ -562,10 +642,16 @@ impl Engine {
     ) -> Result<SubmitOutcome, Refusal> {
         use RefusalCode as C;
         if h.federation != self.cfg.federation {
-            return Err(Refusal::new(C::WrongFederation, format!("federation `{}`", h.federation)));
+            return Err(Refusal::new(
+                C::WrongFederation,
+                format!("federation `{}`", h.federation),
+            ));
         }
         let Some(node) = self.nodes.get(&h.node) else {
-            return Err(Refusal::new(C::UnknownNode, format!("node `{}` is not registered", h.node)));
+            return Err(Refusal::new(
+                C::UnknownNode,
+                format!("node `{}` is not registered", h.node),
+            ));
         };
         // Round, base version, deadline, duplicates: which plan answers this?
         let (plan, staleness, discount) = match &self.cfg.mode {
@@ -578,55 +664,90 @@ impl Engine {
                     });
                 };
                 if h.round < r.round {
-                    return Err(Refusal::new(C::Late, format!("round {} is closed", h.round)));
+                    return Err(Refusal::new(
+                        C::Late,
+                        format!("round {} is closed", h.round),
+                    ));
                 }
                 if h.round != r.round {
-                    return Err(Refusal::new(C::WrongRound, format!("round {} is not the open round {}", h.round, r.round)));
+                    return Err(Refusal::new(
+                        C::WrongRound,
+                        format!("round {} is not the open round {}", h.round, r.round),
+                    ));
                 }
                 let Some(issued) = r.plans.get(&h.node) else {
-                    return Err(Refusal::new(C::NotSampled, format!("not sampled in round {}", r.round)));
+                    return Err(Refusal::new(
+                        C::NotSampled,
+                        format!("not sampled in round {}", r.round),
+                    ));
                 };
                 if r.accepted.contains(&h.node) {
-                    return Err(Refusal::new(C::Duplicate, format!("already has an update in round {}", r.round)));
+                    return Err(Refusal::new(
+                        C::Duplicate,
+                        format!("already has an update in round {}", r.round),
+                    ));
                 }
                 if r.resolved.contains(&h.node) {
                     return Err(Refusal::new(C::Late, "recorded as failed in this round"));
                 }
                 if now_ms > r.deadline_at {
-                    return Err(Refusal::new(C::Late, format!("{} ms after the deadline", now_ms - r.deadline_at)));
+                    return Err(Refusal::new(
+                        C::Late,
+                        format!("{} ms after the deadline", now_ms - r.deadline_at),
+                    ));
                 }
                 if h.base_version != issued.plan.base_version {
                     return Err(Refusal::new(
                         C::StaleBase,
-                        format!("base version {} instead of {}", h.base_version, issued.plan.base_version),
+                        format!(
+                            "base version {} instead of {}",
+                            h.base_version, issued.plan.base_version
+                        ),
                     ));
                 }
                 (&issued.plan, 0, 1.0)
             }
             Mode::Async(fb) => {
-                if self.last_accepted.get(&h.node) == Some(&h.round) && !self.outstanding.contains_key(&h.node) {
-                    return Err(Refusal::new(C::Duplicate, format!("already has an update for round {}", h.round)));
+                if self.last_accepted.get(&h.node) == Some(&h.round)
+                    && !self.outstanding.contains_key(&h.node)
+                {
+                    return Err(Refusal::new(
+                        C::Duplicate,
+                        format!("already has an update for round {}", h.round),
+                    ));
                 }
                 let Some(issued) = self.outstanding.get(&h.node) else {
                     return Err(Refusal::new(C::NotSampled, "no plan outstanding"));
                 };
                 if h.round != issued.plan.round {
-                    return Err(Refusal::new(C::WrongRound, format!("round {} is not the plan's {}", h.round, issued.plan.round)));
+                    return Err(Refusal::new(
+                        C::WrongRound,
+                        format!("round {} is not the plan's {}", h.round, issued.plan.round),
+                    ));
                 }
                 if h.base_version != issued.plan.base_version {
                     return Err(Refusal::new(
                         C::StaleBase,
-                        format!("base version {} instead of {}", h.base_version, issued.plan.base_version),
+                        format!(
+                            "base version {} instead of {}",
+                            h.base_version, issued.plan.base_version
+                        ),
                     ));
                 }
                 if now_ms > issued.deadline_at {
-                    return Err(Refusal::new(C::Late, format!("{} ms after the deadline", now_ms - issued.deadline_at)));
+                    return Err(Refusal::new(
+                        C::Late,
+                        format!("{} ms after the deadline", now_ms - issued.deadline_at),
+                    ));
                 }
                 let staleness = self.version.saturating_sub(h.base_version);
                 if staleness > fb.max_staleness {
                     return Err(Refusal::new(
                         C::StaleBase,
-                        format!("staleness {staleness} over the maximum {}", fb.max_staleness),
+                        format!(
+                            "staleness {staleness} over the maximum {}",
+                            fb.max_staleness
+                        ),
                     ));
                 }
                 (&issued.plan, staleness, fb.staleness.factor(staleness))
@@ -634,7 +755,10 @@ impl Engine {
         };
         // Groups: allowed for this node, in the plan, each once.
         if encoded.len() != h.groups.len() {
-            return Err(Refusal::new(C::Malformed, format!("{} groups named, {} sent", h.groups.len(), encoded.len())));
+            return Err(Refusal::new(
+                C::Malformed,
+                format!("{} groups named, {} sent", h.groups.len(), encoded.len()),
+            ));
         }
         if h.groups.is_empty() {
             return Err(Refusal::new(C::Malformed, "no group"));
@@ -644,21 +768,30 @@ impl Engine {
         let mut lens = Vec::with_capacity(h.groups.len());
         for (g, bytes) in h.groups.iter().zip(encoded) {
             if !seen.insert(g.as_str()) {
-                return Err(Refusal::new(C::Malformed, format!("group `{g}` sent twice")));
+                return Err(Refusal::new(
+                    C::Malformed,
+                    format!("group `{g}` sent twice"),
+                ));
             }
             if !plan.upload.contains(g) {
                 let why = match self.layout.group(g) {
                     None => "unknown group",
-                    Some(_) if self.cfg.policy(g) == GroupPolicy::Local => "local group, never uploaded",
+                    Some(_) if self.cfg.policy(g) == GroupPolicy::Local => {
+                        "local group, never uploaded"
+                    }
                     Some(_) if !node.upload.contains(g) => "group the node does not hold",
                     Some(_) => "group not in the plan",
                 };
                 return Err(Refusal::new(C::GroupNotAllowed, format!("`{g}`: {why}")));
             }
             let expected = self.layout.group(g).map(|gl| gl.len()).unwrap_or(0);
-            let got = decoded_len(bytes).map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
+            let got = decoded_len(bytes)
+                .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
             if got != expected {
-                return Err(Refusal::new(C::WrongLength, format!("`{g}` holds {got} values, the layout says {expected}")));
+                return Err(Refusal::new(
+                    C::WrongLength,
+                    format!("`{g}` holds {got} values, the layout says {expected}"),
+                ));
             }
             lens.push(expected as usize);
             total_len += expected;
@@ -670,10 +803,18 @@ impl Engine {
         for g in &h.groups {
             let (claimed, registered) = match task_of_group(g) {
                 Some(task) => {
-                    let claimed: u64 = h.metrics.iter().filter(|m| m.task == task).map(|m| m.samples).fold(0, u64::saturating_add);
+                    let claimed: u64 = h
+                        .metrics
+                        .iter()
+                        .filter(|m| m.task == task)
+                        .map(|m| m.samples)
+                        .fold(0, u64::saturating_add);
                     (claimed, node.samples.get(task).copied().unwrap_or(0))
                 }
-                None => (h.num_examples, node.samples.values().copied().fold(0, u64::saturating_add)),
+                None => (
+                    h.num_examples,
+                    node.samples.values().copied().fold(0, u64::saturating_add),
+                ),
             };
             if claimed == 0 || claimed > registered.saturating_mul(epochs) {
                 return Err(Refusal::new(
@@ -708,17 +849,27 @@ impl Engine {
         let mut sq = 0.0f64;
         for ((g, bytes), &len) in h.groups.iter().zip(encoded).zip(&lens) {
             let part = &mut scratch[offset..offset + len];
-            decode_accumulate(bytes, 1.0, part).map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
+            decode_accumulate(bytes, 1.0, part)
+                .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
             if let Some(i) = part.iter().position(|v| !v.is_finite()) {
-                return Err(Refusal::new(C::NonFinite, format!("`{g}`[{i}] is not finite")));
+                return Err(Refusal::new(
+                    C::NonFinite,
+                    format!("`{g}`[{i}] is not finite"),
+                ));
             }
-            sq += part.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>();
+            sq += part
+                .iter()
+                .map(|&v| f64::from(v) * f64::from(v))
+                .sum::<f64>();
             offset += len;
         }
         let norm = sq.sqrt();
         if let Some(bound) = self.cfg.max_update_norm {
             if norm > f64::from(bound) {
-                return Err(Refusal::new(C::NormTooLarge, format!("L2 norm {norm:.6e} over the bound {bound:.6e}")));
+                return Err(Refusal::new(
+                    C::NormTooLarge,
+                    format!("L2 norm {norm:.6e} over the bound {bound:.6e}"),
+                ));
             }
         }
         let clip = match self.strategy.clip_norm() {
@@ -732,10 +883,21 @@ impl Engine {
         for ((g, &len), &w) in h.groups.iter().zip(&lens).zip(&weights) {
             let part = &self.scratch[offset..offset + len];
             offset += len;
-            let acc = self.collecting.groups.entry(g.clone()).or_insert_with(|| match collect {
-                Collect::Stream => GroupAcc::Stream { sum: vec![0.0; len], weight: 0.0, count: 0 },
-                Collect::Retain => GroupAcc::Retain { deltas: Vec::new(), weights: Vec::new() },
-            });
+            let acc = self
+                .collecting
+                .groups
+                .entry(g.clone())
+                .or_insert_with(|| match collect {
+                    Collect::Stream => GroupAcc::Stream {
+                        sum: vec![0.0; len],
+                        weight: 0.0,
+                        count: 0,
+                    },
+                    Collect::Retain => GroupAcc::Retain {
+                        deltas: Vec::new(),
+                        weights: Vec::new(),
+                    },
+                });
             match acc {
                 GroupAcc::Stream { sum, weight, count } => {
                     let m = (w * clip) as f32;
@@ -747,7 +909,11 @@ impl Engine {
                 }
                 GroupAcc::Retain { deltas, weights } => {
                     let c = clip as f32;
-                    deltas.push(if clip == 1.0 { part.to_vec() } else { part.iter().map(|x| x * c).collect() });
+                    deltas.push(if clip == 1.0 {
+                        part.to_vec()
+                    } else {
+                        part.iter().map(|x| x * c).collect()
+                    });
                     weights.push(w);
                     self.collecting.retained_bytes += 4 * len as u64;
                 }
@@ -775,12 +941,23 @@ impl Engine {
                 }
             }
         }
-        Ok(SubmitOutcome { round, staleness, discount, model_stepped })
+        Ok(SubmitOutcome {
+            round,
+            staleness,
+            discount,
+            model_stepped,
+        })
     }
 
     /// Combines what was collected and steps the model. Returns the report
     /// fields it fills.
-    fn step_model(&mut self, round: u64, now_ms: u64, sampled: usize, quorum_met: bool) -> RoundReport {
+    fn step_model(
+        &mut self,
+        round: u64,
+        now_ms: u64,
+        sampled: usize,
+        quorum_met: bool,
+    ) -> RoundReport {
         let collecting = std::mem::take(&mut self.collecting);
         let mut report = RoundReport {
             round,
@@ -805,19 +982,26 @@ impl Engine {
         for (g, acc) in collecting.groups {
             let (delta, count) = match acc {
                 GroupAcc::Stream { sum, weight, count } => {
-                    if !(weight > 0.0) {
+                    if weight.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
                         continue;
                     }
-                    (sum.into_iter().map(|s| (f64::from(s) / weight) as f32).collect::<Vec<f32>>(), count)
+                    (
+                        sum.into_iter()
+                            .map(|s| (f64::from(s) / weight) as f32)
+                            .collect::<Vec<f32>>(),
+                        count,
+                    )
                 }
-                GroupAcc::Retain { deltas, weights } => match self.strategy.combine(&g, &deltas, &weights) {
-                    Ok(d) => (d, deltas.len() as u32),
-                    Err(e) => {
-                        warn!(group = %g, error = %e, "combine failed; group left unchanged");
-                        report.skipped_groups.push(g);
-                        continue;
+                GroupAcc::Retain { deltas, weights } => {
+                    match self.strategy.combine(&g, &deltas, &weights) {
+                        Ok(d) => (d, deltas.len() as u32),
+                        Err(e) => {
+                            warn!(group = %g, error = %e, "combine failed; group left unchanged");
+                            report.skipped_groups.push(g);
+                            continue;
+                        }
                     }
-                },
+                }
             };
             if delta.iter().any(|v| !v.is_finite()) {
                 warn!(group = %g, "combined delta is not finite; group left unchanged");
@@ -830,7 +1014,10 @@ impl Engine {
         if combined.is_empty() {
             return report;
         }
-        if let Err(e) = self.strategy.aggregate(round, &combined, &mut self.global, &report.failures) {
+        if let Err(e) =
+            self.strategy
+                .aggregate(round, &combined, &mut self.global, &report.failures)
+        {
             warn!(error = %e, round, "strategy failed to aggregate; model unchanged this round");
             report.skipped_groups.extend(combined.into_keys());
             report.contributors.clear();
@@ -843,7 +1030,14 @@ impl Engine {
             Some(f) => f(self.version, &self.global),
             None => self.strategy.evaluate(self.version, &self.global),
         };
-        info!(round, version = self.version, accepted = report.accepted.len(), failures = report.failures.len(), refused = report.refused.len(), "model stepped");
+        info!(
+            round,
+            version = self.version,
+            accepted = report.accepted.len(),
+            failures = report.failures.len(),
+            refused = report.refused.len(),
+            "model stepped"
+        );
         report
     }
 
@@ -877,13 +1071,22 @@ impl Engine {
                 let needed = ((f64::from(self.cfg.quorum) * sampled as f64).ceil() as usize).max(1);
                 let quorum_met = r.accepted.len() >= needed;
                 if !quorum_met {
-                    warn!(round = r.round, accepted = r.accepted.len(), needed, "quorum not met; model unchanged");
+                    warn!(
+                        round = r.round,
+                        accepted = r.accepted.len(),
+                        needed,
+                        "quorum not met; model unchanged"
+                    );
                 }
                 Some(self.step_model(r.round, now_ms, sampled, quorum_met))
             }
             Mode::Async(_) => {
-                let expired: Vec<NodeId> =
-                    self.outstanding.iter().filter(|(_, i)| now_ms > i.deadline_at).map(|(n, _)| n.clone()).collect();
+                let expired: Vec<NodeId> = self
+                    .outstanding
+                    .iter()
+                    .filter(|(_, i)| now_ms > i.deadline_at)
+                    .map(|(n, _)| n.clone())
+                    .collect();
                 for n in expired {
                     self.fail(&n, FailureReason::Timeout);
                 }
@@ -898,12 +1101,22 @@ impl Engine {
     pub fn weights_for<S: AsRef<str>>(&self, groups: &[S]) -> ParamGroups {
         groups
             .iter()
-            .filter_map(|g| self.global.get(g.as_ref()).map(|v| (g.as_ref().to_string(), v.to_vec())))
+            .filter_map(|g| {
+                self.global
+                    .get(g.as_ref())
+                    .map(|v| (g.as_ref().to_string(), v.to_vec()))
+            })
             .collect()
     }
 
     /// Replaces the global weights (resume).
-    pub(crate) fn restore_parts(&mut self, global: ParamGroups, round: u64, version: u64, rng: ChaCha8Rng) {
+    pub(crate) fn restore_parts(
+        &mut self,
+        global: ParamGroups,
+        round: u64,
+        version: u64,
+        rng: ChaCha8Rng,
+    ) {
         self.global = global;
         self.round = round;
         self.version = version;

@@ -1,5 +1,51 @@
-//! Cohort's aggregator library: strategies and the transport-free round
-//! engine, driven alike by the libp2p binary and by the simulator.
+//! Cohort's aggregator library: strategies, the transport-free round engine
+//! and checkpoints. The libp2p binary and the simulator drive the same
+//! [`Engine`]; it does no I/O (except [`checkpoint`], on a folder the caller
+//! names), reads no clock (time comes in as `now_ms`) and logs with
+//! `tracing`.
+//!
+//! # Calling sequence
+//!
+//! ```text
+//! let mut e = Engine::new(cfg, layout, initial, strategy_from_config(&scfg))?;   // or Engine::resume(dir, cfg, strategy)?
+//! e.register(NodeInfo { id, tasks, fingerprint })?;           // hello; sub-layout fingerprint checked
+//! // synchronous rounds
+//! let plans = e.start_round(now)?;                            // sample + one RoundPlan per node
+//! //   send each node its plan and e.weights_for(&plan.upload-or-held groups)
+//! e.submit(OpenedUpdate { header, groups }, now)              // or submit_packed(&header, &opened_plaintext, now)
+//!   -> Ok(SubmitOutcome) | Err(Refusal { code, message })    // refusals change nothing
+//! e.fail(node, FailureReason::Dropout); e.unregister(node);   // what the transport saw
+//! if let Some(report) = e.poll(now) { e.save_checkpoint(dir)?; }   // closes at all-in or at the deadline
+//! // asynchronous (FedBuff): no start_round; e.plan_for(node, now) on request,
+//! // submit as above; the model steps every K accepted updates; poll hands out the reports.
+//! ```
+//!
+//! # Decisions
+//! - Weights: the backbone by `header.num_examples`, `head/<t>` by the
+//!   samples of task `t` in `header.metrics`; each claim must be positive and
+//!   at most the samples the node registered times the plan's epochs.
+//!   A group is aggregated over the updates that carry it only.
+//! - Group policy `local`: never in a plan's `upload`, refused if sent, never
+//!   changed on the aggregator.
+//! - Checks, in order, before anything counts: federation, registered node,
+//!   round / plan / deadline / duplicate / base version (and staleness in
+//!   async), groups allowed, encoded lengths (`decoded_len` against the
+//!   layout), sample weights, retained-memory cap, decoding, finite values,
+//!   L2 norm bound over the whole update. The update is decoded into one
+//!   reusable O(model) scratch buffer and committed only when all pass.
+//! - Mean-based strategies accumulate `weight * delta` per group in `f32` in
+//!   **submission order** (the simulator submits in node-id order so that
+//!   runs are deterministic); memory is O(model) whatever the number of
+//!   contributors. Median, trimmed mean and Krum keep the decoded deltas, up
+//!   to `EngineConfig::max_retained_bytes` (refusal `MemoryCap` beyond).
+//! - Sampling uses ChaCha8 seeded from `cfg.seed`; its position is saved in
+//!   checkpoints, so a resumed engine (with the same nodes registered)
+//!   samples and steps bit-identically.
+//! - A sync round closes when every sampled node is accepted or failed, or at
+//!   the deadline (unanswered nodes become `Timeout`, or `Refused(code)` if
+//!   their updates were refused). Below quorum the model does not move, and
+//!   the round still ends.
+
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
@@ -8,10 +54,12 @@ pub mod strategy;
 
 pub use config::{Discount, EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling};
 pub use engine::{
-    Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RefusalCode, RoundReport, SubmitOutcome,
+    Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RefusalCode, RoundReport,
+    SubmitOutcome,
 };
 pub use error::AggError;
 pub use strategy::{
-    server_strategy, strategy_from_config, Collect, Combiner, Metrics, ServerOpt, ServerStrategy, Strategy,
-    StrategyConfig, StrategyKind, StrategyState,
+    server_strategy, strategy_from_config, AdaptiveParams, Collect, Combiner, KrumParams, Metrics,
+    MomentumParams, ProxParams, ServerOpt, ServerStrategy, Strategy, StrategyConfig, StrategyKind,
+    StrategyState, TrimParams,
 };

@@ -109,7 +109,12 @@ pub trait Strategy: Send + fmt::Debug {
     /// Combines retained deltas of one group (only called when
     /// [`Strategy::collect`] is [`Collect::Retain`]). `weights` are the
     /// update weights (examples, staleness-discounted).
-    fn combine(&self, _group: &str, deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, AggError> {
+    fn combine(
+        &self,
+        _group: &str,
+        deltas: &[Vec<f32>],
+        weights: &[f64],
+    ) -> Result<Vec<f32>, AggError> {
         weighted_mean(deltas, weights)
     }
 
@@ -161,9 +166,19 @@ pub enum ServerOpt {
     /// FedAdagrad: `m = b1 m + (1-b1) Δ; v += Δ²`.
     Adagrad { lr: f32, beta1: f32, tau: f32 },
     /// FedAdam: `v = b2 v + (1-b2) Δ²`.
-    Adam { lr: f32, beta1: f32, beta2: f32, tau: f32 },
+    Adam {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        tau: f32,
+    },
     /// FedYogi: `v = v - (1-b2) Δ² sign(v - Δ²)`.
-    Yogi { lr: f32, beta1: f32, beta2: f32, tau: f32 },
+    Yogi {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        tau: f32,
+    },
 }
 
 /// The built-in strategies: a combiner, a server optimizer, optional
@@ -218,7 +233,11 @@ impl ServerStrategy {
         if w.len() != delta.len() {
             return Err(AggError::Strategy {
                 strategy: self.name.clone(),
-                message: format!("group `{group}`: delta of {} values for {} weights", delta.len(), w.len()),
+                message: format!(
+                    "group `{group}`: delta of {} values for {} weights",
+                    delta.len(),
+                    w.len()
+                ),
             });
         }
         let n = w.len();
@@ -238,25 +257,41 @@ impl ServerStrategy {
             ServerOpt::Adagrad { lr, beta1, tau } => {
                 let m = moment(&mut self.m, group, n);
                 let v = moment(&mut self.v, group, n);
-                for (((wi, mi), vi), di) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                for (((wi, mi), vi), di) in
+                    w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta)
+                {
                     *mi = beta1 * *mi + (1.0 - beta1) * di;
                     *vi += di * di;
                     *wi += lr * *mi / (vi.sqrt() + tau);
                 }
             }
-            ServerOpt::Adam { lr, beta1, beta2, tau } => {
+            ServerOpt::Adam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => {
                 let m = moment(&mut self.m, group, n);
                 let v = moment(&mut self.v, group, n);
-                for (((wi, mi), vi), di) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                for (((wi, mi), vi), di) in
+                    w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta)
+                {
                     *mi = beta1 * *mi + (1.0 - beta1) * di;
                     *vi = beta2 * *vi + (1.0 - beta2) * di * di;
                     *wi += lr * *mi / (vi.sqrt() + tau);
                 }
             }
-            ServerOpt::Yogi { lr, beta1, beta2, tau } => {
+            ServerOpt::Yogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => {
                 let m = moment(&mut self.m, group, n);
                 let v = moment(&mut self.v, group, n);
-                for (((wi, mi), vi), di) in w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta) {
+                for (((wi, mi), vi), di) in
+                    w.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(delta)
+                {
                     let d2 = di * di;
                     *mi = beta1 * *mi + (1.0 - beta1) * di;
                     *vi -= (1.0 - beta2) * d2 * sign(*vi - d2);
@@ -313,7 +348,12 @@ impl Strategy for ServerStrategy {
         t
     }
 
-    fn combine(&self, _group: &str, deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, AggError> {
+    fn combine(
+        &self,
+        _group: &str,
+        deltas: &[Vec<f32>],
+        weights: &[f64],
+    ) -> Result<Vec<f32>, AggError> {
         match self.combiner {
             Combiner::Mean => weighted_mean(deltas, weights),
             Combiner::Median => median(deltas),
@@ -350,7 +390,11 @@ impl Strategy for ServerStrategy {
         for (g, v) in &self.v {
             tensors.insert(format!("v/{g}"), v.clone());
         }
-        StrategyState { name: self.name.clone(), steps: self.steps, tensors }
+        StrategyState {
+            name: self.name.clone(),
+            steps: self.steps,
+            tensors,
+        }
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<(), AggError> {
@@ -369,7 +413,9 @@ impl Strategy for ServerStrategy {
             } else if let Some(g) = k.strip_prefix("v/") {
                 self.v.insert(g.to_string(), t);
             } else {
-                return Err(AggError::Checkpoint(format!("unknown strategy tensor `{k}`")));
+                return Err(AggError::Checkpoint(format!(
+                    "unknown strategy tensor `{k}`"
+                )));
             }
         }
         Ok(())
@@ -377,12 +423,18 @@ impl Strategy for ServerStrategy {
 }
 
 fn check_same_len(deltas: &[Vec<f32>]) -> Result<usize, AggError> {
-    let n = deltas.first().map(Vec::len).ok_or_else(|| AggError::Strategy {
-        strategy: "combine".into(),
-        message: "no delta to combine".into(),
-    })?;
+    let n = deltas
+        .first()
+        .map(Vec::len)
+        .ok_or_else(|| AggError::Strategy {
+            strategy: "combine".into(),
+            message: "no delta to combine".into(),
+        })?;
     if deltas.iter().any(|d| d.len() != n) {
-        return Err(AggError::Strategy { strategy: "combine".into(), message: "deltas of different lengths".into() });
+        return Err(AggError::Strategy {
+            strategy: "combine".into(),
+            message: "deltas of different lengths".into(),
+        });
     }
     Ok(n)
 }
@@ -392,7 +444,10 @@ pub fn weighted_mean(deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, A
     let n = check_same_len(deltas)?;
     let total: f64 = weights.iter().take(deltas.len()).sum();
     if weights.len() != deltas.len() || !(total > 0.0 && total.is_finite()) {
-        return Err(AggError::Strategy { strategy: "mean".into(), message: "weights must be positive".into() });
+        return Err(AggError::Strategy {
+            strategy: "mean".into(),
+            message: "weights must be positive".into(),
+        });
     }
     let mut acc = vec![0.0f64; n];
     for (d, &w) in deltas.iter().zip(weights) {
@@ -469,7 +524,10 @@ pub fn krum_scores(deltas: &[Vec<f32>], f: usize) -> Result<Vec<f64>, AggError> 
     let neighbours = k.saturating_sub(f + 2).clamp(1, k.saturating_sub(1).max(1));
     Ok((0..k)
         .map(|i| {
-            let mut row: Vec<f64> = (0..k).filter(|&j| j != i).map(|j| dist[i * k + j]).collect();
+            let mut row: Vec<f64> = (0..k)
+                .filter(|&j| j != i)
+                .map(|j| dist[i * k + j])
+                .collect();
             row.sort_unstable_by(f64::total_cmp);
             row.iter().take(neighbours).sum()
         })
@@ -478,14 +536,22 @@ pub fn krum_scores(deltas: &[Vec<f32>], f: usize) -> Result<Vec<f64>, AggError> 
 
 /// Krum (`m = 1`) or multi-Krum: the example-weighted mean of the `m` deltas
 /// with the lowest scores (ties go to the earlier submission).
-pub fn krum(deltas: &[Vec<f32>], weights: &[f64], f: usize, m: usize) -> Result<Vec<f32>, AggError> {
+pub fn krum(
+    deltas: &[Vec<f32>],
+    weights: &[f64],
+    f: usize,
+    m: usize,
+) -> Result<Vec<f32>, AggError> {
     let scores = krum_scores(deltas, f)?;
     let mut order: Vec<usize> = (0..deltas.len()).collect();
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
     order.truncate(m.clamp(1, deltas.len()));
     order.sort_unstable();
     let chosen: Vec<Vec<f32>> = order.iter().map(|&i| deltas[i].clone()).collect();
-    let w: Vec<f64> = order.iter().map(|&i| weights.get(i).copied().unwrap_or(1.0)).collect();
+    let w: Vec<f64> = order
+        .iter()
+        .map(|&i| weights.get(i).copied().unwrap_or(1.0))
+        .collect();
     weighted_mean(&chosen, &w)
 }
 
@@ -502,7 +568,12 @@ pub struct AdaptiveParams {
 
 impl Default for AdaptiveParams {
     fn default() -> Self {
-        AdaptiveParams { server_lr: 0.1, beta1: 0.9, beta2: 0.99, tau: 1e-9 }
+        AdaptiveParams {
+            server_lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.99,
+            tau: 1e-9,
+        }
     }
 }
 
@@ -515,7 +586,10 @@ pub struct MomentumParams {
 
 impl Default for MomentumParams {
     fn default() -> Self {
-        MomentumParams { server_lr: 1.0, momentum: 0.9 }
+        MomentumParams {
+            server_lr: 1.0,
+            momentum: 0.9,
+        }
     }
 }
 
@@ -558,9 +632,10 @@ impl Default for KrumParams {
 
 /// Which strategy, tagged by `name` (TOML: `name = "fedadam"`, then its
 /// parameters beside it).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "name")]
 pub enum StrategyKind {
+    #[default]
     #[serde(rename = "fedavg")]
     FedAvg,
     #[serde(rename = "fedavgm")]
@@ -579,12 +654,6 @@ pub enum StrategyKind {
     TrimmedMean(TrimParams),
     #[serde(rename = "krum")]
     Krum(KrumParams),
-}
-
-impl Default for StrategyKind {
-    fn default() -> Self {
-        StrategyKind::FedAvg
-    }
 }
 
 /// A strategy as written in a config file.
@@ -610,29 +679,50 @@ pub fn server_strategy(cfg: &StrategyConfig) -> ServerStrategy {
         StrategyKind::FedAvgM(p) => ServerStrategy::new(
             "fedavgm",
             Combiner::Mean,
-            ServerOpt::Momentum { lr: p.server_lr, momentum: p.momentum },
+            ServerOpt::Momentum {
+                lr: p.server_lr,
+                momentum: p.momentum,
+            },
         ),
         StrategyKind::FedAdam(p) => ServerStrategy::new(
             "fedadam",
             Combiner::Mean,
-            ServerOpt::Adam { lr: p.server_lr, beta1: p.beta1, beta2: p.beta2, tau: p.tau },
+            ServerOpt::Adam {
+                lr: p.server_lr,
+                beta1: p.beta1,
+                beta2: p.beta2,
+                tau: p.tau,
+            },
         ),
         StrategyKind::FedYogi(p) => ServerStrategy::new(
             "fedyogi",
             Combiner::Mean,
-            ServerOpt::Yogi { lr: p.server_lr, beta1: p.beta1, beta2: p.beta2, tau: p.tau },
+            ServerOpt::Yogi {
+                lr: p.server_lr,
+                beta1: p.beta1,
+                beta2: p.beta2,
+                tau: p.tau,
+            },
         ),
         StrategyKind::FedAdagrad(p) => ServerStrategy::new(
             "fedadagrad",
             Combiner::Mean,
-            ServerOpt::Adagrad { lr: p.server_lr, beta1: p.beta1, tau: p.tau },
+            ServerOpt::Adagrad {
+                lr: p.server_lr,
+                beta1: p.beta1,
+                tau: p.tau,
+            },
         ),
-        StrategyKind::FedProx(p) => ServerStrategy::new("fedprox", Combiner::Mean, sgd1).with_prox_mu(p.mu),
+        StrategyKind::FedProx(p) => {
+            ServerStrategy::new("fedprox", Combiner::Mean, sgd1).with_prox_mu(p.mu)
+        }
         StrategyKind::Median => ServerStrategy::new("median", Combiner::Median, sgd1),
         StrategyKind::TrimmedMean(p) => {
             ServerStrategy::new("trimmed_mean", Combiner::TrimmedMean { beta: p.beta }, sgd1)
         }
-        StrategyKind::Krum(p) => ServerStrategy::new("krum", Combiner::Krum { f: p.f, m: p.m }, sgd1),
+        StrategyKind::Krum(p) => {
+            ServerStrategy::new("krum", Combiner::Krum { f: p.f, m: p.m }, sgd1)
+        }
     };
     s.with_clip_norm(cfg.clip_norm)
 }
