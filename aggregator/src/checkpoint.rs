@@ -234,6 +234,28 @@ fn tensors_from_safetensors(bytes: &[u8]) -> Result<BTreeMap<String, Vec<f32>>, 
     Ok(out)
 }
 
+/// Number of parameters of a layout read from a file, with every product
+/// and sum checked.
+fn checked_params(layout: &Layout) -> Result<u64, AggError> {
+    let overflow = || AggError::Checkpoint("layout sizes overflow".into());
+    let mut total = 0u64;
+    for g in &layout.groups {
+        for t in &g.tensors {
+            let n = t
+                .shape
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or_else(overflow)?;
+            total = total.checked_add(n).ok_or_else(overflow)?;
+        }
+    }
+    // Offsets and lengths are used as usize and f32 byte counts.
+    if total > (u64::MAX / 8) || usize::try_from(total.saturating_mul(8)).is_err() {
+        return Err(overflow());
+    }
+    Ok(total)
+}
+
 /// The newest complete checkpoint folder in `dir`, if any.
 pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>, AggError> {
     let entries = match fs::read_dir(dir) {
@@ -364,12 +386,20 @@ impl Engine {
                 "the config differs from the one that wrote the checkpoint".into(),
             ));
         }
+        // Shapes come from a file: multiply with checks before anything
+        // (the layout's own helpers assume sane sizes).
+        let params = checked_params(&state.layout)?;
         state.layout.validate()?;
-        let params = state.layout.num_params();
         let weight_bytes = read_bounded(
             &path.join(WEIGHTS_FILE),
             params.saturating_mul(4).saturating_add(HEADER_SLACK),
         )?;
+        if params.saturating_mul(4) > weight_bytes.len() as u64 {
+            return Err(AggError::Checkpoint(format!(
+                "{WEIGHTS_FILE} has {} bytes, too few for {params} parameters",
+                weight_bytes.len()
+            )));
+        }
         let global = weights_from_safetensors(&state.layout, &weight_bytes)?;
         let strat_bytes = read_bounded(
             &path.join(STRATEGY_FILE),

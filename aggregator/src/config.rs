@@ -194,3 +194,74 @@ impl EngineConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_size_by_fraction_and_minimum() {
+        let s = Sampling {
+            fraction: 0.1,
+            min_per_round: 3,
+            min_available: 1,
+        };
+        assert_eq!(s.sample_size(100), 10);
+        assert_eq!(s.sample_size(101), 11); // ceil
+        assert_eq!(s.sample_size(20), 3); // minimum wins
+        assert_eq!(s.sample_size(2), 2); // never more than available
+        assert_eq!(s.sample_size(0), 0);
+    }
+
+    #[test]
+    fn staleness_discounts() {
+        assert_eq!(Discount::Constant.factor(9), 1.0);
+        assert_eq!(Discount::default().factor(3), 0.5); // 1/sqrt(4)
+        assert_eq!(Discount::Polynomial { exponent: 1.0 }.factor(4), 0.2);
+    }
+
+    #[test]
+    fn config_reads_from_toml_with_defaults() {
+        let cfg: EngineConfig = toml::from_str(
+            r#"
+            federation = "w0"
+            seed = 3
+            quorum = 0.8
+            max_update_norm = 10.0
+            [mode]
+            kind = "async"
+            buffer_k = 5
+            [sampling]
+            fraction = 0.1
+            [group_policy]
+            "head/a" = "local"
+            [train]
+            lr = 0.1
+            "#,
+        )
+        .expect("toml");
+        assert_eq!(cfg.federation, "w0");
+        assert_eq!(
+            cfg.mode,
+            Mode::Async(FedBuffConfig {
+                buffer_k: 5,
+                ..FedBuffConfig::default()
+            })
+        );
+        assert_eq!(cfg.sampling.fraction, 0.1);
+        assert_eq!(cfg.sampling.min_per_round, 1);
+        assert_eq!(cfg.policy("head/a"), GroupPolicy::Local);
+        assert_eq!(cfg.policy("head/b"), GroupPolicy::Global);
+        assert_eq!(cfg.train.lr, 0.1);
+        assert_eq!(cfg.train.batch_size, 32);
+        assert_eq!(cfg.deadline_ms, EngineConfig::default().deadline_ms);
+        cfg.validate().expect("valid");
+        let back: EngineConfig = toml::from_str(&toml::to_string(&cfg).expect("ser")).expect("de");
+        assert_eq!(back, cfg);
+        let bad = EngineConfig {
+            quorum: 1.5,
+            ..EngineConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -185,8 +185,38 @@ fn resume_refuses_other_configs_and_damaged_files() {
     let bytes = std::fs::read(&wpath).expect("read");
     std::fs::write(&wpath, &bytes[..bytes.len() / 2]).expect("write");
     assert!(Engine::resume(dir.path(), cfg(), strategy_from_config(&adam())).is_err());
-    // Garbage state.
+    // A layout whose sizes overflow, and one far larger than the weights file.
     std::fs::write(&wpath, &bytes).expect("write");
+    let spath = path.join(STATE_FILE);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&spath).expect("read")).expect("json");
+    let with_shape = |group: usize, shape: serde_json::Value| {
+        let mut v = state.clone();
+        v["layout"]["groups"][group]["tensors"][0]["shape"] = shape;
+        serde_json::to_vec(&v).expect("json")
+    };
+    std::fs::write(
+        &spath,
+        with_shape(
+            0,
+            serde_json::json!([4294967296u64, 4294967296u64, 4294967296u64]),
+        ),
+    )
+    .expect("w");
+    assert!(matches!(
+        Engine::resume(dir.path(), cfg(), strategy_from_config(&adam())),
+        Err(AggError::Checkpoint(_))
+    ));
+    std::fs::write(
+        &spath,
+        with_shape(2, serde_json::json!([100_000_000u64, 2])),
+    )
+    .expect("w");
+    assert!(matches!(
+        Engine::resume(dir.path(), cfg(), strategy_from_config(&adam())),
+        Err(AggError::Checkpoint(_))
+    ));
+    // Garbage state.
     std::fs::write(path.join(STATE_FILE), b"{\"format\": 1, \"round\": ").expect("write");
     assert!(Engine::resume(dir.path(), cfg(), strategy_from_config(&adam())).is_err());
 }
