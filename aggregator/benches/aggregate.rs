@@ -71,6 +71,29 @@ fn main() {
     );
     println!("| strategy | updates/s | GB/s f32-equiv | round (ms, best) | round (ms, median) |");
     println!("|---|---|---|---|---|");
+    // Baseline: the codec alone, decode_accumulate of every update into one
+    // accumulator (no checks, no engine).
+    {
+        let mut acc = vec![0.0f32; PARAMS as usize];
+        let mut times = Vec::new();
+        for _ in 0..ROUNDS {
+            let t0 = Instant::now();
+            for d in &deltas {
+                cohort_protocol::codec::decode_accumulate(d, 0.05, &mut acc).expect("decode");
+            }
+            times.push(t0.elapsed());
+            std::hint::black_box(&acc);
+        }
+        times.sort();
+        let med = times[times.len() / 2].as_secs_f64();
+        println!(
+            "| decode_accumulate only (baseline) | {:.1} | {:.2} | {:.1} | {:.1} |",
+            UPDATES as f64 / med,
+            UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
+            times[0].as_secs_f64() * 1e3,
+            med * 1e3
+        );
+    }
     for (name, kind) in [
         ("fedavg (streaming)", StrategyKind::FedAvg),
         ("median", StrategyKind::Median),

@@ -851,16 +851,17 @@ impl Engine {
             let part = &mut scratch[offset..offset + len];
             decode_accumulate(bytes, 1.0, part)
                 .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
-            if let Some(i) = part.iter().position(|v| !v.is_finite()) {
+            // One pass for both checks: squares of finite f32 cannot
+            // overflow an f64 sum, so a non-finite sum means a NaN or inf.
+            let group_sq = sum_squares(part);
+            if !group_sq.is_finite() {
+                let i = part.iter().position(|v| !v.is_finite()).unwrap_or(0);
                 return Err(Refusal::new(
                     C::NonFinite,
                     format!("`{g}`[{i}] is not finite"),
                 ));
             }
-            sq += part
-                .iter()
-                .map(|&v| f64::from(v) * f64::from(v))
-                .sum::<f64>();
+            sq += group_sq;
             offset += len;
         }
         let norm = sq.sqrt();
@@ -1122,4 +1123,22 @@ impl Engine {
         self.version = version;
         self.rng = rng;
     }
+}
+
+/// Sum of squares in f64, in 8 independent lanes so that the compiler can
+/// vectorize it (a fixed order, so the result is deterministic).
+fn sum_squares(v: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(c) {
+            *l += f64::from(*x) * f64::from(*x);
+        }
+    }
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum();
+    lanes.iter().sum::<f64>() + tail
 }
