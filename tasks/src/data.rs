@@ -150,12 +150,16 @@ fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Parses IDX content: returns (count, per-item dims product, payload).
+/// An IDX file's item count, item size (product of the other dimensions)
+/// and payload.
+type IdxParts<'a> = (u64, u64, &'a [u8]);
+
 fn parse_idx<'a>(
     path: &Path,
     bytes: &'a [u8],
     magic: u32,
     ndims: usize,
-) -> Result<(u64, u64, Vec<u64>, &'a [u8]), TasksError> {
+) -> Result<IdxParts<'a>, TasksError> {
     let bad = |p| TasksError::bad_file(path, p);
     let got =
         be_u32(bytes, 0).ok_or_else(|| bad(FileProblem::Truncated("no IDX header".into())))?;
@@ -174,7 +178,7 @@ fn parse_idx<'a>(
     }
     let count = dims[0];
     let item: u64 = dims[1..].iter().product();
-    if dims[1..].iter().any(|&d| d == 0) || item > MAX_IDX_PIXELS {
+    if dims[1..].contains(&0) || item > MAX_IDX_PIXELS {
         return Err(bad(FileProblem::Dimensions(format!(
             "item dimensions {:?} (each 1.., product at most {MAX_IDX_PIXELS})",
             &dims[1..]
@@ -190,7 +194,7 @@ fn parse_idx<'a>(
     if have > need {
         return Err(bad(FileProblem::TrailingData(have - need)));
     }
-    Ok((count, item, dims, &bytes[header..]))
+    Ok((count, item, &bytes[header..]))
 }
 
 /// Loads an IDX image file and label file (MNIST / Fashion-MNIST format,
@@ -217,8 +221,8 @@ fn idx_from_bytes(
     lab: &[u8],
     classes: usize,
 ) -> Result<Dataset, TasksError> {
-    let (n, item, _, pixels) = parse_idx(images, img, IDX_IMAGES_MAGIC, 3)?;
-    let (nl, _, _, ys) = parse_idx(labels, lab, IDX_LABELS_MAGIC, 1)?;
+    let (n, item, pixels) = parse_idx(images, img, IDX_IMAGES_MAGIC, 3)?;
+    let (nl, _, ys) = parse_idx(labels, lab, IDX_LABELS_MAGIC, 1)?;
     if n != nl {
         return Err(TasksError::bad_file(
             labels,

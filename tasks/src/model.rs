@@ -619,7 +619,7 @@ impl Model {
             .ok_or_else(|| TasksError::UnknownTask(task.into()))?
             .classes;
         let dim = self.arch.input;
-        if features.len() % dim != 0 {
+        if !features.len().is_multiple_of(dim) {
             return Err(TasksError::DataMismatch(format!(
                 "{} features is not a multiple of the input size {dim}",
                 features.len()
@@ -1048,7 +1048,7 @@ mod tests {
         im2col(&mut cols, &x, 1, 1, 2, 3, 3);
         assert_eq!(&cols[..8], &[0.0, 1.0, 3.0, 4.0, 1.0, 2.0, 4.0, 5.0]);
         let mut dx = vec![0.0; 9];
-        col2im(&mut dx, &vec![1.0; 16], 1, 1, 2, 3, 3);
+        col2im(&mut dx, &[1.0; 16], 1, 1, 2, 3, 3);
         assert_eq!(dx, vec![1.0, 2.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0, 1.0]);
     }
 
@@ -1108,6 +1108,7 @@ mod tests {
                 );
             }
             let hl = model.heads["t"].len();
+            #[allow(clippy::needless_range_loop)]
             for k in 0..hl {
                 let orig = model.heads["t"][k];
                 model.heads.get_mut("t").expect("head")[k] = orig + eps;

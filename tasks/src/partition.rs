@@ -15,10 +15,11 @@ use serde::{Deserialize, Serialize};
 use crate::TasksError;
 
 /// How samples are spread among clients.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Partitioner {
     /// Uniformly shuffled, near-equal sizes.
+    #[default]
     Iid,
     /// Label skew: for each class, the shares of the clients are drawn from
     /// Dirichlet(alpha, ..., alpha). Small alpha = strong skew.
@@ -34,12 +35,6 @@ pub enum Partitioner {
     /// Quantity skew: IID labels, client sizes proportional to
     /// LogNormal(0, sigma) weights.
     QuantitySkew { sigma: f64 },
-}
-
-impl Default for Partitioner {
-    fn default() -> Self {
-        Partitioner::Iid
-    }
 }
 
 /// Most clients one call may create.

@@ -67,6 +67,8 @@ struct OptState {
 }
 
 /// Applies one optimizer step to `w` with raw gradient `g` (overwritten).
+/// Each variant is one fused pass over the group: at batch 32 the update
+/// streams as many bytes as the matrix products, so passes matter.
 fn apply_step(w: &mut [f32], g: &mut [f32], w0: &[f32], st: &mut OptState, cfg: &TrainConfig) {
     let (wd, mu, lr) = (cfg.weight_decay, cfg.prox_mu, cfg.lr);
     if wd != 0.0 || mu != 0.0 {
@@ -82,27 +84,30 @@ fn apply_step(w: &mut [f32], g: &mut [f32], w0: &[f32], st: &mut OptState, cfg: 
             }
         }
         Optimizer::Momentum { momentum, nesterov } => {
-            if st.m.is_empty() {
-                // PyTorch starts the buffer at the first gradient.
-                st.m = g.to_vec();
-            } else {
-                for (mi, gi) in st.m.iter_mut().zip(g.iter()) {
-                    *mi = momentum * *mi + *gi;
-                }
+            // A zero buffer makes the first step `v = g`, as PyTorch does.
+            if st.m.len() != w.len() {
+                st.m = vec![0.0; w.len()];
             }
-            for ((wi, gi), mi) in w.iter_mut().zip(g.iter()).zip(&st.m) {
-                let d = if nesterov { *gi + momentum * *mi } else { *mi };
-                *wi -= lr * d;
+            if nesterov {
+                for ((wi, gi), mi) in w.iter_mut().zip(g.iter()).zip(st.m.iter_mut()) {
+                    *mi = momentum * *mi + *gi;
+                    *wi -= lr * (*gi + momentum * *mi);
+                }
+            } else {
+                for ((wi, gi), mi) in w.iter_mut().zip(g.iter()).zip(st.m.iter_mut()) {
+                    *mi = momentum * *mi + *gi;
+                    *wi -= lr * *mi;
+                }
             }
         }
         Optimizer::Adam { beta1, beta2, eps } => {
-            if st.m.is_empty() {
+            if st.m.len() != w.len() {
                 st.m = vec![0.0; w.len()];
                 st.v = vec![0.0; w.len()];
             }
             let t = st.steps.min(i32::MAX as u64) as i32;
-            let c1 = 1.0 - beta1.powi(t);
-            let c2 = 1.0 - beta2.powi(t);
+            let c1 = 1.0 / (1.0 - beta1.powi(t));
+            let c2 = 1.0 / (1.0 - beta2.powi(t));
             for (((wi, gi), mi), vi) in w
                 .iter_mut()
                 .zip(g.iter())
@@ -111,9 +116,7 @@ fn apply_step(w: &mut [f32], g: &mut [f32], w0: &[f32], st: &mut OptState, cfg: 
             {
                 *mi = beta1 * *mi + (1.0 - beta1) * *gi;
                 *vi = beta2 * *vi + (1.0 - beta2) * *gi * *gi;
-                let mhat = *mi / c1;
-                let vhat = *vi / c2;
-                *wi -= lr * mhat / (vhat.sqrt() + eps);
+                *wi -= lr * (*mi * c1) / ((*vi * c2).sqrt() + eps);
             }
         }
     }
@@ -141,7 +144,11 @@ fn check_config(cfg: &TrainConfig) -> Result<(), TasksError> {
             }
         }
         Optimizer::Adam { beta1, beta2, eps } => {
-            if !(0.0..1.0).contains(&beta1) || !(0.0..1.0).contains(&beta2) || !(eps > 0.0) {
+            if !(0.0..1.0).contains(&beta1)
+                || !(0.0..1.0).contains(&beta2)
+                || eps.is_nan()
+                || eps <= 0.0
+            {
                 return bad(format!("adam betas {beta1}, {beta2}, eps {eps}"));
             }
         }
