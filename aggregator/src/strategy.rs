@@ -29,6 +29,7 @@ use cohort_protocol::ParamGroups;
 use rand::seq::index::sample as sample_indices;
 use rand::RngCore;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Sampling;
@@ -458,47 +459,87 @@ pub fn weighted_mean(deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, A
     Ok(acc.into_iter().map(|a| (a / total) as f32).collect())
 }
 
+/// Maps an f32 to an i32 whose integer order is the float's total order
+/// (an involution: applying it twice gives the bits back). Integer sorts of
+/// the small columns below are much faster than float comparisons.
+#[inline]
+fn order_key(x: f32) -> i32 {
+    let b = x.to_bits() as i32;
+    b ^ ((((b >> 31) as u32) >> 1) as i32)
+}
+
+#[inline]
+fn from_key(k: i32) -> f32 {
+    f32::from_bits((k ^ ((((k >> 31) as u32) >> 1) as i32)) as u32)
+}
+
+/// Coordinates per parallel task, and per transposed block inside it (a
+/// block of columns fits in L1).
+const PAR_CHUNK: usize = 16 * 1024;
+const BLOCK: usize = 256;
+
+/// Applies `f` to every coordinate's column of values, sorted ascending.
+/// Coordinates are independent, so the parallel split does not change the
+/// result (deterministic whatever the thread count).
+fn per_column_sorted(
+    deltas: &[Vec<f32>],
+    f: impl Fn(&[i32]) -> f32 + Sync,
+) -> Result<Vec<f32>, AggError> {
+    let n = check_same_len(deltas)?;
+    let k = deltas.len();
+    let mut out = vec![0.0f32; n];
+    out.par_chunks_mut(PAR_CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let base = c * PAR_CHUNK;
+            let mut buf = vec![0i32; BLOCK * k];
+            for (b, block) in chunk.chunks_mut(BLOCK).enumerate() {
+                let start = base + b * BLOCK;
+                let len = block.len();
+                // Transpose: column i of the block is buf[i*k .. (i+1)*k].
+                for (j, d) in deltas.iter().enumerate() {
+                    for (i, x) in d[start..start + len].iter().enumerate() {
+                        buf[i * k + j] = order_key(*x);
+                    }
+                }
+                for (i, o) in block.iter_mut().enumerate() {
+                    let col = &mut buf[i * k..(i + 1) * k];
+                    col.sort_unstable();
+                    *o = f(col);
+                }
+            }
+        });
+    Ok(out)
+}
+
 /// Coordinate-wise median; the mean of the two middle values when the count
 /// is even.
 pub fn median(deltas: &[Vec<f32>]) -> Result<Vec<f32>, AggError> {
-    let n = check_same_len(deltas)?;
     let k = deltas.len();
-    let mut col = vec![0.0f32; k];
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        for (c, d) in col.iter_mut().zip(deltas) {
-            *c = d[i];
-        }
-        let (lo, mid, _) = col.select_nth_unstable_by(k / 2, f32::total_cmp);
-        let mid = *mid;
+    per_column_sorted(deltas, |col| {
+        let hi = from_key(col[k / 2]);
         if k % 2 == 1 {
-            out.push(mid);
+            hi
         } else {
-            let below = lo.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            out.push(((f64::from(below) + f64::from(mid)) / 2.0) as f32);
+            let lo = from_key(col[k / 2 - 1]);
+            ((f64::from(lo) + f64::from(hi)) / 2.0) as f32
         }
-    }
-    Ok(out)
+    })
 }
 
 /// Coordinate-wise trimmed mean: drops `floor(beta * n)` values at each end
 /// (fewer if that would leave nothing), averages the rest.
 pub fn trimmed_mean(deltas: &[Vec<f32>], beta: f32) -> Result<Vec<f32>, AggError> {
-    let n = check_same_len(deltas)?;
-    let k = deltas.len();
+    let k = deltas.len().max(1);
     let cut = ((f64::from(beta.clamp(0.0, 0.5)) * k as f64).floor() as usize).min((k - 1) / 2);
     let kept = (k - 2 * cut) as f64;
-    let mut col = vec![0.0f32; k];
-    let mut out = Vec::with_capacity(n);
-    for i in 0..n {
-        for (c, d) in col.iter_mut().zip(deltas) {
-            *c = d[i];
-        }
-        col.sort_unstable_by(f32::total_cmp);
-        let s: f64 = col[cut..k - cut].iter().map(|&x| f64::from(x)).sum();
-        out.push((s / kept) as f32);
-    }
-    Ok(out)
+    per_column_sorted(deltas, |col| {
+        let s: f64 = col[cut..k - cut]
+            .iter()
+            .map(|&x| f64::from(from_key(x)))
+            .sum();
+        (s / kept) as f32
+    })
 }
 
 /// Krum's scores: for each delta, the sum of its squared distances to its
