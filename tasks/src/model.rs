@@ -5,8 +5,10 @@
 //! backbone and one per head, tensors laid end to end in [`ModelSpec::layout`]
 //! order. Flattening and loading are therefore copies, exact bit for bit.
 //!
-//! Layouts (PyTorch-like names; `Linear` weights are `[out, in]`, conv
-//! weights `[out_channels, in_channels, k, k]`; the index is the position in
+//! Layouts (PyTorch-like names; `Linear` weights are `[out, in]` as in
+//! PyTorch, conv weights `[out_channels, kh, kw, in_channels]` (channel-last,
+//! unlike PyTorch's `[out, in, kh, kw]`: im2col rows are then contiguous
+//! copies); the index is the position in
 //! an equivalent `torch.nn.Sequential`, ReLU, pooling and flatten included):
 //!
 //! | backbone | layers | features |
@@ -383,7 +385,7 @@ impl Layer {
         match *self {
             Layer::Linear { input, output } => Some((vec![output as u64, input as u64], output)),
             Layer::Conv { cin, cout, k, .. } => {
-                Some((vec![cout as u64, cin as u64, k as u64, k as u64], cout))
+                Some((vec![cout as u64, k as u64, k as u64, cin as u64], cout))
             }
             Layer::Pool { .. } => None,
         }
@@ -825,24 +827,20 @@ fn relu_backward(dy: &mut [f32], y: &[f32]) {
 
 /// Unfolds `b` channel-last images `h x w x cin` into rows of `k*k*cin`
 /// values, one row per output pixel, columns in the weight's
-/// `[cin, kh, kw]` order.
-#[allow(clippy::too_many_arguments)]
+/// `[kh, kw, cin]` order: each kernel row is one contiguous copy.
 fn im2col(cols: &mut [f32], x: &[f32], b: usize, cin: usize, k: usize, h: usize, w: usize) {
     let (ho, wo) = (h + 1 - k, w + 1 - k);
     let kk = cin * k * k;
+    let span = k * cin;
     let img = h * w * cin;
-    for n in 0..b {
-        let xi = &x[n * img..(n + 1) * img];
+    let mut rows = cols.chunks_exact_mut(kk);
+    for xi in x.chunks_exact(img).take(b) {
         for oi in 0..ho {
             for oj in 0..wo {
-                let row = &mut cols[((n * ho + oi) * wo + oj) * kk..][..kk];
-                for di in 0..k {
-                    for dj in 0..k {
-                        let px = &xi[((oi + di) * w + oj + dj) * cin..][..cin];
-                        for (c, v) in px.iter().enumerate() {
-                            row[c * k * k + di * k + dj] = *v;
-                        }
-                    }
+                let Some(row) = rows.next() else { return };
+                for (di, dst) in row.chunks_exact_mut(span).enumerate() {
+                    let at = ((oi + di) * w + oj) * cin;
+                    dst.copy_from_slice(&xi[at..at + span]);
                 }
             }
         }
@@ -850,23 +848,21 @@ fn im2col(cols: &mut [f32], x: &[f32], b: usize, cin: usize, k: usize, h: usize,
 }
 
 /// The adjoint of [`im2col`]: sums the column gradients back into pixels.
-#[allow(clippy::too_many_arguments)]
 fn col2im(dx: &mut [f32], dcols: &[f32], b: usize, cin: usize, k: usize, h: usize, w: usize) {
     let (ho, wo) = (h + 1 - k, w + 1 - k);
     let kk = cin * k * k;
+    let span = k * cin;
     let img = h * w * cin;
     dx.fill(0.0);
-    for n in 0..b {
-        let xi = &mut dx[n * img..(n + 1) * img];
+    let mut rows = dcols.chunks_exact(kk);
+    for xi in dx.chunks_exact_mut(img).take(b) {
         for oi in 0..ho {
             for oj in 0..wo {
-                let row = &dcols[((n * ho + oi) * wo + oj) * kk..][..kk];
-                for di in 0..k {
-                    for dj in 0..k {
-                        let px = &mut xi[((oi + di) * w + oj + dj) * cin..][..cin];
-                        for (c, v) in px.iter_mut().enumerate() {
-                            *v += row[c * k * k + di * k + dj];
-                        }
+                let Some(row) = rows.next() else { return };
+                for (di, src) in row.chunks_exact(span).enumerate() {
+                    let at = ((oi + di) * w + oj) * cin;
+                    for (d, s) in xi[at..at + span].iter_mut().zip(src) {
+                        *d += *s;
                     }
                 }
             }
@@ -886,24 +882,28 @@ fn maxpool_forward(
     w: usize,
 ) {
     let (ho, wo) = (h / 2, w / 2);
+    let mut out = y.chunks_exact_mut(c).zip(argmax.chunks_exact_mut(c));
     for n in 0..b {
         for oi in 0..ho {
             for oj in 0..wo {
-                for ch in 0..c {
-                    let o = ((n * ho + oi) * wo + oj) * c + ch;
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = 0usize;
-                    for di in 0..2 {
-                        for dj in 0..2 {
-                            let idx = ((n * h + 2 * oi + di) * w + 2 * oj + dj) * c + ch;
-                            if x[idx] > best {
-                                best = x[idx];
-                                at = idx;
-                            }
+                let Some((yo, ao)) = out.next() else { return };
+                let base = |di: usize, dj: usize| ((n * h + 2 * oi + di) * w + 2 * oj + dj) * c;
+                let taps = [base(0, 0), base(0, 1), base(1, 0), base(1, 1)];
+                yo.copy_from_slice(&x[taps[0]..taps[0] + c]);
+                for (a, i) in ao.iter_mut().zip(taps[0]..) {
+                    *a = i as u32;
+                }
+                for &t in &taps[1..] {
+                    for ((yv, av), (i, xv)) in yo
+                        .iter_mut()
+                        .zip(ao.iter_mut())
+                        .zip(x[t..t + c].iter().enumerate())
+                    {
+                        if *xv > *yv {
+                            *yv = *xv;
+                            *av = (t + i) as u32;
                         }
                     }
-                    y[o] = best;
-                    argmax[o] = at as u32;
                 }
             }
         }
