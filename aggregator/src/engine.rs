@@ -332,6 +332,19 @@ impl Engine {
         self.collecting.retained_bytes
     }
 
+    /// Bytes held by the accumulators: the running sums of streaming
+    /// strategies (O(model), whatever the contributors) plus retained deltas.
+    pub fn accumulator_bytes(&self) -> u64 {
+        self.collecting
+            .groups
+            .values()
+            .map(|a| match a {
+                GroupAcc::Stream { sum, .. } => 4 * sum.len() as u64,
+                GroupAcc::Retain { deltas, .. } => deltas.iter().map(|d| 4 * d.len() as u64).sum(),
+            })
+            .sum()
+    }
+
     /// A digest of the accumulators (sums, weights, retained deltas), for
     /// tests that a refused update changed nothing.
     pub fn accumulator_digest(&self) -> [u8; 32] {

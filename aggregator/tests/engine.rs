@@ -784,3 +784,42 @@ fn fedbuff_steps_every_k_with_staleness_discount() {
         RefusalCode::Late
     );
 }
+
+#[test]
+fn streaming_memory_does_not_grow_with_contributors() {
+    let mut cfg = config();
+    cfg.quorum = 1.0;
+    let mut e = engine(cfg.clone(), &fedavg());
+    let mut m = engine(
+        cfg,
+        &StrategyConfig {
+            kind: StrategyKind::Median,
+            clip_norm: None,
+        },
+    );
+    for i in 0..40 {
+        e.register(node(&format!("n{i:02}"), &[("a", 10)]))
+            .expect("reg");
+        m.register(node(&format!("n{i:02}"), &[("a", 10)]))
+            .expect("reg");
+    }
+    let pe = e.start_round(0).expect("start");
+    let pm = m.start_round(0).expect("start");
+    for (i, ((id, p), (_, q))) in pe.iter().zip(&pm).enumerate() {
+        let deltas = [(BACKBONE, vec![i as f32; 6]), (HA, vec![1.0, -1.0])];
+        e.submit(update(id, p, &deltas, 10, &[("a", 10)]), 1)
+            .expect("ok");
+        m.submit(update(id, q, &deltas, 10, &[("a", 10)]), 1)
+            .expect("ok");
+        // Streaming: one sum per group (6 + 2 values), from the first update on.
+        assert_eq!(e.accumulator_bytes(), 4 * 8);
+        // Retaining: one copy per update, and it says so.
+        assert_eq!(m.accumulator_bytes(), 4 * 8 * (i as u64 + 1));
+        assert_eq!(m.retained_bytes(), m.accumulator_bytes());
+    }
+    let r = e.poll(2).expect("closed");
+    assert_eq!(r.contributors.get(BACKBONE), Some(&40));
+    // mean of 0..40 = 19.5
+    assert_eq!(e.global().get(BACKBONE).expect("bb")[0], 20.5);
+    assert_eq!(e.accumulator_bytes(), 0);
+}
