@@ -94,6 +94,40 @@ fn main() {
             med * 1e3
         );
     }
+    // The robust combiners alone, on decoded deltas (what the engine
+    // retains), to separate their cost from the engine's checks and copies.
+    {
+        let decoded: Vec<Vec<f32>> = deltas
+            .iter()
+            .map(|d| cohort_protocol::codec::decode(d, PARAMS as usize).expect("decode"))
+            .collect();
+        type Combine = fn(&[Vec<f32>]) -> Vec<f32>;
+        let rows: [(&str, Combine); 2] = [
+            ("median combine only", |d| {
+                cohort_aggregator::strategy::median(d).expect("median")
+            }),
+            ("trimmed_mean combine only", |d| {
+                cohort_aggregator::strategy::trimmed_mean(d, 0.1).expect("trimmed")
+            }),
+        ];
+        for (name, f) in rows {
+            let mut times = Vec::new();
+            for _ in 0..ROUNDS {
+                let t0 = Instant::now();
+                std::hint::black_box(f(&decoded));
+                times.push(t0.elapsed());
+            }
+            times.sort();
+            let med = times[times.len() / 2].as_secs_f64();
+            println!(
+                "| {name} | {:.1} | {:.2} | {:.1} | {:.1} |",
+                UPDATES as f64 / med,
+                UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
+                times[0].as_secs_f64() * 1e3,
+                med * 1e3
+            );
+        }
+    }
     for (name, kind) in [
         ("fedavg (streaming)", StrategyKind::FedAvg),
         ("median", StrategyKind::Median),
