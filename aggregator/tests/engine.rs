@@ -823,3 +823,54 @@ fn streaming_memory_does_not_grow_with_contributors() {
     assert_eq!(e.global().get(BACKBONE).expect("bb")[0], 20.5);
     assert_eq!(e.accumulator_bytes(), 0);
 }
+
+#[test]
+fn packed_payloads_and_refused_nodes_at_the_deadline() {
+    use cohort_protocol::messages::pack_groups;
+    let mut e = engine(config(), &fedavg());
+    e.register(node("n1", &[("a", 10)])).expect("reg");
+    e.register(node("n2", &[("a", 10)])).expect("reg");
+    let plans = e.start_round(0).expect("start");
+    let u1 = update(
+        "n1",
+        plan_of(&plans, "n1"),
+        &[(BACKBONE, vec![2.0; 6]), (HA, vec![1.0, 1.0])],
+        10,
+        &[("a", 10)],
+    );
+    e.submit_packed(&u1.header, &pack_groups(&u1.groups), 1)
+        .expect("packed update accepted");
+    // n2's payload has a trailing byte: malformed, refused, and n2 never
+    // sends a good one: at the deadline it is a failure with that reason.
+    let u2 = update(
+        "n2",
+        plan_of(&plans, "n2"),
+        &[(BACKBONE, vec![4.0; 6])],
+        10,
+        &[("a", 10)],
+    );
+    let mut packed = pack_groups(&u2.groups);
+    packed.push(0);
+    assert_eq!(
+        e.submit_packed(&u2.header, &packed, 2)
+            .expect_err("trailing byte")
+            .code,
+        RefusalCode::Malformed
+    );
+    assert!(e.poll(999).is_none());
+    let r = e.poll(1_000).expect("deadline");
+    assert!(r.stepped, "quorum 0.5 of 2 is met by n1");
+    assert_eq!(
+        r.failures,
+        vec![(
+            "n2".to_string(),
+            FailureReason::Refused(RefusalCode::Malformed)
+        )]
+    );
+    assert_eq!(r.refused.len(), 1);
+    assert_eq!(
+        e.global().get(BACKBONE).expect("bb"),
+        &[3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    );
+    assert_eq!(e.global().get(HA).expect("ha"), &[11.0, 21.0]);
+}
