@@ -112,7 +112,8 @@ pub struct SubmitOutcome {
     pub round: u64,
     /// Versions between the update's base and the current model (async).
     pub staleness: u64,
-    /// The weight multiplier its staleness earned (1 in sync mode).
+    /// The factor its staleness earned (1 in sync mode): the delta is
+    /// multiplied by it, its example weight is not (FedBuff).
     pub discount: f64,
     /// Async: this update filled the buffer and the model stepped.
     pub model_stepped: bool,
@@ -835,7 +836,7 @@ impl Engine {
                     format!("`{g}`: {claimed} examples claimed, {registered} registered x {epochs} epochs"),
                 ));
             }
-            weights.push(claimed as f64 * discount);
+            weights.push(claimed as f64);
         }
         let collect = self.strategy.collect();
         if collect == Collect::Retain {
@@ -890,6 +891,10 @@ impl Engine {
             Some(c) if norm > f64::from(c) && norm > 0.0 => f64::from(c) / norm,
             _ => 1.0,
         };
+        // FedBuff scales a stale delta down (it does not just reweight it):
+        // the discount multiplies the delta, the examples weight it, so the
+        // mean is sum(n_i s_i d_i) / sum(n_i).
+        let scale = clip * discount;
         // Accepted: commit.
         let round = plan.round;
         let bytes: u64 = encoded.iter().map(|b| b.len() as u64).sum();
@@ -914,7 +919,7 @@ impl Engine {
                 });
             match acc {
                 GroupAcc::Stream { sum, weight, count } => {
-                    let m = (w * clip) as f32;
+                    let m = (w * scale) as f32;
                     for (a, x) in sum.iter_mut().zip(part) {
                         *a += m * x;
                     }
@@ -922,8 +927,8 @@ impl Engine {
                     *count += 1;
                 }
                 GroupAcc::Retain { deltas, weights } => {
-                    let c = clip as f32;
-                    deltas.push(if clip == 1.0 {
+                    let c = scale as f32;
+                    deltas.push(if scale == 1.0 {
                         part.to_vec()
                     } else {
                         part.iter().map(|x| x * c).collect()

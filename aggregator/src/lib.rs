@@ -38,6 +38,10 @@
 //!   runs are deterministic); memory is O(model) whatever the number of
 //!   contributors. Median, trimmed mean and Krum keep the decoded deltas, up
 //!   to `EngineConfig::max_retained_bytes` (refusal `MemoryCap` beyond).
+//! - FedBuff: an update `s` versions stale has its delta multiplied by the
+//!   discount (default `1/sqrt(1+s)`) while its example weight is unchanged,
+//!   so stale updates move the model less (as in Nguyen et al.); beyond
+//!   `max_staleness` it is refused.
 //! - Sampling uses ChaCha8 seeded from `cfg.seed`; its position is saved in
 //!   checkpoints, so a resumed engine (with the same nodes registered)
 //!   samples and steps bit-identically.

@@ -738,7 +738,8 @@ fn fedbuff_steps_every_k_with_staleness_discount() {
     let r = e.poll(2).expect("report of the step");
     assert_eq!(r.accepted.len(), 2);
     assert_eq!(r.mean_staleness, 0.0);
-    // n3 answers on version 0 at version 1: staleness 1, weight 10/(1+1) = 5.
+    // n3 answers on version 0 at version 1: staleness 1, its delta is scaled
+    // by 1/(1+1), its weight stays 10.
     let o = e
         .submit(
             update("n3", &p3, &[(HB, vec![3.0, 0.0])], 10, &[("b", 10)]),
@@ -762,8 +763,8 @@ fn fedbuff_steps_every_k_with_staleness_discount() {
         )
         .expect("ok");
     assert!(o.model_stepped);
-    // (5*[3,0] + 10*[0,1.5]) / 15 = [1, 1]
-    assert_eq!(e.global().get(HB).expect("hb"), &[2.0, 1.0]);
+    // (10 * 0.5 * [3,0] + 10 * [0,1.5]) / 20 = [0.75, 0.75]
+    assert_eq!(e.global().get(HB).expect("hb"), &[1.75, 0.75]);
     assert_eq!(e.version(), 2);
     let r = e.poll(4).expect("report");
     assert_eq!(r.mean_staleness, 0.5);
