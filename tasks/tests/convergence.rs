@@ -13,15 +13,15 @@ fn digits8x8_mlp_reaches_95_percent() {
 
 #[test]
 fn mnist5k_mlp_reaches_93_percent_and_cnn_at_least_as_much() {
-    let mlp = central(BackboneKind::Mlp28, "mnist5k", &momentum(10, 0.05, 3));
+    let mlp = central(BackboneKind::Mlp28, "mnist5k", &momentum(15, 0.02, 3));
     assert!(mlp >= 0.93, "mlp accuracy {mlp}");
-    let cnn = central(BackboneKind::Cnn28, "mnist5k", &momentum(10, 0.05, 3));
+    let cnn = central(BackboneKind::Cnn28, "mnist5k", &momentum(15, 0.02, 3));
     assert!(cnn >= mlp, "cnn {cnn} < mlp {mlp}");
 }
 
 #[test]
 fn fashion6k_mlp_reaches_80_percent() {
-    let acc = central(BackboneKind::Mlp28, "fashion6k", &momentum(8, 0.05, 3));
+    let acc = central(BackboneKind::Mlp28, "fashion6k", &momentum(8, 0.01, 3));
     assert!(acc >= 0.80, "accuracy {acc}");
 }
 
@@ -41,7 +41,7 @@ fn penguins_species_is_learned() {
 fn multi_task_matches_single_task_within_two_points() {
     let mnist = builtin("mnist5k").expect("mnist");
     let fashion = builtin("fashion6k").expect("fashion");
-    let cfg = momentum(8, 0.05, 5);
+    let cfg = momentum(8, 0.01, 5);
     let spec = ModelSpec::new(
         BackboneKind::Mlp28,
         vec![TaskSpec::new("digits", 10), TaskSpec::new("fashion", 10)],
