@@ -478,6 +478,47 @@ fn from_key(k: i32) -> f32 {
 const PAR_CHUNK: usize = 16 * 1024;
 const BLOCK: usize = 256;
 
+/// Up to this many deltas, columns are sorted by counting ranks (k² branch-free
+/// comparisons, vectorized across [`LANES`] coordinates) instead of a sort.
+const SMALL_K: usize = 32;
+const LANES: usize = 16;
+
+/// Writes the sorted keys of the columns `start..start+len` into
+/// `buf[i*k .. (i+1)*k]`. Rank of value i = #{j < i: x_j <= x_i} +
+/// #{j > i: x_j < x_i}, a permutation of 0..k (ties in index order), so
+/// the result is exactly a sort.
+fn sort_block_by_rank(deltas: &[Vec<f32>], start: usize, len: usize, buf: &mut [i32]) {
+    let k = deltas.len();
+    let mut keys = [[0i32; LANES]; SMALL_K];
+    let mut lane0 = 0;
+    while lane0 < len {
+        let lw = LANES.min(len - lane0);
+        for (row, d) in keys.iter_mut().zip(deltas) {
+            for (key, x) in row.iter_mut().zip(&d[start + lane0..start + lane0 + lw]) {
+                *key = order_key(*x);
+            }
+        }
+        let keys = &keys[..k];
+        for (i, xi) in keys.iter().enumerate() {
+            let mut rank = [0u32; LANES];
+            for xj in &keys[..i] {
+                for l in 0..LANES {
+                    rank[l] += u32::from(xj[l] <= xi[l]);
+                }
+            }
+            for xj in &keys[i + 1..] {
+                for l in 0..LANES {
+                    rank[l] += u32::from(xj[l] < xi[l]);
+                }
+            }
+            for l in 0..lw {
+                buf[(lane0 + l) * k + rank[l] as usize] = xi[l];
+            }
+        }
+        lane0 += LANES;
+    }
+}
+
 /// Applies `f` to every coordinate's column of values, sorted ascending.
 /// Coordinates are independent, so the parallel split does not change the
 /// result (deterministic whatever the thread count).
@@ -496,6 +537,13 @@ fn per_column_sorted(
             for (b, block) in chunk.chunks_mut(BLOCK).enumerate() {
                 let start = base + b * BLOCK;
                 let len = block.len();
+                if k <= SMALL_K {
+                    sort_block_by_rank(deltas, start, len, &mut buf);
+                    for (i, o) in block.iter_mut().enumerate() {
+                        *o = f(&buf[i * k..(i + 1) * k]);
+                    }
+                    continue;
+                }
                 // Transpose: column i of the block is buf[i*k .. (i+1)*k].
                 for (j, d) in deltas.iter().enumerate() {
                     for (i, x) in d[start..start + len].iter().enumerate() {

@@ -269,3 +269,52 @@ fn strategy_config_is_tagged_by_name() {
     assert_eq!(back, c);
     assert!(serde_json::from_str::<StrategyConfig>(r#"{"name":"nope"}"#).is_err());
 }
+
+/// The rank-counting path (up to 32 deltas) and the sorting path (more)
+/// must agree with a plain per-coordinate sort, ties and signed zeros
+/// included.
+#[test]
+fn robust_combiners_match_a_plain_sort() {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for k in [1usize, 2, 3, 4, 7, 16, 20, 31, 32, 33, 40] {
+        let n = 300; // more than one block, a partial last lane group
+        let d: Vec<Vec<f32>> = (0..k)
+            .map(|_| {
+                (0..n)
+                    .map(|_| match rng.gen_range(0..6) {
+                        0 => 0.0,
+                        1 => -0.0,
+                        2 => 1.5,
+                        _ => rng.gen_range(-10.0f32..10.0),
+                    })
+                    .collect()
+            })
+            .collect();
+        let cut = ((0.2 * k as f64).floor() as usize).min((k - 1) / 2);
+        let mut want_med = Vec::new();
+        let mut want_tm = Vec::new();
+        for i in 0..n {
+            let mut col: Vec<f32> = d.iter().map(|v| v[i]).collect();
+            col.sort_by(f32::total_cmp);
+            want_med.push(if k % 2 == 1 {
+                col[k / 2]
+            } else {
+                ((f64::from(col[k / 2 - 1]) + f64::from(col[k / 2])) / 2.0) as f32
+            });
+            let s: f64 = col[cut..k - cut].iter().map(|&x| f64::from(x)).sum();
+            want_tm.push((s / (k - 2 * cut) as f64) as f32);
+        }
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&median(&d).expect("median")),
+            bits(&want_med),
+            "median, k = {k}"
+        );
+        assert_eq!(
+            bits(&trimmed_mean(&d, 0.2).expect("tm")),
+            bits(&want_tm),
+            "trimmed, k = {k}"
+        );
+    }
+}
