@@ -318,3 +318,27 @@ fn robust_combiners_match_a_plain_sort() {
         );
     }
 }
+
+#[test]
+fn robust_combiners_do_not_depend_on_the_thread_count() {
+    use rand::Rng;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let n = 70_000; // several parallel chunks
+    for k in [5usize, 40] {
+        let d: Vec<Vec<f32>> = (0..k)
+            .map(|_| (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+            .collect();
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .expect("pool");
+        let four = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .expect("pool");
+        let (m1, t1) = one.install(|| (median(&d).expect("m"), trimmed_mean(&d, 0.1).expect("t")));
+        let (m4, t4) = four.install(|| (median(&d).expect("m"), trimmed_mean(&d, 0.1).expect("t")));
+        assert_eq!(m1, m4);
+        assert_eq!(t1, t4);
+    }
+}
