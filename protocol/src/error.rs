@@ -23,4 +23,18 @@ pub enum ProtocolError {
     TooLarge { what: &'static str, got: u64, limit: u64 },
     #[error("unsupported codec setting: {0}")]
     UnsupportedCodec(String),
+    #[error("sealed update was changed in transit (authentication failed)")]
+    Tampered,
+    #[error("sealed update was sealed to another aggregator key")]
+    WrongKey,
+    #[error("sealed update presented under another context: {0}")]
+    ContextMismatch(String),
+    #[error("replayed update: round {round} from `{sender}` was already opened")]
+    Replay { round: u64, sender: String },
+    #[error("cryptography failed: {0}")]
+    Crypto(String),
+    #[error("bad key: {0}")]
+    BadKey(String),
+    #[error("key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
 }

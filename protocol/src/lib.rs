@@ -8,6 +8,7 @@ pub mod codec;
 pub mod error;
 pub mod layout;
 pub mod messages;
+pub mod seal;
 
 pub use error::ProtocolError;
 pub use layout::{
