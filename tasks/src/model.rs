@@ -270,18 +270,10 @@ impl ModelSpec {
     /// Deterministic: it depends only on the backbone and the (name, classes)
     /// of the tasks, not on their order in `tasks`.
     ///
-    /// Panics only if the spec is invalid (duplicate task names); use
-    /// [`ModelSpec::try_layout`] on specs from outside.
+    /// Never panics: the layout of an invalid spec (see
+    /// [`ModelSpec::validate`]) fails `Layout::validate`; use
+    /// [`ModelSpec::try_layout`] on specs from outside to get the reason.
     pub fn layout(&self) -> Layout {
-        match self.try_layout() {
-            Ok(l) => l,
-            Err(e) => panic!("ModelSpec::layout on an invalid spec: {e}"),
-        }
-    }
-
-    /// [`ModelSpec::layout`], with the spec validated first.
-    pub fn try_layout(&self) -> Result<Layout, TasksError> {
-        self.validate()?;
         let arch = self.backbone.arch();
         let mut groups = vec![GroupLayout {
             name: BACKBONE.to_string(),
@@ -307,7 +299,13 @@ impl ModelSpec {
                 name: g,
             });
         }
-        let layout = Layout { groups };
+        Layout { groups }
+    }
+
+    /// [`ModelSpec::layout`], with the spec and the layout validated.
+    pub fn try_layout(&self) -> Result<Layout, TasksError> {
+        self.validate()?;
+        let layout = self.layout();
         layout.validate()?;
         Ok(layout)
     }
@@ -316,8 +314,17 @@ impl ModelSpec {
     /// stream (seeded by `seed` and the group name), so a task's initial
     /// head does not depend on which other tasks the spec has. ReLU layers
     /// get He-uniform weights, heads `U(±1/sqrt(fan_in))`, biases zero.
+    ///
+    /// Panics on an invalid spec (see [`Model::init`]); [`ModelSpec::try_init`]
+    /// returns the error instead.
     pub fn init(&self, seed: u64) -> ParamGroups {
         Model::init(self, seed).to_groups()
+    }
+
+    /// [`ModelSpec::init`] for specs from outside: validated first.
+    pub fn try_init(&self, seed: u64) -> Result<ParamGroups, TasksError> {
+        self.validate()?;
+        Ok(self.init(seed))
     }
 
     /// The spec with the backbone and the heads of `tasks` only (in this
@@ -490,9 +497,13 @@ impl PartialEq for Arch {
 impl Model {
     /// Fresh weights; see [`ModelSpec::init`].
     ///
-    /// Panics on an invalid spec (duplicate task names); validate specs from
-    /// outside with [`ModelSpec::validate`] first.
+    /// Panics on an invalid spec (rather than allocate what a bad class
+    /// count asks for); validate specs from outside with
+    /// [`ModelSpec::validate`] first.
     pub fn init(spec: &ModelSpec, seed: u64) -> Model {
+        if let Err(e) = spec.validate() {
+            panic!("Model::init on an invalid spec: {e}");
+        }
         let arch = spec.backbone.arch();
         let mut backbone = vec![0.0; arch.num_params];
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
