@@ -290,12 +290,12 @@ impl Simulation {
     /// Central evaluation of the global model on each task's test set.
     pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
         let global = self.engine.global();
+        let (pop, full) = (&self.pop, &self.spec);
         self.pool.install(|| {
-            self.pop
-                .tasks
+            pop.tasks
                 .par_iter()
                 .map(|t| {
-                    let spec = self.spec.subset(&[t.name.as_str()])?;
+                    let spec = full.subset(&[t.name.as_str()])?;
                     let params: ParamGroups = [BACKBONE.to_string(), head_group(&t.name)]
                         .into_iter()
                         .filter_map(|g| global.get(&g).map(|v| (g, v.to_vec())))
