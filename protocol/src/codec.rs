@@ -1,8 +1,38 @@
 //! The update codec: a group's `f32` delta to bytes and back.
 //!
-//! PLACEHOLDER: the signatures here are the contract; the body is a raw
-//! 32-bit encoding until the quantizing codec lands.
+//! An encoding is self-describing, so [`decode_accumulate`] needs only the
+//! bytes and the accumulator. Layout (all little-endian):
+//!
+//! ```text
+//! header (40 bytes):
+//!   0  magic "CQ"            2  format version (1)   3  bits (32,16,8,4,2,1)
+//!   4  flags (bit 0 stochastic, bit 1 sparse, bit 2 bitmap index)
+//!   5  3 zero bytes          8  chunk (u32)          12 4 zero bytes
+//!   16 n: values decoded (u64)
+//!   24 k: values stored (u64; k == n unless sparse)
+//!   32 index section length in bytes (u64; 0 unless sparse)
+//! index section (sparse only): a bitmap of n bits, or LEB128 varint gaps
+//! scales: one f32 per chunk of `chunk` stored values (none for 32 bits)
+//! codes: the stored values, each chunk starting on a byte boundary
+//! ```
+//!
+//! Quantization is symmetric per chunk with scale `s = max |x|`: `b` bits
+//! (8, 4, 2) give the grid `q * s / L`, `q` in `-L..=L`, `L = 2^(b-1) - 1`,
+//! stored as the code `q + L`. 1 bit is the sign with a magnitude per chunk:
+//! `mean |x|` for nearest rounding; for stochastic rounding `s = max |x|`
+//! and `P(+s) = (1 + x/s) / 2`, which is unbiased. 16 bits store `x / s` as
+//! IEEE half (always nearest). 32 bits store the raw `f32`.
+//!
+//! Stochastic rounding draws one 24-bit uniform per value from a
+//! counter-based hash of `(seed, chunk, position)`: deterministic for a seed,
+//! cheap, and independent of how the work would be split.
+//!
+//! Every decoded value is finite by construction: scales read from the wire
+//! must be finite, non-negative and at most [`MAX_SCALE`]; a code above the
+//! grid (which no encoder writes) is clamped onto it; raw and half values are
+//! checked. A decoder that refuses an input leaves the accumulator untouched.
 
+use half::f16;
 use serde::{Deserialize, Serialize};
 
 use crate::ProtocolError;
@@ -31,52 +61,712 @@ pub struct CodecConfig {
     /// 32 (raw), 16, 8, 4, 2 or 1 (sign with a scale).
     pub bits: u8,
     pub rounding: Rounding,
-    /// Values per scale.
+    /// Values per scale. A multiple of 8, from 8 to [`MAX_CHUNK`].
     pub chunk: u32,
     pub top_k: Option<TopK>,
 }
 
 impl Default for CodecConfig {
     fn default() -> Self {
-        CodecConfig { bits: 8, rounding: Rounding::Stochastic, chunk: 256, top_k: None }
+        CodecConfig {
+            bits: 8,
+            rounding: Rounding::Stochastic,
+            chunk: 256,
+            top_k: None,
+        }
     }
+}
+
+/// Length of the header of every encoding.
+pub const HEADER_LEN: usize = 40;
+/// Largest chunk (values per scale).
+pub const MAX_CHUNK: u32 = 1 << 24;
+/// Largest magnitude the codec accepts, and largest scale a decoder accepts:
+/// keeps every product of the grid finite, with room to spare.
+pub const MAX_SCALE: f32 = 1.0e37;
+
+const MAGIC: [u8; 2] = *b"CQ";
+const FORMAT: u8 = 1;
+const FLAG_STOCHASTIC: u8 = 1;
+const FLAG_SPARSE: u8 = 2;
+const FLAG_BITMAP: u8 = 4;
+
+impl CodecConfig {
+    /// Checks the settings; every encoder entry point calls it.
+    pub fn validate(&self) -> Result<(), ProtocolError> {
+        let bad = |m: String| Err(ProtocolError::UnsupportedCodec(m));
+        if !matches!(self.bits, 1 | 2 | 4 | 8 | 16 | 32) {
+            return bad(format!("bits = {} (use 32, 16, 8, 4, 2 or 1)", self.bits));
+        }
+        if self.chunk < 8 || self.chunk % 8 != 0 || self.chunk > MAX_CHUNK {
+            return bad(format!(
+                "chunk = {} (a multiple of 8 from 8 to {MAX_CHUNK})",
+                self.chunk
+            ));
+        }
+        match self.top_k {
+            Some(TopK::Fraction(f)) if !(f > 0.0 && f <= 1.0) => {
+                bad(format!("top-k fraction {f} not in (0, 1]"))
+            }
+            Some(TopK::Count(0)) => bad("top-k count 0".into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Number of values kept out of `n` (all of them without top-k).
+    pub fn kept(&self, n: usize) -> usize {
+        match self.top_k {
+            None => n,
+            Some(TopK::Count(c)) => usize::try_from(c).unwrap_or(usize::MAX).min(n),
+            Some(TopK::Fraction(f)) => {
+                ((f64::from(f) * n as f64).ceil() as usize).clamp(n.min(1), n)
+            }
+        }
+    }
+}
+
+/// Bytes of the codes of `k` values stored in chunks of `chunk` (each chunk
+/// byte-aligned; `chunk` is a multiple of 8, so this is `ceil(k * bits / 8)`).
+fn code_bytes(bits: u8, k: u64) -> Option<u64> {
+    match bits {
+        32 => k.checked_mul(4),
+        16 => k.checked_mul(2),
+        8 => Some(k),
+        4 => Some(k.div_ceil(2)),
+        2 => Some(k.div_ceil(4)),
+        1 => Some(k.div_ceil(8)),
+        _ => None,
+    }
+}
+
+fn num_scales(bits: u8, k: u64, chunk: u64) -> u64 {
+    if bits == 32 {
+        0
+    } else {
+        k.div_ceil(chunk)
+    }
+}
+
+/// Half-width of the integer grid of `bits` (8 → 127, 4 → 7, 2 → 1).
+fn grid(bits: u8) -> u32 {
+    (1u32 << (bits - 1)) - 1
+}
+
+#[inline]
+fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Key of the dither of one chunk.
+fn chunk_key(seed: u64, chunk_index: u64) -> u32 {
+    let z = splitmix64(seed ^ splitmix64(chunk_index));
+    (z ^ (z >> 32)) as u32
+}
+
+/// Uniform in `[0, 1)` with 24 bits, for position `i` of a chunk.
+#[inline]
+fn dither(key: u32, i: u32) -> f32 {
+    (fmix32(key ^ i.wrapping_mul(0x9e37_79b9)) >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
+#[inline]
+fn absmax(x: &[f32]) -> f32 {
+    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Quantizes one chunk `x` (already checked finite and in range) into its
+/// codes, appended at `codes`; returns the scale.
+fn encode_chunk(
+    x: &[f32],
+    bits: u8,
+    stochastic: bool,
+    key: u32,
+    codes: &mut [u8],
+    tmp: &mut [u8],
+) -> f32 {
+    match bits {
+        32 => {
+            for (c, v) in codes.chunks_exact_mut(4).zip(x) {
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+            0.0
+        }
+        16 => {
+            let s = absmax(x);
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            for (c, v) in codes.chunks_exact_mut(2).zip(x) {
+                // |v * inv| <= 1 up to rounding; clamp keeps the decoder's bound exact.
+                let h = f16::from_f32((v * inv).clamp(-1.0, 1.0));
+                c.copy_from_slice(&h.to_bits().to_le_bytes());
+            }
+            s
+        }
+        1 => {
+            let n = x.len();
+            let scale;
+            if stochastic {
+                let s = absmax(x);
+                let half_inv = if s > 0.0 { 0.5 / s } else { 0.0 };
+                for (i, (t, v)) in tmp[..n].iter_mut().zip(x).enumerate() {
+                    let p = 0.5 + v * half_inv;
+                    *t = u8::from(dither(key, i as u32) < p);
+                }
+                scale = s;
+            } else {
+                let sum: f32 = x.iter().map(|v| v.abs()).sum();
+                for (t, v) in tmp[..n].iter_mut().zip(x) {
+                    *t = u8::from(*v >= 0.0);
+                }
+                scale = (sum / n as f32).min(absmax(x));
+            }
+            pack(&tmp[..n], 1, codes);
+            scale
+        }
+        _ => {
+            let l = grid(bits);
+            let lf = l as f32;
+            let top = 2 * l;
+            let s = absmax(x);
+            let inv = if s > 0.0 { lf / s } else { 0.0 };
+            let out: &mut [u8] = if bits == 8 {
+                &mut codes[..x.len()]
+            } else {
+                &mut tmp[..x.len()]
+            };
+            if stochastic {
+                for (i, (c, v)) in out.iter_mut().zip(x).enumerate() {
+                    // y in [0, 2L]; floor(y + u) is y in expectation.
+                    let y = v * inv + lf;
+                    *c = ((y + dither(key, i as u32)) as u32).min(top) as u8;
+                }
+            } else {
+                for (c, v) in out.iter_mut().zip(x) {
+                    let y = v * inv + lf + 0.5;
+                    *c = (y as u32).min(top) as u8;
+                }
+            }
+            if bits != 8 {
+                pack(&tmp[..x.len()], bits, codes);
+            }
+            s
+        }
+    }
+}
+
+/// Packs codes of `bits` (4, 2, 1) bits, lowest bits first.
+fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
+    let per = 8 / bits as usize;
+    for (o, group) in out.iter_mut().zip(codes.chunks(per)) {
+        let mut b = 0u8;
+        for (j, c) in group.iter().enumerate() {
+            b |= c << (j * bits as usize);
+        }
+        *o = b;
+    }
+}
+
+/// Adds `weight * value` of each of the `out.len()` values of one chunk.
+/// `scale` has been validated; codes above the grid are clamped onto it.
+fn add_chunk(bits: u8, scale: f32, codes: &[u8], weight: f32, out: &mut [f32]) {
+    match bits {
+        32 => {
+            for (o, c) in out.iter_mut().zip(codes.chunks_exact(4)) {
+                *o += weight * f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        16 => {
+            let a = weight * scale;
+            for (o, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
+                *o += a * f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+            }
+        }
+        8 => {
+            let a = weight * scale / 127.0;
+            for (o, &c) in out.iter_mut().zip(codes) {
+                *o += a * (i32::from(c.min(254)) - 127) as f32;
+            }
+        }
+        4 => {
+            let a = weight * scale / 7.0;
+            for (o, &c) in out.chunks_mut(2).zip(codes) {
+                let lo = (i32::from((c & 15).min(14)) - 7) as f32;
+                let hi = (i32::from((c >> 4).min(14)) - 7) as f32;
+                o[0] += a * lo;
+                if let Some(h) = o.get_mut(1) {
+                    *h += a * hi;
+                }
+            }
+        }
+        2 => {
+            let a = weight * scale;
+            for (o, &c) in out.chunks_mut(4).zip(codes) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v += a * (i32::from(((c >> (2 * j)) & 3).min(2)) - 1) as f32;
+                }
+            }
+        }
+        _ => {
+            let a = weight * scale;
+            for (o, &c) in out.chunks_mut(8).zip(codes) {
+                for (j, v) in o.iter_mut().enumerate() {
+                    *v += if (c >> j) & 1 == 1 { a } else { -a };
+                }
+            }
+        }
+    }
+}
+
+/// Indices of the `k` largest magnitudes of `x`, ascending. Ties at the
+/// threshold go to the lowest indices, so the choice is deterministic.
+pub fn top_k_indices(x: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(x.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    if k == x.len() {
+        return (0..k).collect();
+    }
+    // The bits of |x| order like |x| itself (for non-NaN values).
+    let mut mags: Vec<u32> = x.iter().map(|v| v.to_bits() & 0x7fff_ffff).collect();
+    let (_, &mut threshold, _) = mags.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    drop(mags);
+    let above = x
+        .iter()
+        .filter(|v| (v.to_bits() & 0x7fff_ffff) > threshold)
+        .count();
+    let mut ties = k - above;
+    let mut out = Vec::with_capacity(k);
+    for (i, v) in x.iter().enumerate() {
+        let m = v.to_bits() & 0x7fff_ffff;
+        if m > threshold {
+            out.push(i);
+        } else if m == threshold && ties > 0 {
+            ties -= 1;
+            out.push(i);
+        }
+    }
+    out
+}
+
+fn varint_len(mut v: u64) -> usize {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
 }
 
 /// Encodes `delta`. `seed` drives stochastic rounding, so encoding is
 /// deterministic.
-pub fn encode(delta: &[f32], _cfg: &CodecConfig, _seed: u64) -> Result<Vec<u8>, ProtocolError> {
-    let mut out = Vec::with_capacity(8 + delta.len() * 4);
-    out.extend_from_slice(&(delta.len() as u64).to_le_bytes());
-    for v in delta {
-        out.extend_from_slice(&v.to_le_bytes());
+pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, ProtocolError> {
+    cfg.validate()?;
+    if let Some(i) = delta.iter().position(|v| !(v.abs() <= MAX_SCALE)) {
+        return Err(ProtocolError::NonFinite(format!(
+            "value {} at index {i} is not finite or exceeds {MAX_SCALE:e}",
+            delta[i]
+        )));
+    }
+    let n = delta.len();
+    let k = cfg.kept(n);
+    let sparse = k < n;
+    let stochastic = cfg.rounding == Rounding::Stochastic;
+    let mut flags = if stochastic { FLAG_STOCHASTIC } else { 0 };
+
+    let (index, kept): (Vec<u8>, Option<Vec<f32>>) = if sparse {
+        flags |= FLAG_SPARSE;
+        let idx = top_k_indices(delta, k);
+        let mut prev = 0u64;
+        let varints: usize = idx
+            .iter()
+            .map(|&i| {
+                let gap = i as u64 - prev;
+                prev = i as u64 + 1;
+                varint_len(gap)
+            })
+            .sum();
+        let bitmap = n.div_ceil(8);
+        let mut index = Vec::with_capacity(varints.min(bitmap));
+        if bitmap <= varints {
+            flags |= FLAG_BITMAP;
+            index.resize(bitmap, 0);
+            for &i in &idx {
+                index[i / 8] |= 1 << (i % 8);
+            }
+        } else {
+            let mut prev = 0u64;
+            for &i in &idx {
+                put_varint(&mut index, i as u64 - prev);
+                prev = i as u64 + 1;
+            }
+        }
+        let kept = idx.iter().map(|&i| delta[i]).collect();
+        (index, Some(kept))
+    } else {
+        (Vec::new(), None)
+    };
+    let values: &[f32] = kept.as_deref().unwrap_or(delta);
+
+    let chunk = cfg.chunk as usize;
+    let scales = num_scales(cfg.bits, k as u64, chunk as u64) as usize;
+    let codes_len = code_bytes(cfg.bits, k as u64).unwrap_or(0) as usize;
+    let total = HEADER_LEN + index.len() + 4 * scales + codes_len;
+    let mut out = vec![0u8; total];
+    out[0..2].copy_from_slice(&MAGIC);
+    out[2] = FORMAT;
+    out[3] = cfg.bits;
+    out[4] = flags;
+    out[8..12].copy_from_slice(&cfg.chunk.to_le_bytes());
+    out[16..24].copy_from_slice(&(n as u64).to_le_bytes());
+    out[24..32].copy_from_slice(&(k as u64).to_le_bytes());
+    out[32..40].copy_from_slice(&(index.len() as u64).to_le_bytes());
+    out[HEADER_LEN..HEADER_LEN + index.len()].copy_from_slice(&index);
+    let (scale_bytes, codes) = out[HEADER_LEN + index.len()..].split_at_mut(4 * scales);
+
+    let chunk_code_bytes = code_bytes(cfg.bits, chunk as u64).unwrap_or(0) as usize;
+    let mut tmp = if cfg.bits < 8 {
+        vec![0u8; chunk.min(values.len())]
+    } else {
+        Vec::new()
+    };
+    for (ci, (x, c)) in values
+        .chunks(chunk)
+        .zip(codes.chunks_mut(chunk_code_bytes.max(1)))
+        .enumerate()
+    {
+        let key = if stochastic {
+            chunk_key(seed, ci as u64)
+        } else {
+            0
+        };
+        let s = encode_chunk(x, cfg.bits, stochastic, key, c, &mut tmp);
+        if cfg.bits != 32 {
+            scale_bytes[4 * ci..4 * ci + 4].copy_from_slice(&s.to_le_bytes());
+        }
     }
     Ok(out)
 }
 
+/// The parsed header and the sections of an encoding, all bounds checked.
+#[derive(Debug)]
+struct Parsed<'a> {
+    bits: u8,
+    chunk: usize,
+    n: u64,
+    k: u64,
+    bitmap: bool,
+    index: Option<&'a [u8]>,
+    scales: &'a [u8],
+    codes: &'a [u8],
+}
+
+fn malformed(m: impl Into<String>) -> ProtocolError {
+    ProtocolError::Malformed(format!("codec: {}", m.into()))
+}
+
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, ProtocolError> {
+    let head = bytes
+        .get(..HEADER_LEN)
+        .ok_or_else(|| malformed("truncated header"))?;
+    if head[0..2] != MAGIC {
+        return Err(malformed("bad magic"));
+    }
+    if head[2] != FORMAT {
+        return Err(ProtocolError::UnsupportedCodec(format!(
+            "codec format {}",
+            head[2]
+        )));
+    }
+    let bits = head[3];
+    if !matches!(bits, 1 | 2 | 4 | 8 | 16 | 32) {
+        return Err(malformed(format!("bits = {bits}")));
+    }
+    let flags = head[4];
+    if flags & !(FLAG_STOCHASTIC | FLAG_SPARSE | FLAG_BITMAP) != 0
+        || head[5..8] != [0; 3]
+        || head[12..16] != [0; 4]
+    {
+        return Err(malformed("reserved bits set"));
+    }
+    let u64_at = |o: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&head[o..o + 8]);
+        u64::from_le_bytes(b)
+    };
+    let chunk = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if chunk < 8 || chunk % 8 != 0 || chunk > MAX_CHUNK {
+        return Err(malformed(format!("chunk = {chunk}")));
+    }
+    let (n, k, index_len) = (u64_at(16), u64_at(24), u64_at(32));
+    let sparse = flags & FLAG_SPARSE != 0;
+    let bitmap = flags & FLAG_BITMAP != 0;
+    if k > n || (!sparse && (k != n || index_len != 0 || bitmap)) {
+        return Err(malformed("inconsistent counts"));
+    }
+    // Everything below is bounded by the actual length before use: no
+    // allocation depends on these numbers.
+    let rest = &bytes[HEADER_LEN..];
+    if index_len > rest.len() as u64 {
+        return Err(malformed("index overruns the input"));
+    }
+    let (index, rest) = rest.split_at(index_len as usize);
+    let scales = num_scales(bits, k, u64::from(chunk))
+        .checked_mul(4)
+        .ok_or_else(|| malformed("count overflow"))?;
+    let codes = code_bytes(bits, k).ok_or_else(|| malformed("count overflow"))?;
+    if scales.checked_add(codes) != Some(rest.len() as u64) {
+        return Err(malformed(format!(
+            "{} bytes of scales and codes, the header implies {scales} + {codes}",
+            rest.len()
+        )));
+    }
+    let (scales, codes) = rest.split_at(scales as usize);
+    Ok(Parsed {
+        bits,
+        chunk: chunk as usize,
+        n,
+        k,
+        bitmap,
+        index: sparse.then_some(index),
+        scales,
+        codes,
+    })
+}
+
+/// Iterates the indices of a sparse index section, checking each one.
+#[derive(Debug)]
+struct Indices<'a> {
+    data: &'a [u8],
+    bitmap: bool,
+    n: u64,
+    pos: usize,
+    bit: u64,
+    next: u64,
+}
+
+impl Iterator for Indices<'_> {
+    type Item = Result<u64, ProtocolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.bitmap {
+            while self.bit < self.n {
+                let b = self.bit;
+                self.bit += 1;
+                if (self.data[(b / 8) as usize] >> (b % 8)) & 1 == 1 {
+                    return Some(Ok(b));
+                }
+            }
+            None
+        } else {
+            if self.pos >= self.data.len() {
+                return None;
+            }
+            let mut v = 0u64;
+            let mut shift = 0;
+            loop {
+                let Some(&b) = self.data.get(self.pos) else {
+                    return Some(Err(malformed("truncated varint")));
+                };
+                self.pos += 1;
+                if shift == 63 && b > 1 {
+                    return Some(Err(malformed("varint overflows u64")));
+                }
+                v |= u64::from(b & 0x7f) << shift;
+                if b & 0x80 == 0 {
+                    break;
+                }
+                shift += 7;
+                if shift > 63 {
+                    return Some(Err(malformed("varint too long")));
+                }
+            }
+            let i = match self.next.checked_add(v) {
+                Some(i) if i < self.n => i,
+                _ => return Some(Err(malformed("index out of range"))),
+            };
+            self.next = i + 1;
+            Some(Ok(i))
+        }
+    }
+}
+
+impl Parsed<'_> {
+    fn indices<'b>(&self, index: &'b [u8]) -> Result<Indices<'b>, ProtocolError> {
+        if self.bitmap && index.len() as u64 != self.n.div_ceil(8) {
+            return Err(malformed("bitmap length"));
+        }
+        Ok(Indices {
+            data: index,
+            bitmap: self.bitmap,
+            n: self.n,
+            pos: 0,
+            bit: 0,
+            next: 0,
+        })
+    }
+
+    /// Checks everything a decode will read, so that decoding cannot fail
+    /// halfway through an accumulator.
+    fn validate(&self) -> Result<(), ProtocolError> {
+        for s in self.scales.chunks_exact(4) {
+            let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+            if !(s >= 0.0 && s <= MAX_SCALE) {
+                return Err(malformed(format!(
+                    "scale {s} not finite, negative or above {MAX_SCALE:e}"
+                )));
+            }
+        }
+        match self.bits {
+            32 => {
+                if self
+                    .codes
+                    .chunks_exact(4)
+                    .any(|c| !(f32::from_le_bytes([c[0], c[1], c[2], c[3]]).abs() <= MAX_SCALE))
+                {
+                    return Err(malformed("raw value not finite or too large"));
+                }
+            }
+            // |x / s| <= 1 on the encoder's side.
+            16 => {
+                if self
+                    .codes
+                    .chunks_exact(2)
+                    .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x3c00)
+                {
+                    return Err(malformed("half value above 1 or not finite"));
+                }
+            }
+            _ => {}
+        }
+        if let Some(index) = self.index {
+            if self.bitmap {
+                let tail = self.n % 8;
+                if tail != 0 && index.last().is_some_and(|b| b >> tail != 0) {
+                    return Err(malformed("bitmap bits past the end"));
+                }
+                let ones: u64 = index.iter().map(|b| u64::from(b.count_ones())).sum();
+                if ones != self.k {
+                    return Err(malformed("bitmap count differs from k"));
+                }
+            }
+            let mut count = 0u64;
+            for i in self.indices(index)? {
+                i?;
+                count += 1;
+                if count > self.k {
+                    return Err(malformed("more indices than k"));
+                }
+            }
+            if count != self.k {
+                return Err(malformed("fewer indices than k"));
+            }
+        }
+        Ok(())
+    }
+
+    fn scale(&self, ci: usize) -> f32 {
+        match self.scales.get(4 * ci..4 * ci + 4) {
+            Some(s) => f32::from_le_bytes([s[0], s[1], s[2], s[3]]),
+            None => 0.0,
+        }
+    }
+}
+
 /// Number of values an encoding holds (read from its header).
 pub fn decoded_len(bytes: &[u8]) -> Result<u64, ProtocolError> {
-    let head: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| ProtocolError::Malformed("truncated header".into()))?;
-    Ok(u64::from_le_bytes(head))
+    Ok(parse(bytes)?.n)
+}
+
+/// The settings an encoding was made with, read from its header (`top_k` is
+/// the count of kept values when sparse).
+pub fn encoded_config(bytes: &[u8]) -> Result<CodecConfig, ProtocolError> {
+    let p = parse(bytes)?;
+    Ok(CodecConfig {
+        bits: p.bits,
+        rounding: if bytes[4] & FLAG_STOCHASTIC != 0 {
+            Rounding::Stochastic
+        } else {
+            Rounding::Nearest
+        },
+        chunk: p.chunk as u32,
+        top_k: p.index.map(|_| TopK::Count(p.k)),
+    })
 }
 
 /// Adds `weight * decode(bytes)` into `acc`, without a decoded copy. The
-/// encoding must hold exactly `acc.len()` values.
+/// encoding must hold exactly `acc.len()` values. On error `acc` is left
+/// unchanged.
 pub fn decode_accumulate(bytes: &[u8], weight: f32, acc: &mut [f32]) -> Result<(), ProtocolError> {
-    let n = decoded_len(bytes)?;
-    if n != acc.len() as u64 || bytes.len() as u64 != 8 + 4 * n {
-        return Err(ProtocolError::Malformed("length mismatch".into()));
+    let p = parse(bytes)?;
+    if p.n != acc.len() as u64 {
+        return Err(ProtocolError::Malformed(format!(
+            "codec: encoding holds {} values, the accumulator {}",
+            p.n,
+            acc.len()
+        )));
     }
-    for (a, c) in acc.iter_mut().zip(bytes[8..].chunks_exact(4)) {
-        *a += weight * f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    p.validate()?;
+    let chunk = p.chunk;
+    let chunk_codes = code_bytes(p.bits, chunk as u64).unwrap_or(0) as usize;
+    match p.index {
+        None => {
+            for (ci, (out, codes)) in acc
+                .chunks_mut(chunk)
+                .zip(p.codes.chunks(chunk_codes))
+                .enumerate()
+            {
+                add_chunk(p.bits, p.scale(ci), codes, weight, out);
+            }
+        }
+        Some(index) => {
+            // Sparse: decode one chunk of kept values at a time, then scatter.
+            let mut tmp = vec![0.0f32; chunk.min(p.k as usize)];
+            let mut indices = p.indices(index)?;
+            let mut left = p.k as usize;
+            for (ci, codes) in p.codes.chunks(chunk_codes).enumerate() {
+                let len = left.min(chunk);
+                left -= len;
+                let out = &mut tmp[..len];
+                out.fill(0.0);
+                add_chunk(p.bits, p.scale(ci), codes, weight, out);
+                for (v, i) in out.iter().zip(indices.by_ref()) {
+                    // Validated above: every index is in range.
+                    let i = i? as usize;
+                    acc[i] += v;
+                }
+            }
+        }
     }
     Ok(())
 }
 
 /// Decodes into a new vector of `expected_len` values.
 pub fn decode(bytes: &[u8], expected_len: usize) -> Result<Vec<f32>, ProtocolError> {
+    let n = decoded_len(bytes)?;
+    if n != expected_len as u64 {
+        return Err(ProtocolError::Malformed(format!(
+            "codec: encoding holds {n} values, expected {expected_len}"
+        )));
+    }
     let mut out = vec![0.0; expected_len];
     decode_accumulate(bytes, 1.0, &mut out)?;
     Ok(out)
@@ -89,17 +779,169 @@ pub struct ErrorFeedback {
 }
 
 impl ErrorFeedback {
-    /// Encodes `delta + residual` and keeps what the encoding lost.
-    pub fn encode(&mut self, delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, ProtocolError> {
+    /// Encodes `delta + residual` and keeps what the encoding lost. Works in
+    /// place in the residual buffer: no decoded copy is allocated.
+    pub fn encode(
+        &mut self,
+        delta: &[f32],
+        cfg: &CodecConfig,
+        seed: u64,
+    ) -> Result<Vec<u8>, ProtocolError> {
         if self.residual.len() != delta.len() {
             self.residual = vec![0.0; delta.len()];
         }
-        let corrected: Vec<f32> = delta.iter().zip(&self.residual).map(|(d, r)| d + r).collect();
-        let bytes = encode(&corrected, cfg, seed)?;
-        let decoded = decode(&bytes, corrected.len())?;
-        for ((r, c), d) in self.residual.iter_mut().zip(&corrected).zip(&decoded) {
-            *r = c - d;
+        cfg.validate()?;
+        // Check first, so that a refused delta leaves the residual as it was.
+        if let Some(i) = delta
+            .iter()
+            .zip(&self.residual)
+            .position(|(d, r)| !((d + r).abs() <= MAX_SCALE))
+        {
+            return Err(ProtocolError::NonFinite(format!(
+                "delta {} plus residual at index {i} is not finite or too large",
+                delta[i]
+            )));
         }
+        for (r, d) in self.residual.iter_mut().zip(delta) {
+            *r += d;
+        }
+        let bytes = encode(&self.residual, cfg, seed)?;
+        // residual = corrected - decoded.
+        decode_accumulate(&bytes, -1.0, &mut self.residual)?;
         Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(bits: u8, rounding: Rounding) -> CodecConfig {
+        CodecConfig {
+            bits,
+            rounding,
+            chunk: 8,
+            top_k: None,
+        }
+    }
+
+    #[test]
+    fn eight_bit_grid_by_hand() {
+        // absmax 1.27 → step 0.01; 0.5 → code 50+127, exact up to f32.
+        let x = [1.27f32, -1.27, 0.5, 0.0, -0.004, 0.006, 0.1, -0.1];
+        let bytes = encode(&x, &cfg(8, Rounding::Nearest), 0).expect("encode");
+        assert_eq!(bytes.len(), HEADER_LEN + 4 + 8);
+        assert_eq!(
+            &bytes[HEADER_LEN + 4..],
+            &[254, 0, 177, 127, 127, 128, 137, 117]
+        );
+        let d = decode(&bytes, 8).expect("decode");
+        let want = [1.27f32, -1.27, 0.5, 0.0, 0.0, 0.01, 0.1, -0.1];
+        for (a, b) in d.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn sizes_per_setting() {
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        for (bits, per) in [
+            (32, 4000),
+            (16, 2000),
+            (8, 1000),
+            (4, 500),
+            (2, 250),
+            (1, 125),
+        ] {
+            let c = CodecConfig {
+                bits,
+                rounding: Rounding::Nearest,
+                chunk: 256,
+                top_k: None,
+            };
+            let b = encode(&x, &c, 1).expect("encode");
+            let scales = if bits == 32 { 0 } else { 4 * 4 };
+            assert_eq!(b.len(), HEADER_LEN + scales + per, "bits {bits}");
+            assert_eq!(decoded_len(&b), Ok(1000));
+        }
+    }
+
+    #[test]
+    fn sparse_round_trip_keeps_largest() {
+        let x = [0.1f32, -5.0, 0.2, 3.0, 0.0, 0.0, -0.3, 4.0, 0.05, 0.0];
+        let c = CodecConfig {
+            bits: 32,
+            rounding: Rounding::Nearest,
+            chunk: 8,
+            top_k: Some(TopK::Count(3)),
+        };
+        let b = encode(&x, &c, 0).expect("encode");
+        let d = decode(&b, 10).expect("decode");
+        assert_eq!(d, vec![0.0, -5.0, 0.0, 3.0, 0.0, 0.0, 0.0, 4.0, 0.0, 0.0]);
+        assert_eq!(top_k_indices(&x, 3), vec![1, 3, 7]);
+        // Ties at the threshold go to the lowest index.
+        assert_eq!(top_k_indices(&[1.0, 2.0, 1.0, 1.0], 2), vec![0, 1]);
+    }
+
+    #[test]
+    fn refuses_bad_inputs_with_typed_errors() {
+        let c = CodecConfig::default();
+        assert!(matches!(
+            encode(&[1.0, f32::NAN], &c, 0),
+            Err(ProtocolError::NonFinite(_))
+        ));
+        assert!(matches!(
+            encode(&[f32::INFINITY], &c, 0),
+            Err(ProtocolError::NonFinite(_))
+        ));
+        let bad = CodecConfig {
+            bits: 3,
+            ..CodecConfig::default()
+        };
+        assert!(matches!(
+            encode(&[1.0], &bad, 0),
+            Err(ProtocolError::UnsupportedCodec(_))
+        ));
+        let b = encode(&[1.0, 2.0, 3.0], &c, 0).expect("encode");
+        let mut acc = vec![0.0; 4];
+        assert!(matches!(
+            decode_accumulate(&b, 1.0, &mut acc),
+            Err(ProtocolError::Malformed(_))
+        ));
+        // A NaN scale on the wire is refused and the accumulator is untouched.
+        let mut evil = b.clone();
+        evil[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut acc = vec![7.0; 3];
+        assert!(matches!(
+            decode_accumulate(&evil, 1.0, &mut acc),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert_eq!(acc, vec![7.0; 3]);
+        // A header claiming 2^60 values is refused before anything is allocated.
+        let mut huge = b[..HEADER_LEN].to_vec();
+        huge[16..24].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        huge[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(matches!(decode(&huge, 3), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            decode_accumulate(&huge, 1.0, &mut acc),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn error_feedback_residual_is_what_was_lost() {
+        let c = CodecConfig {
+            bits: 2,
+            rounding: Rounding::Nearest,
+            chunk: 8,
+            top_k: None,
+        };
+        let mut ef = ErrorFeedback::default();
+        let d = [0.3f32, -1.0, 0.6, 0.1, 0.0, 0.2, -0.4, 0.9];
+        let b = ef.encode(&d, &c, 0).expect("encode");
+        let dec = decode(&b, 8).expect("decode");
+        for ((x, y), r) in d.iter().zip(&dec).zip(&ef.residual) {
+            assert!((x - y - r).abs() < 1e-6);
+        }
     }
 }

@@ -16,13 +16,27 @@ pub enum ProtocolError {
     #[error("unknown parameter group `{0}`")]
     UnknownGroup(String),
     #[error("group `{group}` has {got} values, the layout says {expected}")]
-    GroupLength { group: String, expected: u64, got: u64 },
+    GroupLength {
+        group: String,
+        expected: u64,
+        got: u64,
+    },
     #[error("malformed encoding: {0}")]
     Malformed(String),
     #[error("{what} of {got} bytes exceeds the limit of {limit} bytes")]
-    TooLarge { what: &'static str, got: u64, limit: u64 },
+    TooLarge {
+        what: &'static str,
+        got: u64,
+        limit: u64,
+    },
     #[error("unsupported codec setting: {0}")]
     UnsupportedCodec(String),
+    #[error("value out of range: {0}")]
+    NonFinite(String),
+    #[error("wrong federation: expected `{expected}`, got `{got}`")]
+    WrongFederation { expected: String, got: String },
+    #[error("i/o: {0}")]
+    Io(String),
     #[error("sealed update was changed in transit (authentication failed)")]
     Tampered,
     #[error("sealed update was sealed to another aggregator key")]
