@@ -9,13 +9,36 @@ use cohort_protocol::messages::TrainConfig;
 use cohort_tasks::{BackboneKind, ModelSpec, TaskData, TaskSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "delta.f32".into());
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "delta.f32".into());
     let split = cohort_tasks::builtin("mnist5k")?;
-    let spec = ModelSpec { backbone: BackboneKind::Mlp28, tasks: vec![TaskSpec { name: "digits".into(), classes: 10 }] };
+    let spec = ModelSpec {
+        backbone: BackboneKind::Mlp28,
+        tasks: vec![TaskSpec {
+            name: "digits".into(),
+            classes: 10,
+        }],
+    };
     let start = spec.init(1);
     let all: Vec<usize> = (0..split.train.len()).collect();
-    let cfg = TrainConfig { epochs: 1, batch_size: 32, lr: 0.05, seed: 1, ..TrainConfig::default() };
-    let trained = cohort_tasks::train(&spec, &start, &[TaskData { task: "digits", data: &split.train, indices: &all }], &cfg)?;
+    let cfg = TrainConfig {
+        epochs: 1,
+        batch_size: 32,
+        lr: 0.05,
+        seed: 1,
+        ..TrainConfig::default()
+    };
+    let trained = cohort_tasks::train(
+        &spec,
+        &start,
+        &[TaskData {
+            task: "digits",
+            data: &split.train,
+            indices: &all,
+        }],
+        &cfg,
+    )?;
     let delta = trained.params.delta_from(&start)?;
     let mut bytes = Vec::with_capacity(4 * delta.num_values());
     for (_, v) in delta.iter() {
@@ -24,6 +47,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     std::fs::write(&out, &bytes)?;
-    println!("wrote {} values ({} bytes) to {out}", delta.num_values(), bytes.len());
+    println!(
+        "wrote {} values ({} bytes) to {out}",
+        delta.num_values(),
+        bytes.len()
+    );
     Ok(())
 }

@@ -12,7 +12,11 @@ pub fn digits(clients: usize, partitioner: Partitioner, rounds: u64) -> Experime
         seed: 3,
         rounds,
         backbone: BackboneKind::Mlp8x8,
-        tasks: vec![TaskConfig { name: "digits".into(), dataset: "digits8x8".into(), holders: 1.0 }],
+        tasks: vec![TaskConfig {
+            name: "digits".into(),
+            dataset: "digits8x8".into(),
+            holders: 1.0,
+        }],
         strategy: StrategyConfig::default(),
         ..ExperimentConfig::default()
     };
@@ -20,9 +24,9 @@ pub fn digits(clients: usize, partitioner: Partitioner, rounds: u64) -> Experime
     cfg.clients.per_round = clients;
     cfg.clients.data = ClientData::Partition { partitioner };
     cfg.engine.federation = "digits".into();
-    cfg.engine.train.epochs = 2;
-    cfg.engine.train.batch_size = 16;
-    cfg.engine.train.lr = 0.1;
+    cfg.engine.train.epochs = 3;
+    cfg.engine.train.batch_size = 8;
+    cfg.engine.train.lr = 0.2;
     cfg.engine.codec.bits = 32;
     cfg
 }

@@ -15,7 +15,7 @@ fn run(cfg: &ExperimentConfig) -> ExperimentResult {
 
 #[test]
 fn fedavg_digits_iid_reaches_95() {
-    let r = run(&digits(20, Partitioner::Iid, 15));
+    let r = run(&digits(20, Partitioner::Iid, 20));
     let acc = pct(&r, "digits");
     println!("digits, 20 clients IID, FedAvg: {acc:.2}%");
     assert!(acc >= 95.0, "IID digits reached only {acc:.2}%");
@@ -58,26 +58,41 @@ fn robust_strategies_resist_sign_flip() {
     attacked.faults.attack = Attack::SignFlip { scale: 4.0 };
     let fedavg = pct(&run(&attacked), "digits");
     let mut median = attacked.clone();
-    median.strategy = StrategyConfig { kind: StrategyKind::Median, clip_norm: None };
+    median.strategy = StrategyConfig {
+        kind: StrategyKind::Median,
+        clip_norm: None,
+    };
     let med = pct(&run(&median), "digits");
     let mut trimmed = attacked.clone();
-    trimmed.strategy = StrategyConfig { kind: StrategyKind::TrimmedMean(TrimParams { beta: 0.25 }), clip_norm: None };
+    trimmed.strategy = StrategyConfig {
+        kind: StrategyKind::TrimmedMean(TrimParams { beta: 0.25 }),
+        clip_norm: None,
+    };
     let trim = pct(&run(&trimmed), "digits");
     println!("20% sign-flip x4: clean {clean:.2}%, FedAvg {fedavg:.2}%, median {med:.2}%, trimmed mean {trim:.2}%");
-    assert!(fedavg < clean - 10.0, "FedAvg should degrade visibly: {fedavg:.2}% vs clean {clean:.2}%");
+    assert!(
+        fedavg < clean - 10.0,
+        "FedAvg should degrade visibly: {fedavg:.2}% vs clean {clean:.2}%"
+    );
     assert!(med >= clean - 3.0, "median {med:.2}% vs clean {clean:.2}%");
-    assert!(trim >= clean - 3.0, "trimmed mean {trim:.2}% vs clean {clean:.2}%");
+    assert!(
+        trim >= clean - 3.0,
+        "trimmed mean {trim:.2}% vs clean {clean:.2}%"
+    );
 }
 
 #[test]
 fn converges_with_30_percent_dropout() {
-    let mut cfg = digits(20, Partitioner::Iid, 15);
+    let mut cfg = digits(20, Partitioner::Iid, 20);
     cfg.faults.dropout = 0.3;
     cfg.engine.quorum = 0.3;
     let r = run(&cfg);
     let dropped: usize = r.rounds.iter().map(|m| m.dropped).sum();
     let acc = pct(&r, "digits");
-    println!("30% dropout: {dropped} dropouts over {} rounds, {acc:.2}%", r.rounds.len());
+    println!(
+        "30% dropout: {dropped} dropouts over {} rounds, {acc:.2}%",
+        r.rounds.len()
+    );
     assert!(dropped > 0, "dropout injection did nothing");
     assert!(acc >= 93.0, "with dropout reached only {acc:.2}%");
 }
@@ -86,13 +101,21 @@ fn converges_with_30_percent_dropout() {
 fn async_fedbuff_with_stragglers_converges() {
     let mut cfg = digits(20, Partitioner::Iid, 30);
     cfg.clients.per_round = 8;
-    cfg.engine.mode = Mode::Async(FedBuffConfig { buffer_k: 5, max_staleness: 10, ..FedBuffConfig::default() });
+    cfg.engine.mode = Mode::Async(FedBuffConfig {
+        buffer_k: 5,
+        max_staleness: 10,
+        ..FedBuffConfig::default()
+    });
     cfg.faults.latency_mean_ms = 500.0;
-    cfg.engine.deadline_ms = 2_000;
+    cfg.engine.deadline_ms = 1_000;
     let r = run(&cfg);
     let acc = pct(&r, "digits");
     let late: usize = r.rounds.iter().map(|m| m.late).sum();
-    println!("FedBuff K=5, 8 in flight, exp(500 ms) latencies: {acc:.2}% after {} steps, {late} late", r.rounds.len());
+    println!(
+        "FedBuff K=5, 8 in flight, exp(500 ms) latencies: {acc:.2}% after {} steps, {late} late",
+        r.rounds.len()
+    );
     assert_eq!(r.rounds.len(), 30);
+    assert!(late > 0, "the deadline should cut some stragglers");
     assert!(acc >= 93.0, "async reached only {acc:.2}%");
 }

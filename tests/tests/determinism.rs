@@ -13,7 +13,11 @@ fn final_weights(threads: usize, seed: u64) -> Vec<u32> {
     cfg.seed = seed;
     let mut sim = Simulation::new(cfg).expect("builds");
     sim.run(|_| {}).expect("runs");
-    sim.engine.global().iter().flat_map(|(_, v)| v.iter().map(|x| x.to_bits())).collect()
+    sim.engine
+        .global()
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|x| x.to_bits()))
+        .collect()
 }
 
 #[test]

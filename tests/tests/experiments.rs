@@ -22,7 +22,8 @@ fn every_experiment_file_parses() {
         let path = e.expect("entry").path();
         if path.extension().is_some_and(|x| x == "toml") {
             let text = std::fs::read_to_string(&path).expect("read");
-            ExperimentConfig::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            ExperimentConfig::from_toml(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             n += 1;
         }
     }
@@ -36,11 +37,22 @@ fn digits_iid_file_runs_and_writes_outputs() {
     cfg.output = Some(dir.clone());
     let r = run_experiment(&cfg, |_| {}).expect("runs");
     assert!(r.accuracy("digits").expect("evaluated") >= 0.95);
-    for f in ["metrics.csv", "metrics.jsonl", "accuracy.svg", "summary.txt", "result.json", "experiment.toml"] {
+    for f in [
+        "metrics.csv",
+        "metrics.jsonl",
+        "accuracy.svg",
+        "summary.txt",
+        "result.json",
+        "experiment.toml",
+    ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let csv = std::fs::read_to_string(dir.join("metrics.csv")).expect("csv");
-    assert_eq!(csv.lines().count() as u64, cfg.rounds + 1, "a header and a row per round");
+    assert_eq!(
+        csv.lines().count() as u64,
+        cfg.rounds + 1,
+        "a header and a row per round"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -51,8 +63,18 @@ fn scale_file_holds_no_state_for_idle_clients() {
     let mut sim = Simulation::new(cfg).expect("builds");
     let rounds = sim.run(|_| {}).expect("runs");
     assert_eq!(rounds.len(), 2);
-    assert!(rounds.iter().all(|m| m.sampled == 1000 && m.accepted == 1000));
+    assert!(rounds
+        .iter()
+        .all(|m| m.sampled == 1000 && m.accepted == 1000));
     // Only clients that trained keep state (8-bit residuals): at most 2000.
-    assert!(sim.clients_with_state() <= 2000, "{} clients with state", sim.clients_with_state());
-    println!("state: {} clients, {} bytes", sim.clients_with_state(), sim.state_bytes());
+    assert!(
+        sim.clients_with_state() <= 2000,
+        "{} clients with state",
+        sim.clients_with_state()
+    );
+    println!(
+        "state: {} clients, {} bytes",
+        sim.clients_with_state(),
+        sim.state_bytes()
+    );
 }

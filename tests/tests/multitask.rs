@@ -11,12 +11,36 @@ use cohort_tests::pct;
 /// Accuracy of a model trained centrally on all of a task's training data.
 fn centralized(dataset: &str, task: &str, epochs: u32) -> f32 {
     let split = cohort_tasks::builtin(dataset).expect("built-in data set");
-    let spec = ModelSpec { backbone: BackboneKind::Mlp28, tasks: vec![TaskSpec { name: task.into(), classes: 10 }] };
+    let spec = ModelSpec {
+        backbone: BackboneKind::Mlp28,
+        tasks: vec![TaskSpec {
+            name: task.into(),
+            classes: 10,
+        }],
+    };
     let all: Vec<usize> = (0..split.train.len()).collect();
-    let cfg = TrainConfig { epochs, batch_size: 32, lr: 0.05, seed: 5, ..TrainConfig::default() };
-    let out = cohort_tasks::train(&spec, &spec.init(5), &[TaskData { task, data: &split.train, indices: &all }], &cfg)
-        .expect("trains");
-    100.0 * cohort_tasks::evaluate(&spec, &out.params, task, &split.test, None).expect("evaluates").accuracy
+    let cfg = TrainConfig {
+        epochs,
+        batch_size: 32,
+        lr: 0.05,
+        seed: 5,
+        ..TrainConfig::default()
+    };
+    let out = cohort_tasks::train(
+        &spec,
+        &spec.init(5),
+        &[TaskData {
+            task,
+            data: &split.train,
+            indices: &all,
+        }],
+        &cfg,
+    )
+    .expect("trains");
+    100.0
+        * cohort_tasks::evaluate(&spec, &out.params, task, &split.test, None)
+            .expect("evaluates")
+            .accuracy
 }
 
 #[test]
@@ -30,12 +54,30 @@ fn w0_shared_backbone_is_within_3_points_of_centralized() {
     let c_digits = centralized("mnist5k", "digits", 10);
     let c_fashion = centralized("fashion6k", "fashion", 10);
     println!("W0 after {} rounds          digits   fashion", cfg.rounds);
-    println!("  shared backbone         {:6.2}%  {:6.2}%", pct(&shared, "digits"), pct(&shared, "fashion"));
-    println!("  one federation per task {:6.2}%  {:6.2}%", pct(&separate, "digits"), pct(&separate, "fashion"));
+    println!(
+        "  shared backbone         {:6.2}%  {:6.2}%",
+        pct(&shared, "digits"),
+        pct(&shared, "fashion")
+    );
+    println!(
+        "  one federation per task {:6.2}%  {:6.2}%",
+        pct(&separate, "digits"),
+        pct(&separate, "fashion")
+    );
     println!("  centralized (10 epochs) {c_digits:6.2}%  {c_fashion:6.2}%");
-    let bytes = |r: &cohort_simulator::ExperimentResult| r.rounds.iter().map(|m| m.bytes_up).sum::<u64>() as f64 / 1e6;
-    println!("  upload: shared {:.1} MB, separate {:.1} MB", bytes(&shared), bytes(&separate));
-    assert!(pct(&shared, "digits") >= c_digits - 3.0, "digits: shared {:.2}% vs centralized {c_digits:.2}%", pct(&shared, "digits"));
+    let bytes = |r: &cohort_simulator::ExperimentResult| {
+        r.rounds.iter().map(|m| m.bytes_up).sum::<u64>() as f64 / 1e6
+    };
+    println!(
+        "  upload: shared {:.1} MB, separate {:.1} MB",
+        bytes(&shared),
+        bytes(&separate)
+    );
+    assert!(
+        pct(&shared, "digits") >= c_digits - 3.0,
+        "digits: shared {:.2}% vs centralized {c_digits:.2}%",
+        pct(&shared, "digits")
+    );
     assert!(
         pct(&shared, "fashion") >= c_fashion - 3.0,
         "fashion: shared {:.2}% vs centralized {c_fashion:.2}%",
@@ -52,9 +94,19 @@ fn local_heads_never_leave_and_personalization_helps() {
     cfg.eval.personalize_clients = 20;
     let r = run_experiment(&cfg, |_| {}).expect("runs");
     for p in &r.personalized {
-        println!("{}: {} clients, global model {:.2}%, personalized {:.2}%", p.task, p.clients, 100.0 * p.before, 100.0 * p.after);
+        println!(
+            "{}: {} clients, global model {:.2}%, personalized {:.2}%",
+            p.task,
+            p.clients,
+            100.0 * p.before,
+            100.0 * p.after
+        );
         assert!(p.clients > 0);
-        assert!(p.after >= p.before - 0.02, "fine-tuning the head made {} worse", p.task);
+        assert!(
+            p.after >= p.before - 0.02,
+            "fine-tuning the head made {} worse",
+            p.task
+        );
     }
     assert_eq!(r.personalized.len(), 2);
 }
