@@ -174,9 +174,9 @@ impl Layout {
     /// right length.
     pub fn check(&self, params: &ParamGroups) -> Result<(), ProtocolError> {
         for g in &self.groups {
-            let v = params
-                .get(&g.name)
-                .ok_or_else(|| ProtocolError::LayoutMismatch(format!("group `{}` missing", g.name)))?;
+            let v = params.get(&g.name).ok_or_else(|| {
+                ProtocolError::LayoutMismatch(format!("group `{}` missing", g.name))
+            })?;
             if v.len() as u64 != g.len() {
                 return Err(ProtocolError::GroupLength {
                     group: g.name.clone(),
@@ -325,13 +325,25 @@ mod tests {
                 GroupLayout {
                     name: BACKBONE.into(),
                     tensors: vec![
-                        TensorSpec { name: "backbone.0.weight".into(), shape: vec![4, 3], offset: 0 },
-                        TensorSpec { name: "backbone.0.bias".into(), shape: vec![4], offset: 12 },
+                        TensorSpec {
+                            name: "backbone.0.weight".into(),
+                            shape: vec![4, 3],
+                            offset: 0,
+                        },
+                        TensorSpec {
+                            name: "backbone.0.bias".into(),
+                            shape: vec![4],
+                            offset: 12,
+                        },
                     ],
                 },
                 GroupLayout {
                     name: head_group("a"),
-                    tensors: vec![TensorSpec { name: "head/a.weight".into(), shape: vec![2, 4], offset: 0 }],
+                    tensors: vec![TensorSpec {
+                        name: "head/a.weight".into(),
+                        shape: vec![2, 4],
+                        offset: 0,
+                    }],
                 },
             ],
         }
@@ -366,6 +378,9 @@ mod tests {
         let mut p = l.zeros();
         l.check(&p).expect("zeros fit");
         p.get_mut(BACKBONE).expect("backbone").push(1.0);
-        assert!(matches!(l.check(&p), Err(ProtocolError::GroupLength { .. })));
+        assert!(matches!(
+            l.check(&p),
+            Err(ProtocolError::GroupLength { .. })
+        ));
     }
 }

@@ -6,14 +6,16 @@
 
 pub mod codec;
 pub mod error;
+pub mod framing;
 pub mod layout;
 pub mod messages;
+#[cfg(feature = "libp2p")]
+pub mod p2p;
 pub mod seal;
 
 pub use error::ProtocolError;
 pub use layout::{
-    head_group, task_of_group, Fingerprint, GroupLayout, Layout, ParamGroups, TensorSpec,
-    BACKBONE,
+    head_group, task_of_group, Fingerprint, GroupLayout, Layout, ParamGroups, TensorSpec, BACKBONE,
 };
 
 /// Version of the wire protocol. Every envelope carries it; a peer speaking

@@ -108,13 +108,17 @@ impl FromStr for SealPublicKey {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |m: &str| ProtocolError::BadKey(format!("sealing public key `{s}`: {m}"));
-        let hex = s.trim().strip_prefix(PUBLIC_PREFIX).ok_or_else(|| bad("must start with `cohort-pk1:`"))?;
+        let hex = s
+            .trim()
+            .strip_prefix(PUBLIC_PREFIX)
+            .ok_or_else(|| bad("must start with `cohort-pk1:`"))?;
         if hex.len() != 64 || !hex.is_ascii() {
             return Err(bad("needs 64 hex digits"));
         }
         let mut out = [0u8; 32];
         for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad("not hexadecimal"))?;
+            *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| bad("not hexadecimal"))?;
         }
         Ok(SealPublicKey(out))
     }
@@ -128,7 +132,9 @@ pub struct SealKeyPair {
 
 impl fmt::Debug for SealKeyPair {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SealKeyPair").field("public", &self.public).finish_non_exhaustive()
+        f.debug_struct("SealKeyPair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
     }
 }
 
@@ -140,12 +146,17 @@ impl SealKeyPair {
     /// A new key pair from the system's secure random generator.
     pub fn generate() -> Result<Self, ProtocolError> {
         let mut secret = [0u8; 32];
-        SystemRandom::new().fill(&mut secret).map_err(|_| crypto("system random generator failed"))?;
+        SystemRandom::new()
+            .fill(&mut secret)
+            .map_err(|_| crypto("system random generator failed"))?;
         Ok(Self::from_secret(secret))
     }
 
     fn from_secret(secret: [u8; 32]) -> Self {
-        let public = SealPublicKey(x25519_dalek::x25519(secret, x25519_dalek::X25519_BASEPOINT_BYTES));
+        let public = SealPublicKey(x25519_dalek::x25519(
+            secret,
+            x25519_dalek::X25519_BASEPOINT_BYTES,
+        ));
         SealKeyPair { secret, public }
     }
 
@@ -157,18 +168,29 @@ impl SealKeyPair {
     /// written to a temporary file readable by its owner only (mode 0600),
     /// then renamed, so a crash never leaves half a key.
     pub fn load_or_create(path: &Path) -> Result<Self, ProtocolError> {
-        let key_err = |m: String| ProtocolError::KeyFile { path: path.display().to_string(), reason: m };
+        let key_err = |m: String| ProtocolError::KeyFile {
+            path: path.display().to_string(),
+            reason: m,
+        };
         match std::fs::read(path) {
             Ok(bytes) => {
                 if bytes.len() != KEY_FILE_MAGIC.len() + 32 || !bytes.starts_with(KEY_FILE_MAGIC) {
-                    return Err(key_err("not a Cohort sealing key file (wrong size or magic)".into()));
+                    return Err(key_err(
+                        "not a Cohort sealing key file (wrong size or magic)".into(),
+                    ));
                 }
                 #[cfg(unix)]
                 {
                     use std::os::unix::fs::PermissionsExt;
-                    let mode = std::fs::metadata(path).map_err(|e| key_err(e.to_string()))?.permissions().mode();
+                    let mode = std::fs::metadata(path)
+                        .map_err(|e| key_err(e.to_string()))?
+                        .permissions()
+                        .mode();
                     if mode & 0o077 != 0 {
-                        return Err(key_err(format!("readable by others (mode {:o}); chmod 600 it", mode & 0o777)));
+                        return Err(key_err(format!(
+                            "readable by others (mode {:o}); chmod 600 it",
+                            mode & 0o777
+                        )));
                     }
                 }
                 let mut secret = [0u8; 32];
@@ -186,7 +208,10 @@ impl SealKeyPair {
                     opts.mode(0o600);
                 }
                 let mut f = opts.open(&tmp).map_err(|e| key_err(e.to_string()))?;
-                f.write_all(KEY_FILE_MAGIC).and_then(|()| f.write_all(&pair.secret)).and_then(|()| f.sync_all()).map_err(|e| key_err(e.to_string()))?;
+                f.write_all(KEY_FILE_MAGIC)
+                    .and_then(|()| f.write_all(&pair.secret))
+                    .and_then(|()| f.sync_all())
+                    .map_err(|e| key_err(e.to_string()))?;
                 std::fs::rename(&tmp, path).map_err(|e| key_err(e.to_string()))?;
                 Ok(pair)
             }
@@ -204,7 +229,10 @@ impl SealKeyPair {
             return Err(ProtocolError::WrongKey);
         }
         if h.round != ctx.round {
-            return Err(ProtocolError::ContextMismatch(format!("sealed for round {}, presented as round {}", h.round, ctx.round)));
+            return Err(ProtocolError::ContextMismatch(format!(
+                "sealed for round {}, presented as round {}",
+                h.round, ctx.round
+            )));
         }
         if h.sender != ctx.sender.as_bytes() {
             return Err(ProtocolError::ContextMismatch(format!(
@@ -220,7 +248,11 @@ impl SealKeyPair {
         let key = derive_key(&shared, &h.ephemeral, &self.public.0)?;
         let mut buf = sealed[h.body_start..].to_vec();
         let plain = key
-            .open_in_place(Nonce::assume_unique_for_key([0u8; 12]), Aad::from(ctx.aad()), &mut buf)
+            .open_in_place(
+                Nonce::assume_unique_for_key([0u8; 12]),
+                Aad::from(ctx.aad()),
+                &mut buf,
+            )
             .map_err(|_| ProtocolError::Tampered)?;
         let n = plain.len();
         buf.truncate(n);
@@ -238,7 +270,9 @@ struct Header<'a> {
 
 fn parse_header(sealed: &[u8]) -> Result<Header<'_>, ProtocolError> {
     let short = || ProtocolError::Malformed("sealed update too short".into());
-    let rest = sealed.strip_prefix(MAGIC.as_slice()).ok_or_else(|| ProtocolError::Malformed("not a sealed update (magic)".into()))?;
+    let rest = sealed
+        .strip_prefix(MAGIC.as_slice())
+        .ok_or_else(|| ProtocolError::Malformed("not a sealed update (magic)".into()))?;
     let (key_id, rest) = rest.split_first_chunk::<8>().ok_or_else(short)?;
     let (round, rest) = rest.split_first_chunk::<8>().ok_or_else(short)?;
     let (slen, rest) = rest.split_first_chunk::<2>().ok_or_else(short)?;
@@ -257,28 +291,45 @@ fn parse_header(sealed: &[u8]) -> Result<Header<'_>, ProtocolError> {
     })
 }
 
-fn derive_key(shared: &[u8], ephemeral: &[u8; 32], recipient: &[u8; 32]) -> Result<LessSafeKey, ProtocolError> {
+fn derive_key(
+    shared: &[u8],
+    ephemeral: &[u8; 32],
+    recipient: &[u8; 32],
+) -> Result<LessSafeKey, ProtocolError> {
     let mut salt_bytes = [0u8; 64];
     salt_bytes[..32].copy_from_slice(ephemeral);
     salt_bytes[32..].copy_from_slice(recipient);
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &salt_bytes).extract(shared);
-    let okm = prk.expand(&[HKDF_INFO], &AES_256_GCM).map_err(|_| crypto("hkdf expand"))?;
+    let okm = prk
+        .expand(&[HKDF_INFO], &AES_256_GCM)
+        .map_err(|_| crypto("hkdf expand"))?;
     Ok(LessSafeKey::new(UnboundKey::from(okm)))
 }
 
 /// Seals `plaintext` to `recipient` under `ctx`.
-pub fn seal(recipient: &SealPublicKey, ctx: &SealContext, plaintext: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+pub fn seal(
+    recipient: &SealPublicKey,
+    ctx: &SealContext,
+    plaintext: &[u8],
+) -> Result<Vec<u8>, ProtocolError> {
     if ctx.sender.len() > MAX_SENDER_LEN {
-        return Err(ProtocolError::Malformed(format!("sender id longer than {MAX_SENDER_LEN} bytes")));
+        return Err(ProtocolError::Malformed(format!(
+            "sender id longer than {MAX_SENDER_LEN} bytes"
+        )));
     }
     let rng = SystemRandom::new();
-    let eph = EphemeralPrivateKey::generate(&X25519, &rng).map_err(|_| crypto("ephemeral key generation"))?;
-    let eph_pub = eph.compute_public_key().map_err(|_| crypto("ephemeral public key"))?;
+    let eph = EphemeralPrivateKey::generate(&X25519, &rng)
+        .map_err(|_| crypto("ephemeral key generation"))?;
+    let eph_pub = eph
+        .compute_public_key()
+        .map_err(|_| crypto("ephemeral public key"))?;
     let mut eph_bytes = [0u8; 32];
     eph_bytes.copy_from_slice(eph_pub.as_ref());
     let peer = UnparsedPublicKey::new(&X25519, recipient.0);
-    let key = agreement::agree_ephemeral(eph, &peer, |shared| derive_key(shared, &eph_bytes, &recipient.0))
-        .map_err(|_| crypto("key agreement (invalid public key?)"))??;
+    let key = agreement::agree_ephemeral(eph, &peer, |shared| {
+        derive_key(shared, &eph_bytes, &recipient.0)
+    })
+    .map_err(|_| crypto("key agreement (invalid public key?)"))??;
     let header_len = MAGIC.len() + 8 + 8 + 2 + ctx.sender.len() + 32;
     let mut out = Vec::with_capacity(header_len + plaintext.len() + TAG_LEN);
     out.extend_from_slice(MAGIC);
@@ -289,7 +340,11 @@ pub fn seal(recipient: &SealPublicKey, ctx: &SealContext, plaintext: &[u8]) -> R
     out.extend_from_slice(&eph_bytes);
     out.extend_from_slice(plaintext);
     let tag = key
-        .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0u8; 12]), Aad::from(ctx.aad()), &mut out[header_len..])
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(ctx.aad()),
+            &mut out[header_len..],
+        )
         .map_err(|_| crypto("seal"))?;
     out.extend_from_slice(tag.as_ref());
     Ok(out)
@@ -308,7 +363,10 @@ impl ReplayGuard {
         if self.seen.insert((ctx.round, ctx.sender.clone())) {
             Ok(())
         } else {
-            Err(ProtocolError::Replay { round: ctx.round, sender: ctx.sender.clone() })
+            Err(ProtocolError::Replay {
+                round: ctx.round,
+                sender: ctx.sender.clone(),
+            })
         }
     }
 
@@ -355,7 +413,10 @@ mod tests {
         for i in 0..sealed.len() * 8 {
             let mut s = sealed.clone();
             s[i / 8] ^= 1 << (i % 8);
-            assert!(k.open(&ctx(), &s).is_err(), "bit {i} flipped and still opened");
+            assert!(
+                k.open(&ctx(), &s).is_err(),
+                "bit {i} flipped and still opened"
+            );
         }
         let mut s = sealed.clone();
         let last = s.len() - 1;
@@ -371,10 +432,16 @@ mod tests {
         assert_eq!(other.open(&ctx(), &sealed), Err(ProtocolError::WrongKey));
         let mut c = ctx();
         c.round = 8;
-        assert!(matches!(k.open(&c, &sealed), Err(ProtocolError::ContextMismatch(_))));
+        assert!(matches!(
+            k.open(&c, &sealed),
+            Err(ProtocolError::ContextMismatch(_))
+        ));
         let mut c = ctx();
         c.sender = "node-b".into();
-        assert!(matches!(k.open(&c, &sealed), Err(ProtocolError::ContextMismatch(_))));
+        assert!(matches!(
+            k.open(&c, &sealed),
+            Err(ProtocolError::ContextMismatch(_))
+        ));
         let mut c = ctx();
         c.federation = "other".into();
         assert_eq!(k.open(&c, &sealed), Err(ProtocolError::Tampered));
@@ -383,10 +450,16 @@ mod tests {
         assert_eq!(k.open(&c, &sealed), Err(ProtocolError::Tampered));
         let mut guard = ReplayGuard::default();
         guard.check_and_record(&ctx()).expect("first");
-        assert!(matches!(guard.check_and_record(&ctx()), Err(ProtocolError::Replay { round: 7, .. })));
+        assert!(matches!(
+            guard.check_and_record(&ctx()),
+            Err(ProtocolError::Replay { round: 7, .. })
+        ));
         guard.prune_below(8);
         assert!(guard.is_empty());
-        assert!(matches!(k.open(&ctx(), &sealed[..10]), Err(ProtocolError::Malformed(_))));
+        assert!(matches!(
+            k.open(&ctx(), &sealed[..10]),
+            Err(ProtocolError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -406,6 +479,9 @@ mod tests {
         assert_eq!(text.parse::<SealPublicKey>().expect("parse"), a.public());
         assert!("cohort-pk1:zz".parse::<SealPublicKey>().is_err());
         std::fs::write(&path, b"garbage").expect("write");
-        assert!(matches!(SealKeyPair::load_or_create(&path), Err(ProtocolError::KeyFile { .. })));
+        assert!(matches!(
+            SealKeyPair::load_or_create(&path),
+            Err(ProtocolError::KeyFile { .. })
+        ));
     }
 }
