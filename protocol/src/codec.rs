@@ -152,15 +152,6 @@ fn grid(bits: u8) -> u32 {
     (1u32 << (bits - 1)) - 1
 }
 
-#[inline]
-fn fmix32(mut h: u32) -> u32 {
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    h = h.wrapping_mul(0xc2b2_ae35);
-    h ^ (h >> 16)
-}
-
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -174,15 +165,66 @@ fn chunk_key(seed: u64, chunk_index: u64) -> u32 {
     (z ^ (z >> 32)) as u32
 }
 
-/// Uniform in `[0, 1)` with 24 bits, for position `i` of a chunk.
-#[inline]
+const GOLDEN32: u32 = 0x9e37_79b9;
+
+/// Uniform in `[0, 1)` with 24 bits, for position `i` of a chunk. For a
+/// uniformly random key, `key ^ i * GOLDEN32` is uniform and the mix below is
+/// a bijection, so each value's dither is exactly uniform (24 bits) over
+/// keys: stochastic rounding stays unbiased. One multiply per value keeps the
+/// loop vectorizable and cheap.
+#[inline(always)]
 fn dither(key: u32, i: u32) -> f32 {
-    (fmix32(key ^ i.wrapping_mul(0x9e37_79b9)) >> 8) as f32 * (1.0 / 16_777_216.0)
+    let mut h = key ^ i.wrapping_mul(GOLDEN32);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    (h >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
-#[inline]
+/// Largest magnitude, with eight lanes so that the loop vectorizes.
 fn absmax(x: &[f32]) -> f32 {
-    x.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    let mut m = [0.0f32; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for j in 0..8 {
+            let a = c[j].abs();
+            m[j] = if a > m[j] { a } else { m[j] };
+        }
+    }
+    let tail = it.remainder().iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    m.iter().fold(tail, |a, &v| a.max(v))
+}
+
+/// Grid codes (one byte each) of `x` on the grid `-L..=L` with `inv = L / s`.
+fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [u8]) {
+    let lf = l as f32;
+    let top = (2 * l) as f32;
+    // y = x/s*L + L in [0, 2L]; floor(y + u) is y in expectation, floor(y + 1/2) is nearest.
+    let code = |v: f32, u: f32| (v * inv + lf + u).max(0.0).min(top) as i32 as u8;
+    let mut it = out.chunks_exact_mut(8).zip(x.chunks_exact(8));
+    let mut done = 0usize;
+    if stochastic {
+        for (o, v) in &mut it {
+            let base = done as u32;
+            for j in 0..8 {
+                o[j] = code(v[j], dither(key, base + j as u32));
+            }
+            done += 8;
+        }
+        for (i, (o, v)) in out[done..].iter_mut().zip(&x[done..]).enumerate() {
+            *o = code(*v, dither(key, (done + i) as u32));
+        }
+    } else {
+        for (o, v) in &mut it {
+            for j in 0..8 {
+                o[j] = code(v[j], 0.5);
+            }
+            done += 8;
+        }
+        for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
+            *o = code(*v, 0.5);
+        }
+    }
 }
 
 /// Quantizes one chunk `x` (already checked finite and in range) into its
@@ -235,28 +277,12 @@ fn encode_chunk(
         }
         _ => {
             let l = grid(bits);
-            let lf = l as f32;
-            let top = 2 * l;
             let s = absmax(x);
-            let inv = if s > 0.0 { lf / s } else { 0.0 };
-            let out: &mut [u8] = if bits == 8 {
-                &mut codes[..x.len()]
+            let inv = if s > 0.0 { l as f32 / s } else { 0.0 };
+            if bits == 8 {
+                quantize(x, inv, l, stochastic, key, &mut codes[..x.len()]);
             } else {
-                &mut tmp[..x.len()]
-            };
-            if stochastic {
-                for (i, (c, v)) in out.iter_mut().zip(x).enumerate() {
-                    // y in [0, 2L]; floor(y + u) is y in expectation.
-                    let y = v * inv + lf;
-                    *c = ((y + dither(key, i as u32)) as u32).min(top) as u8;
-                }
-            } else {
-                for (c, v) in out.iter_mut().zip(x) {
-                    let y = v * inv + lf + 0.5;
-                    *c = (y as u32).min(top) as u8;
-                }
-            }
-            if bits != 8 {
+                quantize(x, inv, l, stochastic, key, &mut tmp[..x.len()]);
                 pack(&tmp[..x.len()], bits, codes);
             }
             s
@@ -266,13 +292,26 @@ fn encode_chunk(
 
 /// Packs codes of `bits` (4, 2, 1) bits, lowest bits first.
 fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
-    let per = 8 / bits as usize;
-    for (o, group) in out.iter_mut().zip(codes.chunks(per)) {
-        let mut b = 0u8;
-        for (j, c) in group.iter().enumerate() {
-            b |= c << (j * bits as usize);
+    match bits {
+        4 => {
+            let mut it = codes.chunks_exact(2);
+            for (o, c) in out.iter_mut().zip(&mut it) {
+                *o = c[0] | c[1] << 4;
+            }
+            if let ([c], Some(o)) = (it.remainder(), out.get_mut(codes.len() / 2)) {
+                *o = *c;
+            }
         }
-        *o = b;
+        _ => {
+            let per = 8 / bits as usize;
+            for (o, group) in out.iter_mut().zip(codes.chunks(per)) {
+                let mut b = 0u8;
+                for (j, c) in group.iter().enumerate() {
+                    b |= c << (j * bits as usize);
+                }
+                *o = b;
+            }
+        }
     }
 }
 
@@ -299,13 +338,14 @@ fn add_chunk(bits: u8, scale: f32, codes: &[u8], weight: f32, out: &mut [f32]) {
         }
         4 => {
             let a = weight * scale / 7.0;
-            for (o, &c) in out.chunks_mut(2).zip(codes) {
-                let lo = (i32::from((c & 15).min(14)) - 7) as f32;
-                let hi = (i32::from((c >> 4).min(14)) - 7) as f32;
-                o[0] += a * lo;
-                if let Some(h) = o.get_mut(1) {
-                    *h += a * hi;
-                }
+            let half = out.len() / 2;
+            let mut it = out.chunks_exact_mut(2);
+            for (o, &c) in (&mut it).zip(codes) {
+                o[0] += a * (i32::from((c & 15).min(14)) - 7) as f32;
+                o[1] += a * (i32::from((c >> 4).min(14)) - 7) as f32;
+            }
+            if let ([o], Some(&c)) = (it.into_remainder(), codes.get(half)) {
+                *o += a * (i32::from((c & 15).min(14)) - 7) as f32;
             }
         }
         2 => {

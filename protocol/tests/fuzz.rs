@@ -14,7 +14,9 @@ use cohort_protocol::codec::{decode_accumulate, encode, CodecConfig, Rounding, T
 use cohort_protocol::framing::{frame, unframe};
 use cohort_protocol::messages::*;
 use cohort_protocol::seal::{seal, SealContext, SealKeyPair};
-use cohort_protocol::{Fingerprint, GroupLayout, Layout, ParamGroups, TensorSpec, PROTOCOL_VERSION};
+use cohort_protocol::{
+    Fingerprint, GroupLayout, Layout, ParamGroups, TensorSpec, PROTOCOL_VERSION,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -69,13 +71,23 @@ fn layout() -> Layout {
     Layout {
         groups: vec![GroupLayout {
             name: "backbone".into(),
-            tensors: vec![TensorSpec { name: "w".into(), shape: vec![40], offset: 0 }],
+            tensors: vec![TensorSpec {
+                name: "w".into(),
+                shape: vec![40],
+                offset: 0,
+            }],
         }],
     }
 }
 
 fn ctx() -> SealContext {
-    SealContext { version: PROTOCOL_VERSION, federation: "fed".into(), round: 3, sender: "n1".into(), groups: vec!["backbone".into()] }
+    SealContext {
+        version: PROTOCOL_VERSION,
+        federation: "fed".into(),
+        round: 3,
+        sender: "n1".into(),
+        groups: vec!["backbone".into()],
+    }
 }
 
 /// Valid encodings of every kind, to be mutated.
@@ -85,7 +97,12 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
     let mut out = Vec::new();
     for bits in [32u8, 16, 8, 4, 2, 1] {
         for top_k in [None, Some(TopK::Fraction(0.01)), Some(TopK::Fraction(0.5))] {
-            let c = CodecConfig { bits, rounding: Rounding::Stochastic, chunk: 64, top_k };
+            let c = CodecConfig {
+                bits,
+                rounding: Rounding::Stochastic,
+                chunk: 64,
+                top_k,
+            };
             out.push((Kind::Codec, encode(&x, &c, 5).expect("encode")));
         }
     }
@@ -100,7 +117,10 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
         codec: CodecConfig::default(),
         deadline_ms: 1000,
     };
-    let groups = [encode(&x[..40], &CodecConfig::default(), 1).expect("encode"), vec![1, 2, 3]];
+    let groups = [
+        encode(&x[..40], &CodecConfig::default(), 1).expect("encode"),
+        vec![1, 2, 3],
+    ];
     let packed = pack_groups(&groups);
     out.push((Kind::Packed, packed.clone()));
     let sealed = seal(&keys.public(), &ctx(), &packed).expect("seal");
@@ -108,11 +128,17 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
     let requests = [
         Request::Hello(Hello {
             node: "n1".into(),
-            tasks: vec![TaskSamples { task: "digits".into(), samples: 10 }],
+            tasks: vec![TaskSamples {
+                task: "digits".into(),
+                samples: 10,
+            }],
             layout: Fingerprint([1; 32]),
             version: 1,
         }),
-        Request::GetModel { groups: vec!["backbone".into()], have_version: None },
+        Request::GetModel {
+            groups: vec!["backbone".into()],
+            have_version: None,
+        },
         Request::Submit(Update {
             header: UpdateHeader {
                 federation: "fed".into(),
@@ -120,7 +146,12 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
                 base_version: 2,
                 node: "n1".into(),
                 groups: vec!["backbone".into()],
-                metrics: vec![TaskMetrics { task: "digits".into(), loss: 1.0, samples: 10, steps: 1 }],
+                metrics: vec![TaskMetrics {
+                    task: "digits".into(),
+                    loss: 1.0,
+                    samples: 10,
+                    steps: 1,
+                }],
                 num_examples: 10,
             },
             sealed,
@@ -131,7 +162,11 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
         out.push((Kind::Request, b.clone()));
         out.push((Kind::Frame, frame(&b)));
     }
-    for r in [Response::Plan(plan), Response::Model(ModelPayload::from_groups(3, None, &p)), Response::Wait { retry_ms: 5 }] {
+    for r in [
+        Response::Plan(plan),
+        Response::Model(ModelPayload::from_groups(3, None, &p)),
+        Response::Wait { retry_ms: 5 },
+    ] {
         let b = encode_envelope(&Envelope::new("fed", r)).expect("encode");
         out.push((Kind::Response, b));
     }
@@ -148,7 +183,14 @@ enum Kind {
     Frame,
 }
 
-const KINDS: [Kind; 6] = [Kind::Codec, Kind::Packed, Kind::Sealed, Kind::Request, Kind::Response, Kind::Frame];
+const KINDS: [Kind; 6] = [
+    Kind::Codec,
+    Kind::Packed,
+    Kind::Sealed,
+    Kind::Request,
+    Kind::Response,
+    Kind::Frame,
+];
 
 fn mutate(rng: &mut ChaCha8Rng, b: &mut Vec<u8>) {
     for _ in 0..rng.gen_range(1..4) {
@@ -173,7 +215,8 @@ fn mutate(rng: &mut ChaCha8Rng, b: &mut Vec<u8>) {
             4 if b.len() >= 8 => {
                 // A huge or boundary length at a random place.
                 let i = rng.gen_range(0..=b.len() - 8);
-                let v: u64 = [u64::MAX, 1 << 60, 1 << 32, u64::from(u32::MAX), 0][rng.gen_range(0..5)];
+                let v: u64 =
+                    [u64::MAX, 1 << 60, 1 << 32, u64::from(u32::MAX), 0][rng.gen_range(0..5)];
                 b[i..i + 8].copy_from_slice(&v.to_le_bytes());
             }
             5 if !b.is_empty() => {
@@ -193,7 +236,10 @@ fn mutate(rng: &mut ChaCha8Rng, b: &mut Vec<u8>) {
 
 /// Runs the decoder of `kind` on `b`; must return (Ok or a typed error).
 fn run(kind: Kind, b: &[u8], keys: &SealKeyPair, acc: &mut [f32]) {
-    let limits = Limits { max_request: 1 << 20, max_response: 1 << 20 };
+    let limits = Limits {
+        max_request: 1 << 20,
+        max_response: 1 << 20,
+    };
     match kind {
         Kind::Codec => {
             let _ = decode_accumulate(b, 0.5, acc);
@@ -257,7 +303,11 @@ fn fuzz(inputs: u64) {
         // length it claims), or 64 times the input (bincode's claim limit),
         // or the accumulator (sparse decoding buffers one chunk of it).
         let bound = (1usize << 20).max(64 * b.len()).max(4 * ACC_LEN);
-        assert!(peak <= bound, "{kind:?}: input of {} bytes allocated {peak} bytes at once", b.len());
+        assert!(
+            peak <= bound,
+            "{kind:?}: input of {} bytes allocated {peak} bytes at once",
+            b.len()
+        );
         if peak > worst.0 {
             worst = (peak, b.len(), kind);
         }
@@ -270,6 +320,9 @@ fn fuzz(inputs: u64) {
 
 #[test]
 fn decoders_survive_hostile_inputs() {
-    let inputs = std::env::var("COHORT_FUZZ_INPUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let inputs = std::env::var("COHORT_FUZZ_INPUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     fuzz(inputs);
 }

@@ -1,0 +1,103 @@
+//! Encode, seal, open and decode_accumulate of 1M and 10M parameters.
+//! Throughput is in bytes of `f32` input (4 per parameter), one thread.
+
+use cohort_protocol::codec::{decode_accumulate, encode, CodecConfig, Rounding, TopK};
+use cohort_protocol::seal::{seal, SealContext, SealKeyPair};
+use cohort_protocol::PROTOCOL_VERSION;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+
+fn delta(n: usize) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let normal = Normal::new(0.0f32, 0.01).expect("normal");
+    (0..n).map(|_| normal.sample(&mut rng)).collect()
+}
+
+fn ctx() -> SealContext {
+    SealContext {
+        version: PROTOCOL_VERSION,
+        federation: "bench".into(),
+        round: 1,
+        sender: "node-1".into(),
+        groups: vec!["backbone".into()],
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let keys = SealKeyPair::generate().expect("keys");
+    let public = keys.public();
+    let eight = CodecConfig {
+        bits: 8,
+        rounding: Rounding::Stochastic,
+        chunk: 256,
+        top_k: None,
+    };
+    let eight_nearest = CodecConfig {
+        rounding: Rounding::Nearest,
+        ..eight.clone()
+    };
+    let four = CodecConfig {
+        bits: 4,
+        ..eight.clone()
+    };
+    let top1 = CodecConfig {
+        top_k: Some(TopK::Fraction(0.01)),
+        ..eight.clone()
+    };
+    for n in [1usize << 20, 10 << 20] {
+        let x = delta(n);
+        let label = format!("{}M", n >> 20);
+        let mut g = c.benchmark_group("codec_seal");
+        g.throughput(Throughput::Bytes(4 * n as u64));
+        g.sample_size(10);
+        for (name, cfg) in [
+            ("encode_8bit", &eight),
+            ("encode_8bit_nearest", &eight_nearest),
+            ("encode_4bit", &four),
+            ("encode_top1pct_8bit", &top1),
+        ] {
+            g.bench_function(BenchmarkId::new(name, &label), |b| {
+                b.iter(|| encode(&x, cfg, 1).expect("encode"))
+            });
+        }
+        let enc = encode(&x, &eight, 1).expect("encode");
+        let sealed = seal(&public, &ctx(), &enc).expect("seal");
+        g.bench_function(BenchmarkId::new("seal_8bit", &label), |b| {
+            b.iter(|| seal(&public, &ctx(), &enc).expect("seal"))
+        });
+        g.bench_function(BenchmarkId::new("open_8bit", &label), |b| {
+            b.iter(|| keys.open(&ctx(), &sealed).expect("open"))
+        });
+        let mut acc = vec![0.0f32; n];
+        g.bench_function(BenchmarkId::new("decode_accumulate_8bit", &label), |b| {
+            b.iter(|| decode_accumulate(&enc, 0.5, &mut acc).expect("decode"))
+        });
+        let enc4 = encode(&x, &four, 1).expect("encode");
+        g.bench_function(BenchmarkId::new("decode_accumulate_4bit", &label), |b| {
+            b.iter(|| decode_accumulate(&enc4, 0.5, &mut acc).expect("decode"))
+        });
+        let enc_top = encode(&x, &top1, 1).expect("encode");
+        g.bench_function(BenchmarkId::new("decode_accumulate_top1pct", &label), |b| {
+            b.iter(|| decode_accumulate(&enc_top, 0.5, &mut acc).expect("decode"))
+        });
+        for (name, cfg) in [
+            ("end_to_end_8bit", &eight),
+            ("end_to_end_4bit", &four),
+            ("end_to_end_top1pct_8bit", &top1),
+        ] {
+            g.bench_function(BenchmarkId::new(name, &label), |b| {
+                b.iter(|| {
+                    let e = encode(&x, cfg, 1).expect("encode");
+                    let s = seal(&public, &ctx(), &e).expect("seal");
+                    let o = keys.open(&ctx(), &s).expect("open");
+                    decode_accumulate(&o, 0.5, &mut acc).expect("decode");
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
+criterion_group!(codec_seal, benches);
+criterion_main!(codec_seal);
