@@ -26,21 +26,34 @@ fn experiment(name: &str) -> ExperimentConfig {
         "scale" => "scale.toml",
         _ => return ExperimentConfig::default(),
     };
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("experiments").join(file);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("experiments")
+        .join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     ExperimentConfig::from_toml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let which: Vec<&str> = args.iter().map(String::as_str).filter(|a| !a.starts_with("--") && a.parse::<usize>().is_err()).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let which: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--") && a.parse::<usize>().is_err())
+        .collect();
     let threads = args
         .iter()
         .position(|a| a == "--threads")
         .and_then(|i| args.get(i + 1))
         .and_then(|t| t.parse().ok())
         .unwrap_or(0);
-    let which = if which.is_empty() { vec!["w0", "w1", "scale"] } else { which };
+    let which = if which.is_empty() {
+        vec!["w0", "w1", "scale"]
+    } else {
+        which
+    };
     for name in which {
         let mut cfg = experiment(name);
         cfg.threads = threads;
@@ -56,8 +69,11 @@ fn main() {
         let rounds = sim.run(|_| {}).expect("run");
         let total: f64 = rounds.iter().map(|r| r.wall_ms).sum::<f64>() / 1e3;
         let last = rounds.last().expect("rounds");
-        let accs: Vec<String> =
-            last.central.iter().map(|s| format!("{} {:.2}%", s.task, 100.0 * s.accuracy)).collect();
+        let accs: Vec<String> = last
+            .central
+            .iter()
+            .map(|s| format!("{} {:.2}%", s.task, 100.0 * s.accuracy))
+            .collect();
         let per_round: Vec<f64> = rounds.iter().map(|r| r.wall_ms / 1e3).collect();
         let mut sorted = per_round.clone();
         sorted.sort_by(f64::total_cmp);

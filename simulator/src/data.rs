@@ -10,6 +10,7 @@ use std::path::Path;
 
 use cohort_node::mix_seed;
 use cohort_tasks::{Dataset, Partitioner, Split, TaskSpec};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Gamma};
@@ -28,7 +29,10 @@ pub struct LoadedTask {
 
 impl LoadedTask {
     pub fn spec(&self) -> TaskSpec {
-        TaskSpec { name: self.name.clone(), classes: self.split.train.classes }
+        TaskSpec {
+            name: self.name.clone(),
+            classes: self.split.train.classes,
+        }
     }
 }
 
@@ -36,8 +40,14 @@ impl LoadedTask {
 pub fn load_dataset(name: &str) -> Result<Split, SimError> {
     if let Some(dir) = name.strip_prefix("idx:") {
         let dir = Path::new(dir);
-        let train = cohort_tasks::load_idx(&dir.join("train-images-idx3-ubyte.gz"), &dir.join("train-labels-idx1-ubyte.gz"))?;
-        let test = cohort_tasks::load_idx(&dir.join("t10k-images-idx3-ubyte.gz"), &dir.join("t10k-labels-idx1-ubyte.gz"))?;
+        let train = cohort_tasks::load_idx(
+            &dir.join("train-images-idx3-ubyte.gz"),
+            &dir.join("train-labels-idx1-ubyte.gz"),
+        )?;
+        let test = cohort_tasks::load_idx(
+            &dir.join("t10k-images-idx3-ubyte.gz"),
+            &dir.join("t10k-labels-idx1-ubyte.gz"),
+        )?;
         return Ok(Split { train, test });
     }
     Ok(cohort_tasks::builtin(name)?)
@@ -49,8 +59,14 @@ enum Assignment {
     /// `parts[task][k]` = indices of the `k`-th holder of `task`, and
     /// `slot[task][client]` = that `k` (`u32::MAX` when the client does not
     /// hold the task).
-    Partitioned { parts: Vec<Vec<Vec<usize>>>, slot: Vec<Vec<u32>> },
-    Sampled { samples: usize, alpha: f64 },
+    Partitioned {
+        parts: Vec<Vec<Vec<usize>>>,
+        slot: Vec<Vec<u32>>,
+    },
+    Sampled {
+        samples: usize,
+        alpha: f64,
+    },
 }
 
 /// The population: tasks and how their data is spread over clients.
@@ -79,7 +95,10 @@ impl Population {
         for t in &cfg.tasks {
             let split = load_dataset(&t.dataset)?;
             if split.train.is_empty() || split.test.is_empty() {
-                return Err(SimError::Config(format!("task `{}`: data set `{}` is empty", t.name, t.dataset)));
+                return Err(SimError::Config(format!(
+                    "task `{}`: data set `{}` is empty",
+                    t.name, t.dataset
+                )));
             }
             let mut by_class = vec![Vec::new(); split.train.classes];
             for (i, &y) in split.train.labels.iter().enumerate() {
@@ -87,7 +106,11 @@ impl Population {
                     c.push(i);
                 }
             }
-            tasks.push(LoadedTask { name: t.name.clone(), split, by_class });
+            tasks.push(LoadedTask {
+                name: t.name.clone(),
+                split,
+                by_class,
+            });
         }
         let holdout = if cfg.eval.personalized || cfg.sharing == crate::config::Sharing::LocalOnly {
             cfg.eval.holdout
@@ -99,11 +122,17 @@ impl Population {
             holders: cfg.tasks.iter().map(|t| t.holders).collect(),
             clients: cfg.clients.count,
             seed: cfg.seed,
-            assignment: Assignment::Sampled { samples: 0, alpha: 1.0 },
+            assignment: Assignment::Sampled {
+                samples: 0,
+                alpha: 1.0,
+            },
             holdout,
         };
         pop.assignment = match &cfg.clients.data {
-            ClientData::Sampled { samples, alpha } => Assignment::Sampled { samples: *samples, alpha: *alpha },
+            ClientData::Sampled { samples, alpha } => Assignment::Sampled {
+                samples: *samples,
+                alpha: *alpha,
+            },
             ClientData::Partition { partitioner } => pop.partition(partitioner)?,
         };
         Ok(pop)
@@ -149,7 +178,9 @@ impl Population {
 
     /// Task numbers `client` holds.
     pub fn client_tasks(&self, client: usize) -> Vec<usize> {
-        (0..self.tasks.len()).filter(|&t| self.holds(client, t)).collect()
+        (0..self.tasks.len())
+            .filter(|&t| self.holds(client, t))
+            .collect()
     }
 
     /// All of `client`'s samples of `task` (training and held-out).
@@ -170,16 +201,28 @@ impl Population {
 
     fn sample_indices(&self, client: usize, task: usize, samples: usize, alpha: f64) -> Vec<usize> {
         let by_class = &self.tasks[task].by_class;
-        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(self.seed, client as u64), TASK_SALT + task as u64));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(
+            mix_seed(self.seed, client as u64),
+            TASK_SALT + task as u64,
+        ));
         // Dirichlet(alpha) label proportions as normalized Gamma(alpha) draws.
         let gamma = Gamma::new(alpha, 1.0).ok();
         let mut p: Vec<f64> = by_class
             .iter()
-            .map(|c| if c.is_empty() { 0.0 } else { gamma.map_or(1.0, |g| g.sample(&mut rng)) })
+            .map(|c| {
+                if c.is_empty() {
+                    0.0
+                } else {
+                    gamma.map_or(1.0, |g| g.sample(&mut rng))
+                }
+            })
             .collect();
         let total: f64 = p.iter().sum();
         if !(total > 0.0) {
-            p = by_class.iter().map(|c| if c.is_empty() { 0.0 } else { 1.0 }).collect();
+            p = by_class
+                .iter()
+                .map(|c| if c.is_empty() { 0.0 } else { 1.0 })
+                .collect();
         }
         let total: f64 = p.iter().sum();
         let mut out = Vec::with_capacity(samples);
@@ -201,19 +244,36 @@ impl Population {
         out
     }
 
-    /// `client`'s training samples of `task` and its held-out samples.
+    /// `client`'s training samples of `task` and its held-out samples. The
+    /// held-out ones are a seeded random choice: data sets stored sorted by
+    /// label (MNIST 5k is) would otherwise hold out only the client's
+    /// highest classes.
     pub fn client_data(&self, client: usize, task: usize) -> (Vec<usize>, Vec<usize>) {
         let all = self.all_indices(client, task);
-        let held = ((all.len() as f64) * self.holdout).floor() as usize;
-        // Keep at least one training sample whenever there is one.
-        let held = held.min(all.len().saturating_sub(1));
-        let cut = all.len() - held;
-        (all[..cut].to_vec(), all[cut..].to_vec())
+        let held = self.held_out(all.len());
+        if held == 0 {
+            return (all.into_owned(), Vec::new());
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(
+            mix_seed(self.seed, client as u64),
+            0x401D + task as u64,
+        ));
+        let mut shuffled = all.into_owned();
+        shuffled.shuffle(&mut rng);
+        let test = shuffled.split_off(shuffled.len() - held);
+        (shuffled, test)
     }
 
     /// Training samples of `client` for `task`, weight of its update.
     pub fn train_count(&self, client: usize, task: usize) -> usize {
-        self.client_data(client, task).0.len()
+        let n = self.all_indices(client, task).len();
+        n - self.held_out(n)
+    }
+
+    /// How many of `n` samples a client keeps aside (at least one sample
+    /// stays for training whenever there is one).
+    fn held_out(&self, n: usize) -> usize {
+        (((n as f64) * self.holdout).floor() as usize).min(n.saturating_sub(1))
     }
 
     /// The training set of task `t`, with labels flipped (`y -> classes-1-y`)

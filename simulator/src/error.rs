@@ -13,9 +13,15 @@ pub enum SimError {
     #[error(transparent)]
     Protocol(#[from] cohort_protocol::ProtocolError),
     #[error("client {client}: {source}")]
-    Node { client: usize, source: cohort_node::NodeError },
+    Node {
+        client: usize,
+        source: cohort_node::NodeError,
+    },
     #[error("{path}: {source}")]
-    Io { path: std::path::PathBuf, source: std::io::Error },
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("plot: {0}")]
     Plot(String),
 }

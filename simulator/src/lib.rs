@@ -42,13 +42,19 @@ pub struct ExperimentResult {
 impl ExperimentResult {
     /// Central accuracy of `task` after the last round.
     pub fn accuracy(&self, task: &str) -> Option<f32> {
-        self.final_central.iter().find(|s| s.task == task).map(|s| s.accuracy)
+        self.final_central
+            .iter()
+            .find(|s| s.task == task)
+            .map(|s| s.accuracy)
     }
 }
 
 /// Runs an experiment as its config says, writing metrics, the plot and the
 /// summary into `cfg.output` when set. `on_round` sees every round.
-pub fn run_experiment(cfg: &ExperimentConfig, mut on_round: impl FnMut(&RoundMetrics)) -> Result<ExperimentResult, SimError> {
+pub fn run_experiment(
+    cfg: &ExperimentConfig,
+    mut on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
     cfg.validate()?;
     let started = std::time::Instant::now();
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
@@ -84,7 +90,10 @@ pub fn run_experiment(cfg: &ExperimentConfig, mut on_round: impl FnMut(&RoundMet
             // number so that the metrics read like one run.
             for t in &cfg.tasks {
                 let mut one = cfg.clone();
-                one.tasks = vec![config::TaskConfig { holders: 1.0, ..t.clone() }];
+                one.tasks = vec![config::TaskConfig {
+                    holders: 1.0,
+                    ..t.clone()
+                }];
                 one.output = None;
                 let mut sim = Simulation::new(one)?;
                 let rounds = sim.run(|_| {})?;
@@ -104,7 +113,11 @@ pub fn run_experiment(cfg: &ExperimentConfig, mut on_round: impl FnMut(&RoundMet
             result.final_central = result
                 .local_only
                 .iter()
-                .map(|(t, _, c)| TaskScore { task: t.clone(), accuracy: *c, loss: f32::NAN })
+                .map(|(t, _, c)| TaskScore {
+                    task: t.clone(),
+                    accuracy: *c,
+                    loss: f32::NAN,
+                })
                 .collect();
         }
     }
@@ -138,7 +151,11 @@ fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
     }
 }
 
-fn write_outputs(dir: &Path, cfg: &ExperimentConfig, result: &ExperimentResult) -> Result<(), SimError> {
+fn write_outputs(
+    dir: &Path,
+    cfg: &ExperimentConfig,
+    result: &ExperimentResult,
+) -> Result<(), SimError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| SimError::Io { path, source }
@@ -152,7 +169,11 @@ fn write_outputs(dir: &Path, cfg: &ExperimentConfig, result: &ExperimentResult) 
     let used = dir.join("experiment.toml");
     std::fs::write(&used, cfg.to_toml()?).map_err(io(&used))?;
     if result.rounds.iter().any(|r| !r.central.is_empty()) {
-        plot::accuracy_plot(&dir.join("accuracy.svg"), &format!("{}: central accuracy", cfg.name), &result.rounds)?;
+        plot::accuracy_plot(
+            &dir.join("accuracy.svg"),
+            &format!("{}: central accuracy", cfg.name),
+            &result.rounds,
+        )?;
     }
     Ok(())
 }

@@ -42,7 +42,10 @@ pub struct RoundMetrics {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
-    move |source| SimError::Io { path: path.to_path_buf(), source }
+    move |source| SimError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes `metrics.csv` and `metrics.jsonl` in a folder, a row per round.
@@ -68,7 +71,13 @@ impl MetricsWriter {
         }
         header.push_str(",sampled,accepted,dropped,late,refused,bytes_up,bytes_down,wall_ms");
         writeln!(csv, "{header}").map_err(io_err(&csv_path))?;
-        Ok(MetricsWriter { csv, jsonl, csv_path, jsonl_path, tasks: tasks.to_vec() })
+        Ok(MetricsWriter {
+            csv,
+            jsonl,
+            csv_path,
+            jsonl_path,
+            tasks: tasks.to_vec(),
+        })
     }
 
     pub fn write(&mut self, m: &RoundMetrics) -> Result<(), SimError> {
@@ -77,12 +86,25 @@ impl MetricsWriter {
             let c = m.central.iter().find(|s| &s.task == t);
             let l = m.train_loss.iter().find(|s| &s.task == t);
             let f = |x: Option<f32>| x.map(|v| format!("{v:.6}")).unwrap_or_default();
-            let _ = write!(row, ",{},{},{}", f(c.map(|s| s.accuracy)), f(c.map(|s| s.loss)), f(l.map(|s| s.loss)));
+            let _ = write!(
+                row,
+                ",{},{},{}",
+                f(c.map(|s| s.accuracy)),
+                f(c.map(|s| s.loss)),
+                f(l.map(|s| s.loss))
+            );
         }
         let _ = write!(
             row,
             ",{},{},{},{},{},{},{},{:.1}",
-            m.sampled, m.accepted, m.dropped, m.late, m.refused, m.bytes_up, m.bytes_down, m.wall_ms
+            m.sampled,
+            m.accepted,
+            m.dropped,
+            m.late,
+            m.refused,
+            m.bytes_up,
+            m.bytes_down,
+            m.wall_ms
         );
         writeln!(self.csv, "{row}").map_err(io_err(&self.csv_path))?;
         let line = serde_json::to_string(m).map_err(|e| SimError::Config(e.to_string()))?;
@@ -99,11 +121,20 @@ pub fn summary_table(rounds: &[RoundMetrics]) -> String {
     let Some(last) = evaluated.last() else {
         return "no central evaluation was run\n".into();
     };
-    let _ = writeln!(out, "{:<12} {:>9} {:>9} {:>9} {:>10}", "task", "acc", "best", "loss", "best@round");
+    let _ = writeln!(
+        out,
+        "{:<12} {:>9} {:>9} {:>9} {:>10}",
+        "task", "acc", "best", "loss", "best@round"
+    );
     for s in &last.central {
         let (best, at) = evaluated
             .iter()
-            .filter_map(|r| r.central.iter().find(|c| c.task == s.task).map(|c| (c.accuracy, r.round)))
+            .filter_map(|r| {
+                r.central
+                    .iter()
+                    .find(|c| c.task == s.task)
+                    .map(|c| (c.accuracy, r.round))
+            })
             .fold((f32::MIN, 0), |a, b| if b.0 > a.0 { b } else { a });
         let _ = writeln!(
             out,

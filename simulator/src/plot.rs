@@ -35,13 +35,20 @@ pub fn accuracy_plot(path: &Path, title: &str, rounds: &[RoundMetrics]) -> Resul
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(u64, f32)> = rounds
             .iter()
-            .filter_map(|r| r.central.iter().find(|s| &s.task == task).map(|s| (r.round, 100.0 * s.accuracy)))
+            .filter_map(|r| {
+                r.central
+                    .iter()
+                    .find(|s| &s.task == task)
+                    .map(|s| (r.round, 100.0 * s.accuracy))
+            })
             .collect();
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(|e| err(&e))?
             .label(task.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
     }
     chart
         .configure_series_labels()

@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cohort_aggregator::{strategy_from_config, Engine, EngineConfig, FailureReason, GroupPolicy, Mode, NodeInfo, RefusalCode};
+use cohort_aggregator::{
+    strategy_from_config, Engine, EngineConfig, FailureReason, GroupPolicy, Mode, NodeInfo,
+    RefusalCode,
+};
 use cohort_node::{mix_seed, NodeRuntime, NodeState};
 use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
 use cohort_protocol::messages::RoundPlan;
@@ -43,7 +46,12 @@ struct StoredState {
 }
 
 fn residual_codec() -> CodecConfig {
-    CodecConfig { bits: 8, rounding: Rounding::Nearest, chunk: 64, top_k: None }
+    CodecConfig {
+        bits: 8,
+        rounding: Rounding::Nearest,
+        chunk: 64,
+        top_k: None,
+    }
 }
 
 impl StoredState {
@@ -56,11 +64,17 @@ impl StoredState {
             let bytes = codec::encode(&ef.residual, &residual_codec(), 0)?;
             residuals.push((name, ef.residual.len(), bytes));
         }
-        Ok(Some(StoredState { local: state.local, residuals }))
+        Ok(Some(StoredState {
+            local: state.local,
+            residuals,
+        }))
     }
 
     fn unpack(self) -> Result<NodeState, SimError> {
-        let mut state = NodeState { local: self.local, ..NodeState::default() };
+        let mut state = NodeState {
+            local: self.local,
+            ..NodeState::default()
+        };
         for (name, len, bytes) in self.residuals {
             let residual = codec::decode(&bytes, len)?;
             state.residuals.insert(name, ErrorFeedback { residual });
@@ -114,7 +128,10 @@ pub struct Simulation {
 
 impl std::fmt::Debug for Simulation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Simulation").field("name", &self.cfg.name).field("engine", &self.engine).finish_non_exhaustive()
+        f.debug_struct("Simulation")
+            .field("name", &self.cfg.name)
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
     }
 }
 
@@ -130,7 +147,8 @@ pub fn engine_config(cfg: &ExperimentConfig) -> EngineConfig {
     e.sampling.min_available = e.sampling.min_available.min(n).max(1);
     if cfg.heads == HeadPolicy::Local {
         for t in &cfg.tasks {
-            e.group_policy.insert(head_group(&t.name), GroupPolicy::Local);
+            e.group_policy
+                .insert(head_group(&t.name), GroupPolicy::Local);
         }
     }
     e
@@ -147,20 +165,34 @@ impl Simulation {
 
     /// Same as [`Simulation::new`] on an already built population.
     pub fn with_population(cfg: ExperimentConfig, pop: Population) -> Result<Self, SimError> {
-        let spec = ModelSpec { backbone: cfg.backbone, tasks: pop.tasks.iter().map(|t| t.spec()).collect() };
+        let spec = ModelSpec {
+            backbone: cfg.backbone,
+            tasks: pop.tasks.iter().map(|t| t.spec()).collect(),
+        };
         let layout = spec.layout();
         let initial = spec.init(mix_seed(cfg.seed, 0x1417));
         let strategy = strategy_from_config(&cfg.strategy);
         let engine = Engine::new(engine_config(&cfg), layout, initial, strategy)?;
-        let threads = if cfg.threads == 0 { rayon::current_num_threads() } else { cfg.threads };
+        let threads = if cfg.threads == 0 {
+            rayon::current_num_threads()
+        } else {
+            cfg.threads
+        };
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("cohort-sim-{i}"))
             .build()
             .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
-        let byzantine = choose_fraction(pop.clients(), cfg.faults.byzantine, mix_seed(cfg.seed, 0xB42));
+        let byzantine = choose_fraction(
+            pop.clients(),
+            cfg.faults.byzantine,
+            mix_seed(cfg.seed, 0xB42),
+        );
         let flipped = (0..pop.tasks.len())
-            .map(|t| (matches!(cfg.faults.attack, Attack::LabelFlip) && !byzantine.is_empty()).then(|| pop.flipped(t)))
+            .map(|t| {
+                (matches!(cfg.faults.attack, Attack::LabelFlip) && !byzantine.is_empty())
+                    .then(|| pop.flipped(t))
+            })
             .collect();
         let keys = SealKeyPair::generate()?;
         let mut sim = Simulation {
@@ -189,7 +221,10 @@ impl Simulation {
         let fingerprint = match self.fingerprints.get(&tasks) {
             Some(f) => *f,
             None => {
-                let names: Vec<&str> = tasks.iter().map(|&t| self.pop.tasks[t].name.as_str()).collect();
+                let names: Vec<&str> = tasks
+                    .iter()
+                    .map(|&t| self.pop.tasks[t].name.as_str())
+                    .collect();
                 let f = self.spec.subset(&names)?.layout().fingerprint();
                 self.fingerprints.insert(tasks.clone(), f);
                 f
@@ -199,7 +234,12 @@ impl Simulation {
             id: client_id(client),
             tasks: tasks
                 .iter()
-                .map(|&t| (self.pop.tasks[t].name.clone(), self.pop.train_count(client, t) as u64))
+                .map(|&t| {
+                    (
+                        self.pop.tasks[t].name.clone(),
+                        self.pop.train_count(client, t) as u64,
+                    )
+                })
                 .collect(),
             fingerprint,
         })
@@ -238,8 +278,13 @@ impl Simulation {
         if mean <= 0.0 {
             return 0;
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(self.cfg.seed, 0x1A7), mix_seed(round, client as u64)));
-        Exp::new(1.0 / mean).map(|e| e.sample(&mut rng).round() as u64).unwrap_or(0)
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(
+            mix_seed(self.cfg.seed, 0x1A7),
+            mix_seed(round, client as u64),
+        ));
+        Exp::new(1.0 / mean)
+            .map(|e| e.sample(&mut rng).round() as u64)
+            .unwrap_or(0)
     }
 
     fn drops_out(&self, round: u64, client: usize) -> bool {
@@ -247,7 +292,10 @@ impl Simulation {
         if p <= 0.0 {
             return false;
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(mix_seed(self.cfg.seed, 0xD20), mix_seed(round, client as u64)));
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(
+            mix_seed(self.cfg.seed, 0xD20),
+            mix_seed(round, client as u64),
+        ));
         rng.gen::<f64>() < p
     }
 
@@ -263,7 +311,8 @@ impl Simulation {
             federation: &self.engine.config().federation,
             key: self.keys.public(),
         };
-        self.pool.install(|| jobs.into_par_iter().map(|job| ctx.train(job)).collect())
+        self.pool
+            .install(|| jobs.into_par_iter().map(|job| ctx.train(job)).collect())
     }
 
     /// Opens a reply's sealed update and hands it to the engine at virtual
@@ -277,11 +326,21 @@ impl Simulation {
             sender: h.node.clone(),
             groups: h.groups.clone(),
         };
-        let opened = self.replay.check_and_record(&ctx).and_then(|()| self.keys.open(&ctx, &reply.update.sealed));
+        let opened = self
+            .replay
+            .check_and_record(&ctx)
+            .and_then(|()| self.keys.open(&ctx, &reply.update.sealed));
         match opened {
-            Ok(plain) => self.engine.submit_packed(h, &plain, now).err().map(|r| r.code),
+            Ok(plain) => self
+                .engine
+                .submit_packed(h, &plain, now)
+                .err()
+                .map(|r| r.code),
             Err(e) => {
-                self.engine.fail(&h.node, FailureReason::Error(format!("unsealing failed: {e}")));
+                self.engine.fail(
+                    &h.node,
+                    FailureReason::Error(format!("unsealing failed: {e}")),
+                );
                 Some(RefusalCode::Malformed)
             }
         }
@@ -301,7 +360,11 @@ impl Simulation {
                         .filter_map(|g| global.get(&g).map(|v| (g, v.to_vec())))
                         .collect();
                     let m = cohort_tasks::evaluate(&spec, &params, &t.name, &t.split.test, None)?;
-                    Ok(TaskScore { task: t.name.clone(), accuracy: m.accuracy, loss: m.loss })
+                    Ok(TaskScore {
+                        task: t.name.clone(),
+                        accuracy: m.accuracy,
+                        loss: m.loss,
+                    })
                 })
                 .collect()
         })
@@ -315,10 +378,16 @@ impl Simulation {
         let plans = self.engine.start_round(t0)?;
         let round = self.engine.round();
         let weights = Arc::new(self.engine.global().clone());
-        let mut m = RoundMetrics { round, sampled: plans.len(), ..RoundMetrics::default() };
+        let mut m = RoundMetrics {
+            round,
+            sampled: plans.len(),
+            ..RoundMetrics::default()
+        };
         let mut jobs = Vec::with_capacity(plans.len());
         for (id, plan) in plans {
-            let Some(client) = client_index(&id) else { continue };
+            let Some(client) = client_index(&id) else {
+                continue;
+            };
             if self.drops_out(round, client) {
                 self.engine.fail(&id, FailureReason::Dropout);
                 m.dropped += 1;
@@ -327,7 +396,14 @@ impl Simulation {
             m.bytes_down += 4 * self.download_values(client, &plan) as u64;
             let state = self.take_state(client)?;
             let latency_ms = self.latency(round, client);
-            jobs.push(Job { client, id, plan, state, latency_ms, weights: Arc::clone(&weights) });
+            jobs.push(Job {
+                client,
+                id,
+                plan,
+                state,
+                latency_ms,
+                weights: Arc::clone(&weights),
+            });
         }
         let replies = self.train_jobs(jobs);
         // Deliver in order of arrival on the virtual clock (ties by client):
@@ -337,7 +413,13 @@ impl Simulation {
         let mut loss: HashMap<String, (f64, u64)> = HashMap::new();
         let mut last = t0;
         for r in replies {
-            let Reply { client, id, latency_ms, result, state } = r;
+            let Reply {
+                client,
+                id,
+                latency_ms,
+                result,
+                state,
+            } = r;
             self.put_state(client, state)?;
             let now = t0 + latency_ms;
             last = last.max(now);
@@ -367,7 +449,9 @@ impl Simulation {
             Some(r) => r,
             None => {
                 last = t0 + self.engine.config().deadline_ms;
-                self.engine.poll(last).ok_or_else(|| SimError::Config("round did not close at its deadline".into()))?
+                self.engine
+                    .poll(last)
+                    .ok_or_else(|| SimError::Config("round did not close at its deadline".into()))?
             }
         };
         self.clock_ms = last.max(t0 + 1);
@@ -387,25 +471,37 @@ impl Simulation {
             .iter()
             .filter_map(|t| {
                 let (s, n) = loss.get(&t.name)?;
-                (*n > 0).then(|| TaskScore { task: t.name.clone(), accuracy: f32::NAN, loss: (s / *n as f64) as f32 })
+                (*n > 0).then(|| TaskScore {
+                    task: t.name.clone(),
+                    accuracy: f32::NAN,
+                    loss: (s / *n as f64) as f32,
+                })
             })
             .collect()
     }
 
     fn should_eval(&self, round: u64) -> bool {
-        self.cfg.eval.central && (round % self.cfg.eval.every.max(1) == 0 || round >= self.cfg.rounds)
+        self.cfg.eval.central
+            && (round % self.cfg.eval.every.max(1) == 0 || round >= self.cfg.rounds)
     }
 
     /// Values a client downloads for a plan: the uploaded (global) groups it
     /// trains.
     fn download_values(&self, _client: usize, plan: &RoundPlan) -> usize {
         let g = self.engine.global();
-        plan.upload.iter().filter_map(|n| g.get(n)).map(<[f32]>::len).sum()
+        plan.upload
+            .iter()
+            .filter_map(|n| g.get(n))
+            .map(<[f32]>::len)
+            .sum()
     }
 
     /// Runs the experiment to the end, calling `on_round` after each round
     /// (sync) or model step (async).
-    pub fn run(&mut self, mut on_round: impl FnMut(&RoundMetrics)) -> Result<Vec<RoundMetrics>, SimError> {
+    pub fn run(
+        &mut self,
+        mut on_round: impl FnMut(&RoundMetrics),
+    ) -> Result<Vec<RoundMetrics>, SimError> {
         let mut out = Vec::new();
         match self.engine.config().mode.clone() {
             Mode::Sync => {
@@ -441,10 +537,21 @@ impl Simulation {
         let mut step_started = Instant::now();
         let mut m = RoundMetrics::default();
         let mut loss: HashMap<String, (f64, u64)> = HashMap::new();
-        let mut snapshot = (self.engine.version(), Arc::new(self.engine.global().clone()));
-        let max_issues = self.cfg.rounds.saturating_mul(64).saturating_mul(self.cfg.clients.per_round as u64).max(1000);
+        let mut snapshot = (
+            self.engine.version(),
+            Arc::new(self.engine.global().clone()),
+        );
+        let max_issues = self
+            .cfg
+            .rounds
+            .saturating_mul(64)
+            .saturating_mul(self.cfg.clients.per_round as u64)
+            .max(1000);
         loop {
-            while flight.len() < self.cfg.clients.per_round && busy.len() < n && !self.engine.is_finished() {
+            while flight.len() < self.cfg.clients.per_round
+                && busy.len() < n
+                && !self.engine.is_finished()
+            {
                 let client = loop {
                     let c = rng.gen_range(0..n);
                     if !busy.contains(&c) {
@@ -455,10 +562,15 @@ impl Simulation {
                 let plan = self.engine.plan_for(&id, self.clock_ms)?;
                 issued += 1;
                 if issued > max_issues {
-                    return Err(SimError::Config("async run made no progress: every update was refused".into()));
+                    return Err(SimError::Config(
+                        "async run made no progress: every update was refused".into(),
+                    ));
                 }
                 if snapshot.0 != self.engine.version() {
-                    snapshot = (self.engine.version(), Arc::new(self.engine.global().clone()));
+                    snapshot = (
+                        self.engine.version(),
+                        Arc::new(self.engine.global().clone()),
+                    );
                 }
                 let latency = self.latency(issued, client).max(1);
                 m.sampled += 1;
@@ -470,13 +582,29 @@ impl Simulation {
                 busy.insert(client);
                 m.bytes_down += 4 * self.download_values(client, &plan) as u64;
                 let state = self.take_state(client)?;
-                let job = Job { client, id, plan, state, latency_ms: latency, weights: Arc::clone(&snapshot.1) };
-                flight.push(InFlight { finish: self.clock_ms + latency, job: Some(job), reply: None });
+                let job = Job {
+                    client,
+                    id,
+                    plan,
+                    state,
+                    latency_ms: latency,
+                    weights: Arc::clone(&snapshot.1),
+                };
+                flight.push(InFlight {
+                    finish: self.clock_ms + latency,
+                    job: Some(job),
+                    reply: None,
+                });
             }
             if flight.is_empty() {
                 break;
             }
-            let Some(next) = (0..flight.len()).min_by_key(|&i| (flight[i].finish, flight[i].job.as_ref().map_or(0, |j| j.client))) else {
+            let Some(next) = (0..flight.len()).min_by_key(|&i| {
+                (
+                    flight[i].finish,
+                    flight[i].job.as_ref().map_or(0, |j| j.client),
+                )
+            }) else {
                 break;
             };
             if flight[next].reply.is_none() {
@@ -488,7 +616,16 @@ impl Simulation {
             }
             let f = flight.swap_remove(next);
             self.clock_ms = self.clock_ms.max(f.finish);
-            let Some(Reply { client, id, result, state, .. }) = f.reply else { continue };
+            let Some(Reply {
+                client,
+                id,
+                result,
+                state,
+                ..
+            }) = f.reply
+            else {
+                continue;
+            };
             busy.remove(&client);
             self.put_state(client, state)?;
             match result {
@@ -554,16 +691,30 @@ struct TrainCtx<'a> {
 impl TrainCtx<'_> {
     /// Runs the real node runtime for one job.
     fn train(&self, job: Job) -> Reply {
-        let Job { client, id, plan, state, latency_ms, weights } = job;
+        let Job {
+            client,
+            id,
+            plan,
+            state,
+            latency_ms,
+            weights,
+        } = job;
         let byz = self.byzantine.binary_search(&client).is_ok();
         let pop = self.pop;
         let task_ids = pop.client_tasks(client);
-        let names: Vec<&str> = task_ids.iter().map(|&t| pop.tasks[t].name.as_str()).collect();
-        let parts: Vec<(usize, Vec<usize>)> = task_ids.iter().map(|&t| (t, pop.client_data(client, t).0)).collect();
+        let names: Vec<&str> = task_ids
+            .iter()
+            .map(|&t| pop.tasks[t].name.as_str())
+            .collect();
+        let parts: Vec<(usize, Vec<usize>)> = task_ids
+            .iter()
+            .map(|&t| (t, pop.client_data(client, t).0))
+            .collect();
         let mut node_state = NodeState::default();
         let result = (|| -> Result<cohort_node::RoundOutput, SimError> {
             let node_spec = self.spec.subset(&names)?;
-            let mut node = NodeRuntime::new(id.clone(), self.federation, node_spec, self.key.clone());
+            let mut node =
+                NodeRuntime::new(id.clone(), self.federation, node_spec, self.key.clone());
             node.state = state;
             let data: Vec<TaskData<'_>> = parts
                 .iter()
@@ -572,7 +723,11 @@ impl TrainCtx<'_> {
                         (Some(f), true) => f,
                         _ => &pop.tasks[*t].split.train,
                     };
-                    TaskData { task: pop.tasks[*t].name.as_str(), data: set, indices: idx.as_slice() }
+                    TaskData {
+                        task: pop.tasks[*t].name.as_str(),
+                        data: set,
+                        indices: idx.as_slice(),
+                    }
                 })
                 .collect();
             let noise_seed = mix_seed(plan.train.seed ^ 0x0015E, client as u64);
@@ -585,7 +740,13 @@ impl TrainCtx<'_> {
             node_state = std::mem::take(&mut node.state);
             out.map_err(|source| SimError::Node { client, source })
         })();
-        Reply { client, id, latency_ms, result, state: node_state }
+        Reply {
+            client,
+            id,
+            latency_ms,
+            result,
+            state: node_state,
+        }
     }
 }
 
@@ -639,35 +800,47 @@ impl Simulation {
             .collect();
         let pop = &self.pop;
         let spec = &self.spec;
-        let results: Vec<Result<Vec<(usize, usize, f32, f32)>, SimError>> = self.pool.install(|| {
-            clients
-                .into_par_iter()
-                .map(|(c, w)| {
-                    let mut out = Vec::new();
-                    for t in pop.client_tasks(c) {
-                        let name = pop.tasks[t].name.as_str();
-                        let (tr, held) = pop.client_data(c, t);
-                        if held.is_empty() || tr.is_empty() {
-                            continue;
+        let results: Vec<Result<Vec<(usize, usize, f32, f32)>, SimError>> =
+            self.pool.install(|| {
+                clients
+                    .into_par_iter()
+                    .map(|(c, w)| {
+                        let mut out = Vec::new();
+                        for t in pop.client_tasks(c) {
+                            let name = pop.tasks[t].name.as_str();
+                            let (tr, held) = pop.client_data(c, t);
+                            if held.is_empty() || tr.is_empty() {
+                                continue;
+                            }
+                            let s = spec.subset(&[name])?;
+                            let params: ParamGroups = s
+                                .layout()
+                                .group_names()
+                                .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
+                                .collect();
+                            let data = &pop.tasks[t].split.train;
+                            let before =
+                                cohort_tasks::evaluate(&s, &params, name, data, Some(&held))?;
+                            let mut cfg = train.clone();
+                            cfg.seed = mix_seed(train.seed, c as u64);
+                            let tuned = cohort_tasks::train(
+                                &s,
+                                &params,
+                                &[TaskData {
+                                    task: name,
+                                    data,
+                                    indices: &tr,
+                                }],
+                                &cfg,
+                            )?;
+                            let after =
+                                cohort_tasks::evaluate(&s, &tuned.params, name, data, Some(&held))?;
+                            out.push((t, held.len(), before.accuracy, after.accuracy));
                         }
-                        let s = spec.subset(&[name])?;
-                        let params: ParamGroups = s
-                            .layout()
-                            .group_names()
-                            .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
-                            .collect();
-                        let data = &pop.tasks[t].split.train;
-                        let before = cohort_tasks::evaluate(&s, &params, name, data, Some(&held))?;
-                        let mut cfg = train.clone();
-                        cfg.seed = mix_seed(train.seed, c as u64);
-                        let tuned = cohort_tasks::train(&s, &params, &[TaskData { task: name, data, indices: &tr }], &cfg)?;
-                        let after = cohort_tasks::evaluate(&s, &tuned.params, name, data, Some(&held))?;
-                        out.push((t, held.len(), before.accuracy, after.accuracy));
-                    }
-                    Ok(out)
-                })
-                .collect()
-        });
+                        Ok(out)
+                    })
+                    .collect()
+            });
         let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); self.pop.tasks.len()];
         for r in results {
             for (t, n, b, a) in r? {
@@ -700,13 +873,25 @@ impl Simulation {
 /// (`rounds x epochs`), then is evaluated on its held-out split and on the
 /// central test set. Returns (task, mean local accuracy, mean central
 /// accuracy).
-pub fn local_only(cfg: &ExperimentConfig, pop: &Population) -> Result<Vec<(String, f32, f32)>, SimError> {
-    let spec = ModelSpec { backbone: cfg.backbone, tasks: pop.tasks.iter().map(|t| t.spec()).collect() };
+pub fn local_only(
+    cfg: &ExperimentConfig,
+    pop: &Population,
+) -> Result<Vec<(String, f32, f32)>, SimError> {
+    let spec = ModelSpec {
+        backbone: cfg.backbone,
+        tasks: pop.tasks.iter().map(|t| t.spec()).collect(),
+    };
     let init = spec.init(mix_seed(cfg.seed, 0x1417));
     let mut train = cfg.engine.train.clone();
-    train.epochs = train.epochs.saturating_mul(u32::try_from(cfg.rounds).unwrap_or(u32::MAX));
+    train.epochs = train
+        .epochs
+        .saturating_mul(u32::try_from(cfg.rounds).unwrap_or(u32::MAX));
     let k = cfg.eval.personalize_clients.min(pop.clients());
-    let threads = if cfg.threads == 0 { rayon::current_num_threads() } else { cfg.threads };
+    let threads = if cfg.threads == 0 {
+        rayon::current_num_threads()
+    } else {
+        cfg.threads
+    };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -731,9 +916,25 @@ pub fn local_only(cfg: &ExperimentConfig, pop: &Population) -> Result<Vec<(Strin
                     let data = &pop.tasks[t].split.train;
                     let mut cfg_c = train.clone();
                     cfg_c.seed = mix_seed(train.seed, c as u64);
-                    let trained = cohort_tasks::train(&s, &params, &[TaskData { task: name, data, indices: &tr }], &cfg_c)?;
-                    let local = cohort_tasks::evaluate(&s, &trained.params, name, data, Some(&held))?;
-                    let central = cohort_tasks::evaluate(&s, &trained.params, name, &pop.tasks[t].split.test, None)?;
+                    let trained = cohort_tasks::train(
+                        &s,
+                        &params,
+                        &[TaskData {
+                            task: name,
+                            data,
+                            indices: &tr,
+                        }],
+                        &cfg_c,
+                    )?;
+                    let local =
+                        cohort_tasks::evaluate(&s, &trained.params, name, data, Some(&held))?;
+                    let central = cohort_tasks::evaluate(
+                        &s,
+                        &trained.params,
+                        name,
+                        &pop.tasks[t].split.test,
+                        None,
+                    )?;
                     out.push((t, held.len(), local.accuracy, central.accuracy));
                 }
                 Ok(out)
@@ -754,6 +955,12 @@ pub fn local_only(cfg: &ExperimentConfig, pop: &Population) -> Result<Vec<(Strin
         .iter()
         .zip(sums)
         .filter(|(_, s)| s.3 > 0)
-        .map(|(t, s)| (t.name.clone(), (s.1 / s.0.max(1) as f64) as f32, (s.2 / s.3 as f64) as f32))
+        .map(|(t, s)| {
+            (
+                t.name.clone(),
+                (s.1 / s.0.max(1) as f64) as f32,
+                (s.2 / s.3 as f64) as f32,
+            )
+        })
         .collect())
 }

@@ -21,7 +21,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// With no arguments it runs the embedded default workload W0: two tasks,
 /// `digits` (MNIST 5k) and `fashion` (Fashion-MNIST 6k/1k), on one 28x28 MLP
 /// backbone; 20 clients holding one or both tasks with Dirichlet(0.5) label
-/// skew; 10 clients a round; FedAvg; 8-bit stochastic deltas; 10 rounds.
+/// skew; 10 clients a round; 1 local epoch of SGD (batch 32, lr 0.1); FedAvgM
+/// (server momentum 0.5); 8-bit stochastic deltas with error feedback; 40
+/// rounds.
 ///
 /// Settings come from the defaults, then `--config FILE` (TOML, see
 /// `simulator/experiments/`), then the flags below. `--print-config` shows the
@@ -131,7 +133,8 @@ struct Cli {
 }
 
 fn parse_kv(s: &str) -> Result<(&str, &str)> {
-    s.split_once('=').with_context(|| format!("`{s}` is not KEY=VALUE"))
+    s.split_once('=')
+        .with_context(|| format!("`{s}` is not KEY=VALUE"))
 }
 
 fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
@@ -149,16 +152,28 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
         cfg.tasks = cli
             .tasks
             .iter()
-            .map(|t| parse_kv(t).map(|(n, d)| TaskConfig { name: n.into(), dataset: d.into(), holders: 1.0 }))
+            .map(|t| {
+                parse_kv(t).map(|(n, d)| TaskConfig {
+                    name: n.into(),
+                    dataset: d.into(),
+                    holders: 1.0,
+                })
+            })
             .collect::<Result<_>>()?;
     }
     if let Some(b) = &cli.backbone {
-        cfg.backbone = b.parse::<BackboneKind>().map_err(|e| anyhow::anyhow!("--backbone: {e}"))?;
+        cfg.backbone = b
+            .parse::<BackboneKind>()
+            .map_err(|e| anyhow::anyhow!("--backbone: {e}"))?;
     }
     if let Some(p) = &cli.partition {
         let parts: Vec<&str> = p.split(':').collect();
         let num = |i: usize| -> Result<f64> {
-            parts.get(i).with_context(|| format!("--partition {p}: missing a number"))?.parse::<f64>().with_context(|| format!("--partition {p}"))
+            parts
+                .get(i)
+                .with_context(|| format!("--partition {p}: missing a number"))?
+                .parse::<f64>()
+                .with_context(|| format!("--partition {p}"))
         };
         cfg.clients.data = match parts[0] {
             "iid" => ClientData::Partition { partitioner: Partitioner::Iid },
@@ -171,9 +186,15 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
     }
     if cli.strategy.is_some() || !cli.strategy_params.is_empty() {
         let name = cli.strategy.clone().unwrap_or_else(|| {
-            toml::to_string(&cfg.strategy).ok().and_then(|t| {
-                t.lines().find_map(|l| l.strip_prefix("name = ").map(|n| n.trim_matches('"').to_string()))
-            }).unwrap_or_else(|| "fedavg".into())
+            toml::to_string(&cfg.strategy)
+                .ok()
+                .and_then(|t| {
+                    t.lines().find_map(|l| {
+                        l.strip_prefix("name = ")
+                            .map(|n| n.trim_matches('"').to_string())
+                    })
+                })
+                .unwrap_or_else(|| "fedavg".into())
         });
         let mut text = format!("name = {name:?}\n");
         for kv in &cli.strategy_params {
@@ -181,7 +202,8 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
             text.push_str(&format!("{k} = {v}\n"));
         }
         let clip = cfg.strategy.clip_norm;
-        cfg.strategy = toml::from_str::<StrategyConfig>(&text).with_context(|| format!("--strategy {name}: bad name or parameters"))?;
+        cfg.strategy = toml::from_str::<StrategyConfig>(&text)
+            .with_context(|| format!("--strategy {name}: bad name or parameters"))?;
         cfg.strategy.clip_norm = clip;
     }
     if cli.clip_norm.is_some() {
@@ -248,8 +270,14 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
         cfg.faults.byzantine = v;
     }
     if let Some(a) = &cli.attack {
-        let (kind, arg) = a.split_once(':').map_or((a.as_str(), None), |(k, v)| (k, Some(v)));
-        let num = |d: f32| -> Result<f32> { arg.map_or(Ok(d), |v| v.parse().with_context(|| format!("--attack {a}"))) };
+        let (kind, arg) = a
+            .split_once(':')
+            .map_or((a.as_str(), None), |(k, v)| (k, Some(v)));
+        let num = |d: f32| -> Result<f32> {
+            arg.map_or(Ok(d), |v| {
+                v.parse().with_context(|| format!("--attack {a}"))
+            })
+        };
         cfg.faults.attack = match kind {
             "sign_flip" => Attack::SignFlip { scale: num(4.0)? },
             "scale" => Attack::Scale { factor: num(10.0)? },
@@ -282,8 +310,16 @@ fn describe(m: &RoundMetrics) -> String {
         "  | {}/{} accepted{}{}  {:.0} ms",
         m.accepted,
         m.sampled,
-        if m.dropped > 0 { format!(", {} dropped", m.dropped) } else { String::new() },
-        if m.late + m.refused > 0 { format!(", {} late/refused", m.late + m.refused) } else { String::new() },
+        if m.dropped > 0 {
+            format!(", {} dropped", m.dropped)
+        } else {
+            String::new()
+        },
+        if m.late + m.refused > 0 {
+            format!(", {} late/refused", m.late + m.refused)
+        } else {
+            String::new()
+        },
         m.wall_ms
     ));
     s
@@ -292,14 +328,16 @@ fn describe(m: &RoundMetrics) -> String {
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let mut cfg = match &cli.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             ExperimentConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
         }
         None => ExperimentConfig::default(),
@@ -310,7 +348,11 @@ fn main() -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let tasks: Vec<String> = cfg.tasks.iter().map(|t| format!("{} ({})", t.name, t.dataset)).collect();
+    let tasks: Vec<String> = cfg
+        .tasks
+        .iter()
+        .map(|t| format!("{} ({})", t.name, t.dataset))
+        .collect();
     println!(
         "cohort-sim `{}`: {} clients, {} per round, {} rounds, tasks {}, backbone {}, strategy {}, {}-bit deltas, seed {}",
         cfg.name,
@@ -328,8 +370,10 @@ fn main() -> Result<()> {
     } else {
         let b = ProgressBar::new(cfg.rounds);
         b.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         b
     };
@@ -345,7 +389,11 @@ fn main() -> Result<()> {
     if !result.local_only.is_empty() {
         println!("local-only training:");
         for (t, local, central) in &result.local_only {
-            println!("  {t:<12} own held-out {:6.2}%  central test {:6.2}%", 100.0 * local, 100.0 * central);
+            println!(
+                "  {t:<12} own held-out {:6.2}%  central test {:6.2}%",
+                100.0 * local,
+                100.0 * central
+            );
         }
     }
     if !result.personalized.is_empty() {
