@@ -68,6 +68,7 @@ fn main() {
         let setup = t.elapsed().as_secs_f64();
         let rounds = sim.run(|_| {}).expect("run");
         let total: f64 = rounds.iter().map(|r| r.wall_ms).sum::<f64>() / 1e3;
+        let eval: f64 = rounds.iter().map(|r| r.eval_ms).sum::<f64>() / 1e3;
         let last = rounds.last().expect("rounds");
         let accs: Vec<String> = last
             .central
@@ -79,12 +80,13 @@ fn main() {
         sorted.sort_by(f64::total_cmp);
         println!(
             "{name}: {} clients ({} a round), {} rounds, threads {}: setup {setup:.2} s, {total:.2} s in rounds, \
-             {:.3} s/round mean, {:.3} s/round median; final {}; state {} clients / {:.1} MB; peak RSS {:.0} MB",
+             {:.3} s/round mean ({:.3} s of it central evaluation), {:.3} s/round median; final {}; state {} clients / {:.1} MB; peak RSS {:.0} MB",
             cfg.clients.count,
             cfg.clients.per_round,
             rounds.len(),
             if threads == 0 { rayon::current_num_threads() } else { threads },
             total / rounds.len() as f64,
+            eval / rounds.len() as f64,
             sorted[sorted.len() / 2],
             accs.join(", "),
             sim.clients_with_state(),

@@ -145,6 +145,7 @@ fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
                 r.bytes_up += m.bytes_up;
                 r.bytes_down += m.bytes_down;
                 r.wall_ms += m.wall_ms;
+                r.eval_ms += m.eval_ms;
             }
             None => into.push(m),
         }

@@ -38,7 +38,10 @@ pub struct RoundMetrics {
     pub bytes_up: u64,
     /// Model bytes sent to clients (raw f32 of the groups each one needed).
     pub bytes_down: u64,
+    /// Wall time of the round, evaluation included.
     pub wall_ms: f64,
+    /// Wall time of the central evaluation.
+    pub eval_ms: f64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
@@ -69,7 +72,8 @@ impl MetricsWriter {
         for t in tasks {
             let _ = write!(header, ",acc_{t},loss_{t},train_loss_{t}");
         }
-        header.push_str(",sampled,accepted,dropped,late,refused,bytes_up,bytes_down,wall_ms");
+        header
+            .push_str(",sampled,accepted,dropped,late,refused,bytes_up,bytes_down,wall_ms,eval_ms");
         writeln!(csv, "{header}").map_err(io_err(&csv_path))?;
         Ok(MetricsWriter {
             csv,
@@ -96,7 +100,7 @@ impl MetricsWriter {
         }
         let _ = write!(
             row,
-            ",{},{},{},{},{},{},{},{:.1}",
+            ",{},{},{},{},{},{},{},{:.1},{:.1}",
             m.sampled,
             m.accepted,
             m.dropped,
@@ -104,7 +108,8 @@ impl MetricsWriter {
             m.refused,
             m.bytes_up,
             m.bytes_down,
-            m.wall_ms
+            m.wall_ms,
+            m.eval_ms
         );
         writeln!(self.csv, "{row}").map_err(io_err(&self.csv_path))?;
         let line = serde_json::to_string(m).map_err(|e| SimError::Config(e.to_string()))?;

@@ -346,24 +346,40 @@ impl Simulation {
         }
     }
 
-    /// Central evaluation of the global model on each task's test set.
+    /// Central evaluation of the global model on each task's test set,
+    /// split into slices evaluated in parallel on the pool.
     pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
         let global = self.engine.global();
         let (pop, full) = (&self.pop, &self.spec);
+        let slices = self.pool.current_num_threads().max(1);
         self.pool.install(|| {
             pop.tasks
-                .par_iter()
+                .iter()
                 .map(|t| {
                     let spec = full.subset(&[t.name.as_str()])?;
                     let params: ParamGroups = [BACKBONE.to_string(), head_group(&t.name)]
                         .into_iter()
                         .filter_map(|g| global.get(&g).map(|v| (g, v.to_vec())))
                         .collect();
-                    let m = cohort_tasks::evaluate(&spec, &params, &t.name, &t.split.test, None)?;
+                    let test = &t.split.test;
+                    let all: Vec<usize> = (0..test.len()).collect();
+                    let parts: Vec<cohort_tasks::EvalMetrics> = all
+                        .par_chunks(test.len().div_ceil(slices).max(1))
+                        .map(|idx| cohort_tasks::evaluate(&spec, &params, &t.name, test, Some(idx)))
+                        .collect::<Result<_, _>>()?;
+                    // Combine in slice order: the same sums whatever the thread count.
+                    let n: u64 = parts.iter().map(|m| m.samples).sum();
+                    let w = |f: fn(&cohort_tasks::EvalMetrics) -> f32| {
+                        (parts
+                            .iter()
+                            .map(|m| f64::from(f(m)) * m.samples as f64)
+                            .sum::<f64>()
+                            / n.max(1) as f64) as f32
+                    };
                     Ok(TaskScore {
                         task: t.name.clone(),
-                        accuracy: m.accuracy,
-                        loss: m.loss,
+                        accuracy: w(|m| m.accuracy),
+                        loss: w(|m| m.loss),
                     })
                 })
                 .collect()
@@ -459,7 +475,9 @@ impl Simulation {
         m.accepted = report.accepted.len();
         m.train_loss = self.loss_scores(loss);
         if self.should_eval(round) {
+            let t = Instant::now();
             m.central = self.evaluate_central()?;
+            m.eval_ms = t.elapsed().as_secs_f64() * 1e3;
         }
         m.wall_ms = started.elapsed().as_secs_f64() * 1e3;
         Ok(m)
@@ -654,7 +672,9 @@ impl Simulation {
                 m.version = report.version;
                 m.train_loss = self.loss_scores(std::mem::take(&mut loss));
                 if self.should_eval(report.round) {
+                    let t = Instant::now();
                     m.central = self.evaluate_central()?;
+                    m.eval_ms = t.elapsed().as_secs_f64() * 1e3;
                 }
                 m.wall_ms = step_started.elapsed().as_secs_f64() * 1e3;
                 step_started = Instant::now();
