@@ -167,19 +167,26 @@ fn chunk_key(seed: u64, chunk_index: u64) -> u32 {
 
 const GOLDEN32: u32 = 0x9e37_79b9;
 
-/// Uniform in `[0, 1)` with 24 bits, for position `i` of a chunk. For a
-/// uniformly random key, `key ^ i * GOLDEN32` is uniform and the mix below is
-/// a bijection, so each value's dither is exactly uniform (24 bits) over
-/// keys: stochastic rounding stays unbiased. One multiply per value keeps the
-/// loop vectorizable and cheap.
+/// Uniform in `[0, 1)` with 23 bits, for position `i` of a chunk, from
+/// `c = i * GOLDEN32`: the top bits of `key ^ c`. For a uniformly random key
+/// this is exactly uniform for each position (so stochastic rounding stays
+/// unbiased, up to ties of probability 2^-23), and along a chunk `c` is a
+/// Weyl sequence, evenly spread. No multiply: the loop vectorizes well.
 #[inline(always)]
-fn dither(key: u32, i: u32) -> f32 {
-    let mut h = key ^ i.wrapping_mul(GOLDEN32);
-    h ^= h >> 16;
-    h = h.wrapping_mul(0x85eb_ca6b);
-    h ^= h >> 13;
-    (h >> 8) as f32 * (1.0 / 16_777_216.0)
+fn dither(key: u32, c: u32) -> f32 {
+    f32::from_bits(0x3f80_0000 | ((key ^ c) >> 9)) - 1.0
 }
+
+const LANE_STEPS: [u32; 8] = [
+    0,
+    GOLDEN32,
+    GOLDEN32.wrapping_mul(2),
+    GOLDEN32.wrapping_mul(3),
+    GOLDEN32.wrapping_mul(4),
+    GOLDEN32.wrapping_mul(5),
+    GOLDEN32.wrapping_mul(6),
+    GOLDEN32.wrapping_mul(7),
+];
 
 /// Largest magnitude, with eight lanes so that the loop vectorizes.
 fn absmax(x: &[f32]) -> f32 {
@@ -200,29 +207,46 @@ fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [
     let lf = l as f32;
     let top = (2 * l) as f32;
     // y = x/s*L + L in [0, 2L]; floor(y + u) is y in expectation, floor(y + 1/2) is nearest.
-    let code = |v: f32, u: f32| (v * inv + lf + u).max(0.0).min(top) as i32 as u8;
+    // Plain selects (not f32::max/min, whose NaN rules cost extra
+    // instructions): the input is finite, checked by the caller.
+    // Rounding by the magic number 2^23: adding it to y in [0, 2^23) leaves
+    // round-to-nearest(y) in the low mantissa bits, with plain float ops
+    // (a float-to-int conversion with Rust's saturation costs more).
+    // Nearest: round(y). Stochastic: round(y + u - 1/2) = floor(y + u).
+    // Selects rather than f32::max/min, whose NaN rules cost instructions
+    // (the input is finite, checked by the caller).
+    const MAGIC: f32 = 8_388_608.0;
+    let code = |v: f32, u: f32| {
+        let y = v * inv + (lf + u);
+        let y = if y > 0.0 { y } else { 0.0 };
+        let y = if y < top { y } else { top };
+        ((y + MAGIC).to_bits() & 0xff) as u8
+    };
     let mut it = out.chunks_exact_mut(8).zip(x.chunks_exact(8));
     let mut done = 0usize;
     if stochastic {
         for (o, v) in &mut it {
-            let base = done as u32;
+            let base = (done as u32).wrapping_mul(GOLDEN32);
             for j in 0..8 {
-                o[j] = code(v[j], dither(key, base + j as u32));
+                o[j] = code(v[j], dither(key, base.wrapping_add(LANE_STEPS[j])) - 0.5);
             }
             done += 8;
         }
         for (i, (o, v)) in out[done..].iter_mut().zip(&x[done..]).enumerate() {
-            *o = code(*v, dither(key, (done + i) as u32));
+            *o = code(
+                *v,
+                dither(key, ((done + i) as u32).wrapping_mul(GOLDEN32)) - 0.5,
+            );
         }
     } else {
         for (o, v) in &mut it {
             for j in 0..8 {
-                o[j] = code(v[j], 0.5);
+                o[j] = code(v[j], 0.0);
             }
             done += 8;
         }
         for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
-            *o = code(*v, 0.5);
+            *o = code(*v, 0.0);
         }
     }
 }
@@ -262,7 +286,7 @@ fn encode_chunk(
                 let half_inv = if s > 0.0 { 0.5 / s } else { 0.0 };
                 for (i, (t, v)) in tmp[..n].iter_mut().zip(x).enumerate() {
                     let p = 0.5 + v * half_inv;
-                    *t = u8::from(dither(key, i as u32) < p);
+                    *t = u8::from(dither(key, (i as u32).wrapping_mul(GOLDEN32)) < p);
                 }
                 scale = s;
             } else {
@@ -420,7 +444,12 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// deterministic.
 pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, ProtocolError> {
     cfg.validate()?;
-    if let Some(i) = delta.iter().position(|v| !(v.abs() <= MAX_SCALE)) {
+    // A branch-free pass (vectorizes); the position only on failure.
+    let all_in_range = delta.iter().fold(true, |ok, v| ok & (v.abs() <= MAX_SCALE));
+    if let Some(i) = (!all_in_range)
+        .then(|| delta.iter().position(|v| !(v.abs() <= MAX_SCALE)))
+        .flatten()
+    {
         return Err(ProtocolError::NonFinite(format!(
             "value {} at index {i} is not finite or exceeds {MAX_SCALE:e}",
             delta[i]
