@@ -188,15 +188,23 @@ const LANE_STEPS: [u32; 8] = [
     GOLDEN32.wrapping_mul(7),
 ];
 
-/// Largest magnitude, with eight lanes so that the loop vectorizes.
+/// Largest magnitude, with eight lanes so that the loop vectorizes; infinity
+/// if any value is NaN, infinite or above [`MAX_SCALE`] (the range check
+/// rides along, sparing encode a separate pass).
 fn absmax(x: &[f32]) -> f32 {
     let mut m = [0.0f32; 8];
+    let mut ok = [true; 8];
     let mut it = x.chunks_exact(8);
     for c in &mut it {
         for j in 0..8 {
             let a = c[j].abs();
             m[j] = if a > m[j] { a } else { m[j] };
+            ok[j] &= a <= MAX_SCALE;
         }
+    }
+    let tail_ok = it.remainder().iter().all(|v| v.abs() <= MAX_SCALE);
+    if !(tail_ok && ok.iter().all(|&b| b)) {
+        return f32::INFINITY;
     }
     let tail = it.remainder().iter().fold(0.0f32, |a, v| a.max(v.abs()));
     m.iter().fold(tail, |a, &v| a.max(v))
@@ -255,6 +263,7 @@ fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [
 /// codes, appended at `codes`; returns the scale.
 fn encode_chunk(
     x: &[f32],
+    s: f32,
     bits: u8,
     stochastic: bool,
     key: u32,
@@ -269,7 +278,6 @@ fn encode_chunk(
             0.0
         }
         16 => {
-            let s = absmax(x);
             let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
             for (c, v) in codes.chunks_exact_mut(2).zip(x) {
                 // |v * inv| <= 1 up to rounding; clamp keeps the decoder's bound exact.
@@ -282,7 +290,6 @@ fn encode_chunk(
             let n = x.len();
             let scale;
             if stochastic {
-                let s = absmax(x);
                 let half_inv = if s > 0.0 { 0.5 / s } else { 0.0 };
                 for (i, (t, v)) in tmp[..n].iter_mut().zip(x).enumerate() {
                     let p = 0.5 + v * half_inv;
@@ -294,14 +301,13 @@ fn encode_chunk(
                 for (t, v) in tmp[..n].iter_mut().zip(x) {
                     *t = u8::from(*v >= 0.0);
                 }
-                scale = (sum / n as f32).min(absmax(x));
+                scale = (sum / n as f32).min(s);
             }
             pack(&tmp[..n], 1, codes);
             scale
         }
         _ => {
             let l = grid(bits);
-            let s = absmax(x);
             let inv = if s > 0.0 { l as f32 / s } else { 0.0 };
             if bits == 8 {
                 quantize(x, inv, l, stochastic, key, &mut codes[..x.len()]);
@@ -444,16 +450,18 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// deterministic.
 pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, ProtocolError> {
     cfg.validate()?;
-    // A branch-free pass (vectorizes); the position only on failure.
-    let all_in_range = delta.iter().fold(true, |ok, v| ok & (v.abs() <= MAX_SCALE));
-    if let Some(i) = (!all_in_range)
-        .then(|| delta.iter().position(|v| !(v.abs() <= MAX_SCALE)))
-        .flatten()
-    {
-        return Err(ProtocolError::NonFinite(format!(
-            "value {} at index {i} is not finite or exceeds {MAX_SCALE:e}",
-            delta[i]
-        )));
+    let out_of_range = |x: &[f32], offset: usize| {
+        let i = x.iter().position(|v| !(v.abs() <= MAX_SCALE)).unwrap_or(0);
+        ProtocolError::NonFinite(format!(
+            "value {} at index {} is not finite or exceeds {MAX_SCALE:e}",
+            x[i],
+            offset + i
+        ))
+    };
+    // Dense quantized encodings check the range chunk by chunk, along with
+    // the scale; raw and sparse ones need it before anything else.
+    if (cfg.bits == 32 || cfg.kept(delta.len()) < delta.len()) && absmax(delta) == f32::INFINITY {
+        return Err(out_of_range(delta, 0));
     }
     let n = delta.len();
     let k = cfg.kept(n);
@@ -527,7 +535,11 @@ pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, Pr
         } else {
             0
         };
-        let s = encode_chunk(x, cfg.bits, stochastic, key, c, &mut tmp);
+        let m = if cfg.bits == 32 { 0.0 } else { absmax(x) };
+        if m == f32::INFINITY {
+            return Err(out_of_range(x, ci * chunk));
+        }
+        let s = encode_chunk(x, m, cfg.bits, stochastic, key, c, &mut tmp);
         if cfg.bits != 32 {
             scale_bytes[4 * ci..4 * ci + 4].copy_from_slice(&s.to_le_bytes());
         }
