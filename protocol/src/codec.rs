@@ -86,6 +86,12 @@ pub const MAX_CHUNK: u32 = 1 << 24;
 pub const MAX_SCALE: f32 = 1.0e37;
 
 const MAGIC: [u8; 2] = *b"CQ";
+
+/// Finite and at most [`MAX_SCALE`] in magnitude (false for NaN).
+#[inline(always)]
+fn in_range(v: f32) -> bool {
+    v.abs() <= MAX_SCALE
+}
 const FORMAT: u8 = 1;
 const FLAG_STOCHASTIC: u8 = 1;
 const FLAG_SPARSE: u8 = 2;
@@ -98,7 +104,7 @@ impl CodecConfig {
         if !matches!(self.bits, 1 | 2 | 4 | 8 | 16 | 32) {
             return bad(format!("bits = {} (use 32, 16, 8, 4, 2 or 1)", self.bits));
         }
-        if self.chunk < 8 || self.chunk % 8 != 0 || self.chunk > MAX_CHUNK {
+        if self.chunk < 8 || self.chunk & 7 != 0 || self.chunk > MAX_CHUNK {
             return bad(format!(
                 "chunk = {} (a multiple of 8 from 8 to {MAX_CHUNK})",
                 self.chunk
@@ -202,7 +208,7 @@ fn absmax(x: &[f32]) -> f32 {
             ok[j] &= a <= MAX_SCALE;
         }
     }
-    let tail_ok = it.remainder().iter().all(|v| v.abs() <= MAX_SCALE);
+    let tail_ok = it.remainder().iter().all(|v| in_range(*v));
     if !(tail_ok && ok.iter().all(|&b| b)) {
         return f32::INFINITY;
     }
@@ -451,7 +457,7 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, ProtocolError> {
     cfg.validate()?;
     let out_of_range = |x: &[f32], offset: usize| {
-        let i = x.iter().position(|v| !(v.abs() <= MAX_SCALE)).unwrap_or(0);
+        let i = x.iter().position(|v| !in_range(*v)).unwrap_or(0);
         ProtocolError::NonFinite(format!(
             "value {} at index {} is not finite or exceeds {MAX_SCALE:e}",
             x[i],
@@ -594,7 +600,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, ProtocolError> {
         u64::from_le_bytes(b)
     };
     let chunk = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-    if chunk < 8 || chunk % 8 != 0 || chunk > MAX_CHUNK {
+    if chunk < 8 || chunk & 7 != 0 || chunk > MAX_CHUNK {
         return Err(malformed(format!("chunk = {chunk}")));
     }
     let (n, k, index_len) = (u64_at(16), u64_at(24), u64_at(32));
@@ -710,32 +716,26 @@ impl Parsed<'_> {
     fn validate(&self) -> Result<(), ProtocolError> {
         for s in self.scales.chunks_exact(4) {
             let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-            if !(s >= 0.0 && s <= MAX_SCALE) {
+            if !(0.0..=MAX_SCALE).contains(&s) {
                 return Err(malformed(format!(
                     "scale {s} not finite, negative or above {MAX_SCALE:e}"
                 )));
             }
         }
+        let raw_bad = || {
+            self.codes
+                .chunks_exact(4)
+                .any(|c| !in_range(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+        };
+        // |x / s| <= 1 on the encoder's side.
+        let half_bad = || {
+            self.codes
+                .chunks_exact(2)
+                .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x3c00)
+        };
         match self.bits {
-            32 => {
-                if self
-                    .codes
-                    .chunks_exact(4)
-                    .any(|c| !(f32::from_le_bytes([c[0], c[1], c[2], c[3]]).abs() <= MAX_SCALE))
-                {
-                    return Err(malformed("raw value not finite or too large"));
-                }
-            }
-            // |x / s| <= 1 on the encoder's side.
-            16 => {
-                if self
-                    .codes
-                    .chunks_exact(2)
-                    .any(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7fff > 0x3c00)
-                {
-                    return Err(malformed("half value above 1 or not finite"));
-                }
-            }
+            32 if raw_bad() => return Err(malformed("raw value not finite or too large")),
+            16 if half_bad() => return Err(malformed("half value above 1 or not finite")),
             _ => {}
         }
         if let Some(index) = self.index {
@@ -876,7 +876,7 @@ impl ErrorFeedback {
         if let Some(i) = delta
             .iter()
             .zip(&self.residual)
-            .position(|(d, r)| !((d + r).abs() <= MAX_SCALE))
+            .position(|(d, r)| !in_range(d + r))
         {
             return Err(ProtocolError::NonFinite(format!(
                 "delta {} plus residual at index {i} is not finite or too large",

@@ -15,11 +15,19 @@ pub type NodeId = String;
 /// Local optimizer a node uses for its training. In human-readable formats
 /// (TOML, JSON) it is tagged by `kind`; on the wire (bincode, which cannot
 /// decode internally tagged enums) it is a plain enum.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Optimizer {
+    #[default]
     Sgd,
-    Momentum { momentum: f32, nesterov: bool },
-    Adam { beta1: f32, beta2: f32, eps: f32 },
+    Momentum {
+        momentum: f32,
+        nesterov: bool,
+    },
+    Adam {
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -83,12 +91,6 @@ impl<'de> Deserialize<'de> for Optimizer {
         } else {
             OptimizerPlain::deserialize(d).map(Into::into)
         }
-    }
-}
-
-impl Default for Optimizer {
-    fn default() -> Self {
-        Optimizer::Sgd
     }
 }
 
