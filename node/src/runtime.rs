@@ -21,7 +21,12 @@ pub struct NodeState {
 impl NodeState {
     /// Bytes held by this state (weights and residuals).
     pub fn bytes(&self) -> usize {
-        4 * (self.local.num_values() + self.residuals.values().map(|r| r.residual.len()).sum::<usize>())
+        4 * (self.local.num_values()
+            + self
+                .residuals
+                .values()
+                .map(|r| r.residual.len())
+                .sum::<usize>())
     }
 }
 
@@ -57,27 +62,52 @@ pub fn mix_seed(a: u64, b: u64) -> u64 {
 
 fn str_seed(s: &str) -> u64 {
     // FNV-1a: stable across platforms and releases, unlike DefaultHasher.
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 impl NodeRuntime {
-    pub fn new(id: impl Into<String>, federation: impl Into<String>, spec: ModelSpec, aggregator_key: SealPublicKey) -> Self {
-        NodeRuntime { id: id.into(), federation: federation.into(), spec, aggregator_key, state: NodeState::default() }
+    pub fn new(
+        id: impl Into<String>,
+        federation: impl Into<String>,
+        spec: ModelSpec,
+        aggregator_key: SealPublicKey,
+    ) -> Self {
+        NodeRuntime {
+            id: id.into(),
+            federation: federation.into(),
+            spec,
+            aggregator_key,
+            state: NodeState::default(),
+        }
     }
 
     /// The names of the groups this node holds.
     pub fn groups(&self) -> Vec<String> {
-        self.spec.layout().group_names().map(str::to_string).collect()
+        self.spec
+            .layout()
+            .group_names()
+            .map(str::to_string)
+            .collect()
     }
 
     /// The weights this node starts a round from: uploaded (global) groups
     /// from `global`, local groups from its state, or from `global` the first
     /// time (a personalized head starts from the global initialization).
-    pub fn start_weights(&self, plan: &RoundPlan, global: &ParamGroups) -> Result<ParamGroups, NodeError> {
+    pub fn start_weights(
+        &self,
+        plan: &RoundPlan,
+        global: &ParamGroups,
+    ) -> Result<ParamGroups, NodeError> {
         let mut start = ParamGroups::new();
         for name in self.spec.layout().group_names() {
             let uploaded = plan.upload.iter().any(|g| g == name);
-            let w = if uploaded { global.get(name) } else { self.state.local.get(name).or_else(|| global.get(name)) };
+            let w = if uploaded {
+                global.get(name)
+            } else {
+                self.state.local.get(name).or_else(|| global.get(name))
+            };
             let w = w.ok_or_else(|| NodeError::MissingWeights(name.to_string()))?;
             start.insert(name, w.to_vec());
         }
@@ -86,7 +116,12 @@ impl NodeRuntime {
 
     /// Runs one round: trains on `data`, encodes the deltas of the uploaded
     /// groups with error feedback, seals them, and keeps local groups.
-    pub fn run_round(&mut self, plan: &RoundPlan, global: &ParamGroups, data: &[TaskData<'_>]) -> Result<RoundOutput, NodeError> {
+    pub fn run_round(
+        &mut self,
+        plan: &RoundPlan,
+        global: &ParamGroups,
+        data: &[TaskData<'_>],
+    ) -> Result<RoundOutput, NodeError> {
         self.run_round_with(plan, global, data, |_, _| {})
     }
 
@@ -104,7 +139,10 @@ impl NodeRuntime {
         F: FnMut(&str, &mut Vec<f32>),
     {
         if plan.federation != self.federation {
-            return Err(NodeError::WrongFederation { expected: self.federation.clone(), got: plan.federation.clone() });
+            return Err(NodeError::WrongFederation {
+                expected: self.federation.clone(),
+                got: plan.federation.clone(),
+            });
         }
         let layout = self.spec.layout();
         if let Some(g) = plan.upload.iter().find(|g| layout.group(g).is_none()) {
@@ -151,8 +189,15 @@ impl NodeRuntime {
             .metrics
             .iter()
             .map(|m| {
-                let n = data.iter().filter(|d| d.task == m.task).map(|d| d.indices.len() as u64).sum();
-                TaskMetrics { samples: n, ..m.clone() }
+                let n = data
+                    .iter()
+                    .filter(|d| d.task == m.task)
+                    .map(|d| d.indices.len() as u64)
+                    .sum();
+                TaskMetrics {
+                    samples: n,
+                    ..m.clone()
+                }
             })
             .collect();
         let num_examples = data.iter().map(|d| d.indices.len() as u64).sum();
@@ -165,13 +210,23 @@ impl NodeRuntime {
             metrics,
             num_examples,
         };
-        Ok(RoundOutput { update: Update { header, sealed }, trained: outcome.params, encoded_bytes })
+        Ok(RoundOutput {
+            update: Update { header, sealed },
+            trained: outcome.params,
+            encoded_bytes,
+        })
     }
 
     /// Encodes one group's delta. Lossy settings carry the residual over to
     /// the next round (error feedback); raw 32-bit encoding loses nothing, so
     /// it keeps no residual.
-    fn encode_group(&mut self, name: &str, delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, NodeError> {
+    fn encode_group(
+        &mut self,
+        name: &str,
+        delta: &[f32],
+        cfg: &CodecConfig,
+        seed: u64,
+    ) -> Result<Vec<u8>, NodeError> {
         if cfg.bits == 32 && cfg.top_k.is_none() {
             return Ok(codec::encode(delta, cfg, seed)?);
         }
