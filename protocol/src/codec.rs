@@ -23,9 +23,10 @@
 //! and `P(+s) = (1 + x/s) / 2`, which is unbiased. 16 bits store `x / s` as
 //! IEEE half (always nearest). 32 bits store the raw `f32`.
 //!
-//! Stochastic rounding draws one 24-bit uniform per value from a
-//! counter-based hash of `(seed, chunk, position)`: deterministic for a seed,
-//! cheap, and independent of how the work would be split.
+//! Stochastic rounding draws one 23-bit uniform per value from a
+//! counter-based dither (the top bits of `key ^ i * golden`, with a key per
+//! chunk derived from the seed): deterministic for a seed, exactly uniform
+//! per value over seeds (so unbiased), and cheap enough to vectorize.
 //!
 //! Every decoded value is finite by construction: scales read from the wire
 //! must be finite, non-negative and at most [`MAX_SCALE`]; a code above the
@@ -1005,6 +1006,29 @@ mod tests {
         assert!(matches!(decode(&huge, 3), Err(ProtocolError::Malformed(_))));
         assert!(matches!(
             decode_accumulate(&huge, 1.0, &mut acc),
+            Err(ProtocolError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn deterministic_by_seed_and_self_describing() {
+        let x: Vec<f32> = (0..300).map(|i| (i as f32 * 0.7).cos()).collect();
+        let c = CodecConfig {
+            bits: 4,
+            rounding: Rounding::Stochastic,
+            chunk: 64,
+            top_k: Some(TopK::Count(100)),
+        };
+        let a = encode(&x, &c, 9).expect("encode");
+        assert_eq!(a, encode(&x, &c, 9).expect("encode"));
+        assert_ne!(a, encode(&x, &c, 10).expect("encode"));
+        let read = encoded_config(&a).expect("header");
+        assert_eq!(read, c);
+        // A scale beyond MAX_SCALE (finite, but unsafe to multiply) is refused.
+        let mut evil = encode(&x, &CodecConfig::default(), 0).expect("encode");
+        evil[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&f32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&evil, 300),
             Err(ProtocolError::Malformed(_))
         ));
     }
