@@ -211,8 +211,10 @@ impl Default for EvalConfig {
 
 impl Default for ExperimentConfig {
     fn default() -> Self {
-        let mut engine = EngineConfig::default();
-        engine.federation = "w0".into();
+        let mut engine = EngineConfig {
+            federation: "w0".into(),
+            ..EngineConfig::default()
+        };
         engine.train.epochs = 1;
         engine.train.batch_size = 32;
         engine.train.lr = 0.1;

@@ -218,7 +218,7 @@ impl Population {
             })
             .collect();
         let total: f64 = p.iter().sum();
-        if !(total > 0.0) {
+        if total.is_nan() || total <= 0.0 {
             p = by_class
                 .iter()
                 .map(|c| if c.is_empty() { 0.0 } else { 1.0 })

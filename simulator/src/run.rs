@@ -500,7 +500,7 @@ impl Simulation {
 
     fn should_eval(&self, round: u64) -> bool {
         self.cfg.eval.central
-            && (round % self.cfg.eval.every.max(1) == 0 || round >= self.cfg.rounds)
+            && (round.is_multiple_of(self.cfg.eval.every.max(1)) || round >= self.cfg.rounds)
     }
 
     /// Values a client downloads for a plan: the uploaded (global) groups it
@@ -733,8 +733,7 @@ impl TrainCtx<'_> {
         let mut node_state = NodeState::default();
         let result = (|| -> Result<cohort_node::RoundOutput, SimError> {
             let node_spec = self.spec.subset(&names)?;
-            let mut node =
-                NodeRuntime::new(id.clone(), self.federation, node_spec, self.key.clone());
+            let mut node = NodeRuntime::new(id.clone(), self.federation, node_spec, self.key);
             node.state = state;
             let data: Vec<TaskData<'_>> = parts
                 .iter()
@@ -785,6 +784,9 @@ fn tamper(attack: Attack, delta: &mut [f32], seed: u64) {
     }
 }
 
+/// Per client: (task, held-out samples, two accuracies).
+type ClientScores = Vec<(usize, usize, f32, f32)>;
+
 /// Accuracy of one task on the clients' own held-out data.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct PersonalScore {
@@ -820,47 +822,45 @@ impl Simulation {
             .collect();
         let pop = &self.pop;
         let spec = &self.spec;
-        let results: Vec<Result<Vec<(usize, usize, f32, f32)>, SimError>> =
-            self.pool.install(|| {
-                clients
-                    .into_par_iter()
-                    .map(|(c, w)| {
-                        let mut out = Vec::new();
-                        for t in pop.client_tasks(c) {
-                            let name = pop.tasks[t].name.as_str();
-                            let (tr, held) = pop.client_data(c, t);
-                            if held.is_empty() || tr.is_empty() {
-                                continue;
-                            }
-                            let s = spec.subset(&[name])?;
-                            let params: ParamGroups = s
-                                .layout()
-                                .group_names()
-                                .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
-                                .collect();
-                            let data = &pop.tasks[t].split.train;
-                            let before =
-                                cohort_tasks::evaluate(&s, &params, name, data, Some(&held))?;
-                            let mut cfg = train.clone();
-                            cfg.seed = mix_seed(train.seed, c as u64);
-                            let tuned = cohort_tasks::train(
-                                &s,
-                                &params,
-                                &[TaskData {
-                                    task: name,
-                                    data,
-                                    indices: &tr,
-                                }],
-                                &cfg,
-                            )?;
-                            let after =
-                                cohort_tasks::evaluate(&s, &tuned.params, name, data, Some(&held))?;
-                            out.push((t, held.len(), before.accuracy, after.accuracy));
+        let results: Vec<Result<ClientScores, SimError>> = self.pool.install(|| {
+            clients
+                .into_par_iter()
+                .map(|(c, w)| {
+                    let mut out = Vec::new();
+                    for t in pop.client_tasks(c) {
+                        let name = pop.tasks[t].name.as_str();
+                        let (tr, held) = pop.client_data(c, t);
+                        if held.is_empty() || tr.is_empty() {
+                            continue;
                         }
-                        Ok(out)
-                    })
-                    .collect()
-            });
+                        let s = spec.subset(&[name])?;
+                        let params: ParamGroups = s
+                            .layout()
+                            .group_names()
+                            .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
+                            .collect();
+                        let data = &pop.tasks[t].split.train;
+                        let before = cohort_tasks::evaluate(&s, &params, name, data, Some(&held))?;
+                        let mut cfg = train.clone();
+                        cfg.seed = mix_seed(train.seed, c as u64);
+                        let tuned = cohort_tasks::train(
+                            &s,
+                            &params,
+                            &[TaskData {
+                                task: name,
+                                data,
+                                indices: &tr,
+                            }],
+                            &cfg,
+                        )?;
+                        let after =
+                            cohort_tasks::evaluate(&s, &tuned.params, name, data, Some(&held))?;
+                        out.push((t, held.len(), before.accuracy, after.accuracy));
+                    }
+                    Ok(out)
+                })
+                .collect()
+        });
         let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); self.pop.tasks.len()];
         for r in results {
             for (t, n, b, a) in r? {
@@ -916,7 +916,7 @@ pub fn local_only(
         .num_threads(threads)
         .build()
         .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
-    let results: Vec<Result<Vec<(usize, usize, f32, f32)>, SimError>> = pool.install(|| {
+    let results: Vec<Result<ClientScores, SimError>> = pool.install(|| {
         (0..k)
             .into_par_iter()
             .map(|c| {

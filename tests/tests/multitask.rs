@@ -3,8 +3,8 @@
 //! both tasks, Dirichlet(0.5) label skew, 8-bit deltas.
 
 use cohort_protocol::messages::TrainConfig;
-use cohort_simulator::config::Sharing;
 use cohort_protocol::{head_group, BACKBONE};
+use cohort_simulator::config::Sharing;
 use cohort_simulator::{run_experiment, ExperimentConfig, Simulation};
 use cohort_tasks::{BackboneKind, ModelSpec, TaskData, TaskSpec};
 use cohort_tests::pct;
@@ -87,9 +87,11 @@ fn w0_shared_backbone_is_within_3_points_of_centralized() {
 
 #[test]
 fn local_heads_never_leave_and_personalization_helps() {
-    let mut cfg = ExperimentConfig::default();
-    cfg.rounds = 6;
-    cfg.heads = cohort_simulator::config::HeadPolicy::Local;
+    let mut cfg = ExperimentConfig {
+        rounds: 6,
+        heads: cohort_simulator::config::HeadPolicy::Local,
+        ..ExperimentConfig::default()
+    };
     cfg.eval.personalized = true;
     cfg.eval.personalize_clients = 20;
     let mut sim = Simulation::new(cfg).expect("builds");
@@ -99,7 +101,11 @@ fn local_heads_never_leave_and_personalization_helps() {
     // while the backbone moved.
     for task in ["digits", "fashion"] {
         let g = head_group(task);
-        assert_eq!(sim.engine.global().get(&g), initial.get(&g), "{g} reached the aggregator");
+        assert_eq!(
+            sim.engine.global().get(&g),
+            initial.get(&g),
+            "{g} reached the aggregator"
+        );
     }
     assert_ne!(sim.engine.global().get(BACKBONE), initial.get(BACKBONE));
     let personal = sim.personalized_eval().expect("personalized evaluation");
@@ -113,7 +119,16 @@ fn local_heads_never_leave_and_personalization_helps() {
             100.0 * p.after
         );
         assert!(p.clients > 0);
-        assert!(p.before > 0.5, "local heads of {} did not learn: {:.2}%", p.task, 100.0 * p.before);
-        assert!(p.after >= p.before - 0.02, "fine-tuning the head made {} worse", p.task);
+        assert!(
+            p.before > 0.5,
+            "local heads of {} did not learn: {:.2}%",
+            p.task,
+            100.0 * p.before
+        );
+        assert!(
+            p.after >= p.before - 0.02,
+            "fine-tuning the head made {} worse",
+            p.task
+        );
     }
 }

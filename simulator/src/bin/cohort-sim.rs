@@ -222,11 +222,8 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
     match cli.mode.as_deref() {
         None => {}
         Some("sync") => cfg.engine.mode = Mode::Sync,
-        Some("async") => {
-            if !matches!(cfg.engine.mode, Mode::Async(_)) {
-                cfg.engine.mode = Mode::Async(FedBuffConfig::default());
-            }
-        }
+        Some("async") if matches!(cfg.engine.mode, Mode::Async(_)) => {}
+        Some("async") => cfg.engine.mode = Mode::Async(FedBuffConfig::default()),
         Some(m) => bail!("--mode: `{m}` is neither sync nor async"),
     }
     if let Some(k) = cli.buffer_k {
