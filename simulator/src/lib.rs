@@ -33,9 +33,9 @@ pub struct ExperimentResult {
     /// Central accuracy per task after the last round.
     pub final_central: Vec<TaskScore>,
     pub personalized: Vec<PersonalScore>,
-    /// Local-only baseline: (task, accuracy on own held-out data, on the
-    /// central test set).
-    pub local_only: Vec<(String, f32, f32)>,
+    /// Local-only baseline: per task, accuracy on the clients' own held-out
+    /// data (`before`) and on the central test set (`after`).
+    pub local_only: Vec<PersonalScore>,
     pub wall_s: f64,
 }
 
@@ -113,9 +113,9 @@ pub fn run_experiment(
             result.final_central = result
                 .local_only
                 .iter()
-                .map(|(t, _, c)| TaskScore {
-                    task: t.clone(),
-                    accuracy: *c,
+                .map(|p| TaskScore {
+                    task: p.task.clone(),
+                    accuracy: p.after,
                     loss: f32::NAN,
                 })
                 .collect();

@@ -12,7 +12,7 @@ use cohort_aggregator::{
 };
 use cohort_node::{mix_seed, NodeRuntime, NodeState};
 use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
-use cohort_protocol::messages::RoundPlan;
+use cohort_protocol::messages::{RoundPlan, TrainConfig};
 use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
 use cohort_protocol::{head_group, Fingerprint, ParamGroups, BACKBONE, PROTOCOL_VERSION};
 use cohort_tasks::{Dataset, ModelSpec, TaskData};
@@ -784,9 +784,6 @@ fn tamper(attack: Attack, delta: &mut [f32], seed: u64) {
     }
 }
 
-/// Per client: (task, held-out samples, two accuracies).
-type ClientScores = Vec<(usize, usize, f32, f32)>;
-
 /// Accuracy of one task on the clients' own held-out data.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct PersonalScore {
@@ -796,6 +793,73 @@ pub struct PersonalScore {
     pub before: f32,
     /// After each client fine-tuned its head(s) on its own training data.
     pub after: f32,
+}
+
+/// Runs `eval(client, task, single-task spec, train indices, held-out
+/// indices)` for every task of clients `0..k` that has both training and
+/// held-out samples, in parallel on `pool`, and returns per task the number
+/// of clients and the means of the two numbers `eval` gives, weighted by
+/// held-out samples.
+fn per_client_task<F>(
+    pool: &rayon::ThreadPool,
+    pop: &Population,
+    spec: &ModelSpec,
+    k: usize,
+    eval: F,
+) -> Result<Vec<PersonalScore>, SimError>
+where
+    F: Fn(usize, usize, &ModelSpec, &[usize], &[usize]) -> Result<(f32, f32), SimError> + Sync,
+{
+    // Per client: (task, held-out samples, the two numbers).
+    type Scores = Vec<(usize, usize, f32, f32)>;
+    let results: Vec<Result<Scores, SimError>> = pool.install(|| {
+        (0..k)
+            .into_par_iter()
+            .map(|c| {
+                let mut out = Vec::new();
+                for t in pop.client_tasks(c) {
+                    let (tr, held) = pop.client_data(c, t);
+                    if tr.is_empty() || held.is_empty() {
+                        continue;
+                    }
+                    let s = spec.subset(&[pop.tasks[t].name.as_str()])?;
+                    let (a, b) = eval(c, t, &s, &tr, &held)?;
+                    out.push((t, held.len(), a, b));
+                }
+                Ok(out)
+            })
+            .collect()
+    });
+    let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); pop.tasks.len()];
+    for r in results {
+        for (t, n, a, b) in r? {
+            let s = &mut sums[t];
+            s.0 += n;
+            s.1 += f64::from(a) * n as f64;
+            s.2 += f64::from(b) * n as f64;
+            s.3 += 1;
+        }
+    }
+    Ok(pop
+        .tasks
+        .iter()
+        .zip(sums)
+        .filter(|(_, s)| s.0 > 0)
+        .map(|(t, s)| PersonalScore {
+            task: t.name.clone(),
+            clients: s.3,
+            before: (s.1 / s.0 as f64) as f32,
+            after: (s.2 / s.0 as f64) as f32,
+        })
+        .collect())
+}
+
+/// The groups of `spec` taken from `w`.
+fn groups_of(spec: &ModelSpec, w: &ParamGroups) -> ParamGroups {
+    spec.layout()
+        .group_names()
+        .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
+        .collect()
 }
 
 impl Simulation {
@@ -808,95 +872,52 @@ impl Simulation {
         let mut train = self.engine.config().train.clone();
         train.epochs = self.cfg.eval.personalize_epochs.max(1);
         train.frozen = vec![BACKBONE.to_string()];
-        let global = self.engine.global().clone();
-        let clients: Vec<(usize, ParamGroups)> = (0..k)
-            .map(|c| {
-                let mut w = global.clone();
-                if let Some(s) = self.states.get(&c) {
-                    for (name, v) in s.local.iter() {
-                        w.insert(name, v.to_vec());
+        let global = self.engine.global();
+        let states = &self.states;
+        let pop = &self.pop;
+        per_client_task(&self.pool, pop, &self.spec, k, |c, t, s, tr, held| {
+            let mut params = groups_of(s, global);
+            // A client's own (local) heads replace the aggregator's copies.
+            if let Some(st) = states.get(&c) {
+                for (name, v) in st.local.iter() {
+                    if params.contains(name) {
+                        params.insert(name, v.to_vec());
                     }
                 }
-                (c, w)
-            })
-            .collect();
-        let pop = &self.pop;
-        let spec = &self.spec;
-        let results: Vec<Result<ClientScores, SimError>> = self.pool.install(|| {
-            clients
-                .into_par_iter()
-                .map(|(c, w)| {
-                    let mut out = Vec::new();
-                    for t in pop.client_tasks(c) {
-                        let name = pop.tasks[t].name.as_str();
-                        let (tr, held) = pop.client_data(c, t);
-                        if held.is_empty() || tr.is_empty() {
-                            continue;
-                        }
-                        let s = spec.subset(&[name])?;
-                        let params: ParamGroups = s
-                            .layout()
-                            .group_names()
-                            .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
-                            .collect();
-                        let data = &pop.tasks[t].split.train;
-                        let before = cohort_tasks::evaluate(&s, &params, name, data, Some(&held))?;
-                        let mut cfg = train.clone();
-                        cfg.seed = mix_seed(train.seed, c as u64);
-                        let tuned = cohort_tasks::train(
-                            &s,
-                            &params,
-                            &[TaskData {
-                                task: name,
-                                data,
-                                indices: &tr,
-                            }],
-                            &cfg,
-                        )?;
-                        let after =
-                            cohort_tasks::evaluate(&s, &tuned.params, name, data, Some(&held))?;
-                        out.push((t, held.len(), before.accuracy, after.accuracy));
-                    }
-                    Ok(out)
-                })
-                .collect()
-        });
-        let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); self.pop.tasks.len()];
-        for r in results {
-            for (t, n, b, a) in r? {
-                let s = &mut sums[t];
-                s.0 += n;
-                s.1 += f64::from(b) * n as f64;
-                s.2 += f64::from(a) * n as f64;
-                s.3 += 1;
             }
-        }
-        Ok(self
-            .pop
-            .tasks
-            .iter()
-            .zip(sums)
-            .filter(|(_, s)| s.0 > 0)
-            .map(|(t, s)| PersonalScore {
-                task: t.name.clone(),
-                clients: s.3,
-                before: (s.1 / s.0 as f64) as f32,
-                after: (s.2 / s.0 as f64) as f32,
-            })
-            .collect())
+            let name = pop.tasks[t].name.as_str();
+            let data = &pop.tasks[t].split.train;
+            let before = cohort_tasks::evaluate(s, &params, name, data, Some(held))?;
+            let cfg = TrainConfig {
+                seed: mix_seed(train.seed, c as u64),
+                ..train.clone()
+            };
+            let tuned = cohort_tasks::train(
+                s,
+                &params,
+                &[TaskData {
+                    task: name,
+                    data,
+                    indices: tr,
+                }],
+                &cfg,
+            )?;
+            let after = cohort_tasks::evaluate(s, &tuned.params, name, data, Some(held))?;
+            Ok((before.accuracy, after.accuracy))
+        })
     }
 }
 
 /// Local-only training, the baseline of the multi-task questions: each of up
 /// to `eval.personalize_clients` clients trains alone, from the same initial
 /// weights, for as many epochs as it would have trained in the federation
-/// (`rounds x epochs`), then is evaluated on its held-out split and on the
-/// central test set. Returns (task, mean local accuracy, mean central
-/// accuracy).
+/// (`rounds x epochs`). Returns per task the mean accuracy on the clients'
+/// own held-out data (`before`) and on the central test set (`after`), both
+/// weighted by held-out samples.
 pub fn local_only(
     cfg: &ExperimentConfig,
     pop: &Population,
-) -> Result<Vec<(String, f32, f32)>, SimError> {
+) -> Result<Vec<PersonalScore>, SimError> {
     let spec = ModelSpec {
         backbone: cfg.backbone,
         tasks: pop.tasks.iter().map(|t| t.spec()).collect(),
@@ -906,7 +927,6 @@ pub fn local_only(
     train.epochs = train
         .epochs
         .saturating_mul(u32::try_from(cfg.rounds).unwrap_or(u32::MAX));
-    let k = cfg.eval.personalize_clients.min(pop.clients());
     let threads = if cfg.threads == 0 {
         rayon::current_num_threads()
     } else {
@@ -916,71 +936,27 @@ pub fn local_only(
         .num_threads(threads)
         .build()
         .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
-    let results: Vec<Result<ClientScores, SimError>> = pool.install(|| {
-        (0..k)
-            .into_par_iter()
-            .map(|c| {
-                let mut out = Vec::new();
-                for t in pop.client_tasks(c) {
-                    let name = pop.tasks[t].name.as_str();
-                    let (tr, held) = pop.client_data(c, t);
-                    if tr.is_empty() || held.is_empty() {
-                        continue;
-                    }
-                    let s = spec.subset(&[name])?;
-                    let params: ParamGroups = s
-                        .layout()
-                        .group_names()
-                        .filter_map(|g| init.get(g).map(|v| (g.to_string(), v.to_vec())))
-                        .collect();
-                    let data = &pop.tasks[t].split.train;
-                    let mut cfg_c = train.clone();
-                    cfg_c.seed = mix_seed(train.seed, c as u64);
-                    let trained = cohort_tasks::train(
-                        &s,
-                        &params,
-                        &[TaskData {
-                            task: name,
-                            data,
-                            indices: &tr,
-                        }],
-                        &cfg_c,
-                    )?;
-                    let local =
-                        cohort_tasks::evaluate(&s, &trained.params, name, data, Some(&held))?;
-                    let central = cohort_tasks::evaluate(
-                        &s,
-                        &trained.params,
-                        name,
-                        &pop.tasks[t].split.test,
-                        None,
-                    )?;
-                    out.push((t, held.len(), local.accuracy, central.accuracy));
-                }
-                Ok(out)
-            })
-            .collect()
-    });
-    let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); pop.tasks.len()];
-    for r in results {
-        for (t, n, l, c) in r? {
-            sums[t].0 += n;
-            sums[t].1 += f64::from(l) * n as f64;
-            sums[t].2 += f64::from(c);
-            sums[t].3 += 1;
-        }
-    }
-    Ok(pop
-        .tasks
-        .iter()
-        .zip(sums)
-        .filter(|(_, s)| s.3 > 0)
-        .map(|(t, s)| {
-            (
-                t.name.clone(),
-                (s.1 / s.0.max(1) as f64) as f32,
-                (s.2 / s.3 as f64) as f32,
-            )
-        })
-        .collect())
+    let k = cfg.eval.personalize_clients.min(pop.clients());
+    per_client_task(&pool, pop, &spec, k, |c, t, s, tr, held| {
+        let name = pop.tasks[t].name.as_str();
+        let data = &pop.tasks[t].split.train;
+        let cfg_c = TrainConfig {
+            seed: mix_seed(train.seed, c as u64),
+            ..train.clone()
+        };
+        let trained = cohort_tasks::train(
+            s,
+            &groups_of(s, &init),
+            &[TaskData {
+                task: name,
+                data,
+                indices: tr,
+            }],
+            &cfg_c,
+        )?;
+        let local = cohort_tasks::evaluate(s, &trained.params, name, data, Some(held))?;
+        let central =
+            cohort_tasks::evaluate(s, &trained.params, name, &pop.tasks[t].split.test, None)?;
+        Ok((local.accuracy, central.accuracy))
+    })
 }

@@ -385,11 +385,13 @@ fn main() -> Result<()> {
     println!("\n{}", summary_table(&result.rounds));
     if !result.local_only.is_empty() {
         println!("local-only training:");
-        for (t, local, central) in &result.local_only {
+        for p in &result.local_only {
             println!(
-                "  {t:<12} own held-out {:6.2}%  central test {:6.2}%",
-                100.0 * local,
-                100.0 * central
+                "  {:<12} {} clients: own held-out data {:6.2}%, central test set {:6.2}%",
+                p.task,
+                p.clients,
+                100.0 * p.before,
+                100.0 * p.after
             );
         }
     }
