@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use cohort_protocol::codec::{decode_accumulate, decoded_len};
-use cohort_protocol::messages::{unpack_groups, NodeId, RoundPlan, UpdateHeader};
+use cohort_protocol::messages::{unpack_groups, NodeId, RefusalCode, RoundPlan, UpdateHeader};
 use cohort_protocol::{head_group, task_of_group, Fingerprint, Layout, ParamGroups, BACKBONE};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -41,35 +41,6 @@ pub struct NodeInfo {
 pub struct OpenedUpdate {
     pub header: UpdateHeader,
     pub groups: Vec<Vec<u8>>,
-}
-
-/// Why an update was refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RefusalCode {
-    UnknownNode,
-    WrongFederation,
-    /// Not the open round (or no plan matches it).
-    WrongRound,
-    /// Base version other than the plan's, or beyond the maximum staleness.
-    StaleBase,
-    /// After the deadline, or after the round closed.
-    Late,
-    /// A second update from the same node for the same round.
-    Duplicate,
-    /// The node has no plan for this round.
-    NotSampled,
-    /// A local group, a head the node does not hold, or an unknown group.
-    GroupNotAllowed,
-    /// Encoded length other than the layout's.
-    WrongLength,
-    NonFinite,
-    NormTooLarge,
-    Malformed,
-    /// Sample counts missing, zero, or beyond what the node registered.
-    BadWeight,
-    /// The retained-update memory cap of a robust strategy is reached.
-    MemoryCap,
 }
 
 /// A refused update: a code and a human-readable reason. A refusal changes
@@ -672,14 +643,14 @@ impl Engine {
             Mode::Sync => {
                 let Some(r) = &self.sync_round else {
                     return Err(if h.round <= self.round {
-                        Refusal::new(C::Late, format!("round {} is closed", h.round))
+                        Refusal::new(C::LateUpdate, format!("round {} is closed", h.round))
                     } else {
                         Refusal::new(C::WrongRound, format!("round {} has not started", h.round))
                     });
                 };
                 if h.round < r.round {
                     return Err(Refusal::new(
-                        C::Late,
+                        C::LateUpdate,
                         format!("round {} is closed", h.round),
                     ));
                 }
@@ -702,11 +673,14 @@ impl Engine {
                     ));
                 }
                 if r.resolved.contains(&h.node) {
-                    return Err(Refusal::new(C::Late, "recorded as failed in this round"));
+                    return Err(Refusal::new(
+                        C::LateUpdate,
+                        "recorded as failed in this round",
+                    ));
                 }
                 if now_ms > r.deadline_at {
                     return Err(Refusal::new(
-                        C::Late,
+                        C::LateUpdate,
                         format!("{} ms after the deadline", now_ms - r.deadline_at),
                     ));
                 }
@@ -750,7 +724,7 @@ impl Engine {
                 }
                 if now_ms > issued.deadline_at {
                     return Err(Refusal::new(
-                        C::Late,
+                        C::LateUpdate,
                         format!("{} ms after the deadline", now_ms - issued.deadline_at),
                     ));
                 }

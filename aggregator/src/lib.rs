@@ -56,10 +56,11 @@ pub mod engine;
 pub mod error;
 pub mod strategy;
 
+/// Refusal codes are the wire's: the engine's refusals go to nodes as they are.
+pub use cohort_protocol::messages::RefusalCode;
 pub use config::{Discount, EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling};
 pub use engine::{
-    Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RefusalCode, RoundReport,
-    SubmitOutcome,
+    Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RoundReport, SubmitOutcome,
 };
 pub use error::AggError;
 pub use strategy::{

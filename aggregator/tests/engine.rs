@@ -351,7 +351,7 @@ fn every_refusal_changes_nothing() {
     assert_eq!(e.global(), &weights);
     assert_eq!(e.accumulator_digest(), acc);
     // After the deadline (1000 ms after the start).
-    check(&mut e, good(), 1_001, RefusalCode::Late);
+    check(&mut e, good(), 1_001, RefusalCode::LateUpdate);
     // n2 may still send a good update in time after all those refusals.
     e.submit(good(), 999).expect("a good update still counts");
     // After the close: late.
@@ -376,7 +376,7 @@ fn every_refusal_changes_nothing() {
     let before = e.global().clone();
     assert_eq!(
         e.submit(late, 1_001).expect_err("closed").code,
-        RefusalCode::Late
+        RefusalCode::LateUpdate
     );
     assert_eq!(e.global(), &before);
     // n3 never answered: a timeout.
@@ -782,7 +782,7 @@ fn fedbuff_steps_every_k_with_staleness_discount() {
     let late = update("n2", &p2b, &[(HB, vec![1.0, 1.0])], 10, &[("b", 10)]);
     assert_eq!(
         e.submit(late, 1_006).expect_err("late").code,
-        RefusalCode::Late
+        RefusalCode::LateUpdate
     );
 }
 

@@ -450,7 +450,7 @@ impl Simulation {
                                 e.1 += tm.samples;
                             }
                         }
-                        Some(RefusalCode::Late) => m.late += 1,
+                        Some(RefusalCode::LateUpdate) => m.late += 1,
                         Some(_) => m.refused += 1,
                     }
                 }
@@ -658,7 +658,7 @@ impl Simulation {
                                 e.1 += tm.samples;
                             }
                         }
-                        Some(RefusalCode::Late | RefusalCode::StaleBase) => m.late += 1,
+                        Some(RefusalCode::LateUpdate | RefusalCode::StaleBase) => m.late += 1,
                         Some(_) => m.refused += 1,
                     }
                 }
