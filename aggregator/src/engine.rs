@@ -287,6 +287,10 @@ impl Engine {
     pub fn node(&self, id: &str) -> Option<&NodeInfo> {
         self.nodes.get(id).map(|n| &n.info)
     }
+    /// Ids of the registered nodes, in order.
+    pub fn node_ids(&self) -> impl Iterator<Item = &str> {
+        self.nodes.keys().map(String::as_str)
+    }
     /// The groups a registered node uploads (its global groups).
     pub fn upload_groups(&self, id: &str) -> Option<&[String]> {
         self.nodes.get(id).map(|n| n.upload.as_slice())

@@ -12,6 +12,8 @@ pub mod messages;
 #[cfg(feature = "libp2p")]
 pub mod p2p;
 pub mod seal;
+#[cfg(feature = "transport")]
+pub mod transport;
 
 pub use error::ProtocolError;
 pub use layout::{

@@ -413,6 +413,8 @@ pub enum RefusalCode {
     TooLarge,
     Busy,
     MemoryCap,
+    /// The federation has run all its rounds.
+    Finished,
 }
 
 /// A refusal with a human-readable reason.
@@ -451,6 +453,13 @@ pub enum Response {
         retry_ms: u64,
     },
     Model(ModelPayload),
+    /// Federated evaluation: evaluate the global model of `version` (with
+    /// the node's own local heads) on the local test split and send a
+    /// [`Request::Report`].
+    Evaluate {
+        round: u64,
+        version: u64,
+    },
     Ack,
     Refused(Refusal),
 }

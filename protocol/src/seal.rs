@@ -199,20 +199,9 @@ impl SealKeyPair {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let pair = Self::generate()?;
-                let tmp = path.with_extension("tmp");
-                let mut opts = std::fs::OpenOptions::new();
-                opts.write(true).create(true).truncate(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    opts.mode(0o600);
-                }
-                let mut f = opts.open(&tmp).map_err(|e| key_err(e.to_string()))?;
-                f.write_all(KEY_FILE_MAGIC)
-                    .and_then(|()| f.write_all(&pair.secret))
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| key_err(e.to_string()))?;
-                std::fs::rename(&tmp, path).map_err(|e| key_err(e.to_string()))?;
+                let mut bytes = KEY_FILE_MAGIC.to_vec();
+                bytes.extend_from_slice(&pair.secret);
+                write_private_file(path, &bytes).map_err(|e| key_err(e.to_string()))?;
                 Ok(pair)
             }
             Err(e) => Err(key_err(e.to_string())),
@@ -382,6 +371,24 @@ impl ReplayGuard {
     pub fn is_empty(&self) -> bool {
         self.seen.is_empty()
     }
+}
+
+/// Writes a secret file readable by its owner only (mode 0600): to a
+/// temporary file first, synced, then renamed, so a crash never leaves half
+/// a key.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

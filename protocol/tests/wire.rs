@@ -90,6 +90,10 @@ fn responses() -> Vec<Response> {
         },
         Response::Plan(plan()),
         Response::Wait { retry_ms: 250 },
+        Response::Evaluate {
+            round: 3,
+            version: 3,
+        },
         Response::Model(ModelPayload::from_groups(5, Some(4), &p)),
         Response::Ack,
         Response::Refused(Refusal {

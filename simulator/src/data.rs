@@ -6,7 +6,6 @@
 //! the client index, computed when a client is sampled.
 
 use std::borrow::Cow;
-use std::path::Path;
 
 use cohort_node::mix_seed;
 use cohort_tasks::{Dataset, Partitioner, Split, TaskSpec};
@@ -38,19 +37,7 @@ impl LoadedTask {
 
 /// Loads a data set named as in [`crate::config::TaskConfig::dataset`].
 pub fn load_dataset(name: &str) -> Result<Split, SimError> {
-    if let Some(dir) = name.strip_prefix("idx:") {
-        let dir = Path::new(dir);
-        let train = cohort_tasks::load_idx(
-            &dir.join("train-images-idx3-ubyte.gz"),
-            &dir.join("train-labels-idx1-ubyte.gz"),
-        )?;
-        let test = cohort_tasks::load_idx(
-            &dir.join("t10k-images-idx3-ubyte.gz"),
-            &dir.join("t10k-labels-idx1-ubyte.gz"),
-        )?;
-        return Ok(Split { train, test });
-    }
-    Ok(cohort_tasks::builtin(name)?)
+    Ok(cohort_tasks::load_dataset(name)?)
 }
 
 /// Which samples each client holds, per task.

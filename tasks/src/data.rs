@@ -718,6 +718,26 @@ fn load_builtin(name: &str) -> Result<Split, TasksError> {
     }
 }
 
+/// Loads a data set by name: a built-in one (`mnist5k`, `fashion6k`,
+/// `digits8x8`, `penguins/species`, ...) or `idx:<folder>` for a folder
+/// holding the four gzipped IDX files of MNIST / Fashion-MNIST
+/// (`train-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz`, ...).
+pub fn load_dataset(name: &str) -> Result<Split, TasksError> {
+    if let Some(dir) = name.strip_prefix("idx:") {
+        let dir = Path::new(dir);
+        let train = load_idx(
+            &dir.join("train-images-idx3-ubyte.gz"),
+            &dir.join("train-labels-idx1-ubyte.gz"),
+        )?;
+        let test = load_idx(
+            &dir.join("t10k-images-idx3-ubyte.gz"),
+            &dir.join("t10k-labels-idx1-ubyte.gz"),
+        )?;
+        return Ok(Split { train, test });
+    }
+    builtin(name)
+}
+
 /// An embedded real data set, by name (see [`builtin_names`] and
 /// `tasks/data/README.md`), with its deterministic train/test split:
 ///

@@ -1,0 +1,538 @@
+//! The aggregator's service: owns the engine, answers the requests that the
+//! event loop hands over, runs rounds on the clock, evaluates, checkpoints.
+//! It never touches the Swarm: it talks to the event loop through a
+//! [`Client`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cohort_aggregator::{AggError, Engine, Mode, NodeInfo, RoundReport};
+use cohort_protocol::messages::{
+    EvalReport, Hello, ModelPayload, Refusal, RefusalCode, Request, Response, Update,
+};
+use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
+use cohort_protocol::transport::{Client, NetEvent};
+use cohort_protocol::PROTOCOL_VERSION;
+use cohort_tasks::{Dataset, ModelSpec};
+use futures::channel::mpsc;
+use futures::StreamExt;
+use libp2p::PeerId;
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::FederationConfig;
+
+/// How long a node waits before asking again when there is nothing to do.
+const RETRY_MS: u64 = 200;
+
+pub struct Service {
+    pub engine: Engine,
+    pub fed: FederationConfig,
+    pub spec: ModelSpec,
+    /// Central test sets, per task that has one.
+    pub tests: Vec<(String, Dataset)>,
+    pub keys: SealKeyPair,
+    pub allow: Option<BTreeSet<PeerId>>,
+    pub client: Client,
+    pub checkpoints: PathBuf,
+    pub keep_checkpoints: usize,
+    pub metrics: File,
+    pub linger: Duration,
+    pub connect_file: PathBuf,
+    pub connect: ConnectInfo,
+    replay: ReplayGuard,
+    started: Instant,
+    /// The first round of this process waits for `clients.count` nodes.
+    waiting_first: bool,
+    eval_due: BTreeMap<String, (u64, u64)>,
+    finished_at: Option<Instant>,
+    round_started: Option<Instant>,
+}
+
+/// What a node operator needs, printed at start and written to
+/// `connect.toml` in the data folder.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ConnectInfo {
+    pub federation: String,
+    pub peer_id: String,
+    pub aggregator_key: String,
+    pub addrs: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct RoundLine<'a> {
+    kind: &'static str,
+    round: u64,
+    version: u64,
+    stepped: bool,
+    quorum_met: bool,
+    sampled: usize,
+    accepted: usize,
+    failures: Vec<(String, String)>,
+    refused: Vec<(String, RefusalCode)>,
+    bytes_received: u64,
+    central: Vec<Score<'a>>,
+    wall_ms: u64,
+}
+
+#[derive(Serialize)]
+struct Score<'a> {
+    task: &'a str,
+    accuracy: f32,
+    loss: f32,
+}
+
+fn refuse(code: RefusalCode, message: impl Into<String>) -> Response {
+    Response::Refused(Refusal {
+        code,
+        message: message.into(),
+    })
+}
+
+fn request_kind(r: &Request) -> &'static str {
+    match r {
+        Request::Hello(_) => "hello",
+        Request::GetPlan => "get_plan",
+        Request::GetModel { .. } => "get_model",
+        Request::Submit(_) => "submit",
+        Request::Report(_) => "report",
+    }
+}
+
+impl Service {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Engine,
+        fed: FederationConfig,
+        spec: ModelSpec,
+        tests: Vec<(String, Dataset)>,
+        keys: SealKeyPair,
+        allow: Option<BTreeSet<PeerId>>,
+        client: Client,
+        data_dir: &std::path::Path,
+        keep_checkpoints: usize,
+        linger: Duration,
+        connect: ConnectInfo,
+    ) -> anyhow::Result<Self> {
+        let metrics_path = data_dir.join("metrics.jsonl");
+        let metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        Ok(Service {
+            engine,
+            fed,
+            spec,
+            tests,
+            keys,
+            allow,
+            client,
+            checkpoints: data_dir.join("checkpoints"),
+            keep_checkpoints,
+            metrics,
+            linger,
+            connect_file: data_dir.join("connect.toml"),
+            connect,
+            replay: ReplayGuard::default(),
+            started: Instant::now(),
+            waiting_first: true,
+            eval_due: BTreeMap::new(),
+            finished_at: None,
+            round_started: None,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn federation(&self) -> &str {
+        &self.engine.config().federation
+    }
+
+    /// Serves until the run is over (and the linger time has passed) or
+    /// the event loop stops.
+    pub async fn run(mut self, mut events: mpsc::Receiver<NetEvent>) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = events.next() => match event {
+                    Some(e) => self.on_event(e).await?,
+                    None => anyhow::bail!("the network event loop stopped"),
+                },
+                _ = tick.tick() => {
+                    if self.on_tick()? {
+                        info!("run finished; exiting");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: NetEvent) -> anyhow::Result<()> {
+        match event {
+            NetEvent::Request {
+                peer,
+                request,
+                channel,
+            } => {
+                let response = self.handle(peer, request);
+                let env = cohort_protocol::messages::Envelope::new(self.federation(), response);
+                self.client.respond(channel, env).await;
+            }
+            NetEvent::Listening(addr) => {
+                let full = format!("{addr}/p2p/{}", self.connect.peer_id);
+                println!("listening:   {full}");
+                self.connect.addrs.push(full);
+                self.write_connect_file()?;
+            }
+            NetEvent::Connected(peer) => info!(%peer, "connected"),
+            NetEvent::Disconnected(peer) => {
+                // Its plan fails now rather than at the deadline; it says
+                // hello again when it comes back.
+                let node = peer.to_string();
+                if self.engine.node(&node).is_some() {
+                    info!(%peer, "node disconnected; unregistered");
+                    self.engine.unregister(&node);
+                }
+            }
+            NetEvent::InboundFailure { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn write_connect_file(&self) -> anyhow::Result<()> {
+        let text = toml::to_string_pretty(&self.connect)?;
+        let tmp = self.connect_file.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.connect_file)?;
+        Ok(())
+    }
+
+    /// One request, one answer; every refusal is logged with its reason.
+    fn handle(&mut self, peer: PeerId, env: cohort_protocol::messages::Envelope<Request>) -> Response {
+        let kind = request_kind(&env.body);
+        let response = self.answer(peer, env);
+        if let Response::Refused(r) = &response {
+            warn!(%peer, request = kind, code = ?r.code, reason = %r.message, "request refused");
+        }
+        response
+    }
+
+    fn answer(&mut self, peer: PeerId, env: cohort_protocol::messages::Envelope<Request>) -> Response {
+        if let Err(e) = env.check_federation(self.federation()) {
+            return refuse(RefusalCode::WrongFederation, e.to_string());
+        }
+        if let Some(allow) = &self.allow {
+            if !allow.contains(&peer) {
+                return refuse(
+                    RefusalCode::NotAllowed,
+                    format!("peer {peer} is not allowed in federation `{}`", self.federation()),
+                );
+            }
+        }
+        let node = peer.to_string();
+        if !matches!(env.body, Request::Hello(_)) && self.engine.node(&node).is_none() {
+            return refuse(RefusalCode::UnknownNode, "unknown node: say hello first");
+        }
+        match env.body {
+            Request::Hello(h) => self.hello(node, h),
+            Request::GetPlan => self.get_plan(&node),
+            Request::GetModel {
+                groups,
+                have_version,
+            } => self.get_model(&node, groups, have_version),
+            Request::Submit(update) => self.submit(&node, update),
+            Request::Report(report) => self.report(&node, report),
+        }
+    }
+
+    fn hello(&mut self, node: String, h: Hello) -> Response {
+        if h.node != node {
+            return refuse(
+                RefusalCode::Malformed,
+                format!("hello names `{}`, the connection is {node}", h.node),
+            );
+        }
+        if h.version != PROTOCOL_VERSION {
+            return refuse(
+                RefusalCode::VersionMismatch,
+                format!("node speaks {}, aggregator {PROTOCOL_VERSION}", h.version),
+            );
+        }
+        let info = NodeInfo {
+            id: node.clone(),
+            tasks: h.tasks.into_iter().map(|t| (t.task, t.samples)).collect(),
+            fingerprint: h.layout,
+        };
+        match self.engine.register(info) {
+            Ok(()) => {
+                info!(node, registered = self.engine.num_nodes(), "node joined");
+                Response::Welcome {
+                    node,
+                    model_version: self.engine.version(),
+                }
+            }
+            Err(e) => refuse(RefusalCode::LayoutMismatch, e.to_string()),
+        }
+    }
+
+    /// Every round has closed (the engine counts a round as done once it
+    /// has started).
+    fn over(&self) -> bool {
+        self.engine.is_finished() && !self.engine.round_open()
+    }
+
+    fn ready(&self) -> bool {
+        !self.waiting_first || self.engine.num_nodes() >= self.fed.clients.count
+    }
+
+    fn get_plan(&mut self, node: &str) -> Response {
+        if let Some((round, version)) = self.eval_due.remove(node) {
+            return Response::Evaluate { round, version };
+        }
+        if self.over() {
+            return refuse(
+                RefusalCode::Finished,
+                format!("the federation ran its {} rounds", self.fed.rounds),
+            );
+        }
+        if matches!(self.engine.config().mode, Mode::Async(_)) {
+            if !self.ready() {
+                return Response::Wait { retry_ms: RETRY_MS };
+            }
+            self.waiting_first = false;
+        }
+        let now = self.now_ms();
+        match self.engine.plan_for(node, now) {
+            Ok(plan) => Response::Plan(plan),
+            Err(_) => Response::Wait { retry_ms: RETRY_MS },
+        }
+    }
+
+    fn get_model(&mut self, node: &str, groups: Vec<String>, have: Option<u64>) -> Response {
+        let tasks: Vec<String> = self
+            .engine
+            .node(node)
+            .map(|n| n.tasks.iter().map(|(t, _)| t.clone()).collect())
+            .unwrap_or_default();
+        let held = self.engine.groups_of(&tasks);
+        if let Some(g) = groups.iter().find(|g| !held.contains(g)) {
+            return refuse(
+                RefusalCode::GroupNotAllowed,
+                format!("group `{g}` is not one of this node's groups"),
+            );
+        }
+        let version = self.engine.version();
+        if have == Some(version) {
+            // The node holds this version already: nothing to send.
+            return Response::Model(ModelPayload {
+                version,
+                base_version: Some(version),
+                groups: Vec::new(),
+            });
+        }
+        Response::Model(ModelPayload::from_groups(
+            version,
+            None,
+            &self.engine.weights_for(&groups),
+        ))
+    }
+
+    fn submit(&mut self, node: &str, update: Update) -> Response {
+        let h = &update.header;
+        if h.node != node {
+            return refuse(
+                RefusalCode::Malformed,
+                format!("update names `{}`, the connection is {node}", h.node),
+            );
+        }
+        let ctx = SealContext {
+            version: PROTOCOL_VERSION,
+            federation: h.federation.clone(),
+            round: h.round,
+            sender: h.node.clone(),
+            groups: h.groups.clone(),
+        };
+        // Open before recording: a corrupted copy must not burn the honest one.
+        let plain = match self.keys.open(&ctx, &update.sealed) {
+            Ok(p) => p,
+            Err(e) => return refuse(RefusalCode::BadSeal, e.to_string()),
+        };
+        if let Err(e) = self.replay.check_and_record(&ctx) {
+            return refuse(RefusalCode::Replay, e.to_string());
+        }
+        let now = self.now_ms();
+        match self.engine.submit_packed(h, &plain, now) {
+            Ok(o) => {
+                info!(node, round = o.round, "update accepted");
+                Response::Ack
+            }
+            Err(r) => Response::Refused(Refusal {
+                code: r.code,
+                message: r.message,
+            }),
+        }
+    }
+
+    fn report(&mut self, node: &str, report: EvalReport) -> Response {
+        if report.node != node || report.metrics.len() > self.fed.tasks.len() {
+            return refuse(RefusalCode::Malformed, "report of another node or too many tasks");
+        }
+        for m in &report.metrics {
+            info!(node, round = report.round, task = %m.task, accuracy = m.accuracy, samples = m.samples, "federated evaluation");
+        }
+        #[derive(Serialize)]
+        struct Line<'a> {
+            kind: &'static str,
+            #[serde(flatten)]
+            report: &'a EvalReport,
+        }
+        let line = Line {
+            kind: "federated_eval",
+            report: &report,
+        };
+        if let Err(e) = self.write_line(&line) {
+            warn!(%e, "metrics file");
+        }
+        Response::Ack
+    }
+
+    fn write_line<T: Serialize>(&mut self, line: &T) -> anyhow::Result<()> {
+        let mut text = serde_json::to_string(line)?;
+        text.push('\n');
+        self.metrics.write_all(text.as_bytes())?;
+        self.metrics.flush()?;
+        Ok(())
+    }
+
+    /// Clock work: close the round at all-in or the deadline, start the
+    /// next one. Returns true when the process should exit.
+    fn on_tick(&mut self) -> anyhow::Result<bool> {
+        let now = self.now_ms();
+        while let Some(report) = self.engine.poll(now) {
+            self.on_round_closed(report)?;
+        }
+        if self.over() {
+            let at = *self.finished_at.get_or_insert_with(Instant::now);
+            return Ok(at.elapsed() >= self.linger);
+        }
+        if matches!(self.engine.config().mode, Mode::Sync) && !self.engine.round_open() {
+            if !self.ready() {
+                return Ok(false);
+            }
+            match self.engine.start_round(now) {
+                Ok(plans) => {
+                    self.waiting_first = false;
+                    self.round_started = Some(Instant::now());
+                    let names: Vec<&str> = plans.iter().map(|(n, _)| n.as_str()).collect();
+                    info!(round = self.engine.round(), sampled = ?names, "round started");
+                }
+                Err(AggError::NotEnoughNodes { .. }) => {}
+                Err(e) => warn!(%e, "cannot start a round"),
+            }
+        }
+        Ok(false)
+    }
+
+    fn on_round_closed(&mut self, report: RoundReport) -> anyhow::Result<()> {
+        let global = self.engine.global();
+        let mut central = Vec::new();
+        let eval_now = self.fed.eval.central
+            && (report.round % self.fed.eval.every.max(1) == 0 || self.engine.is_finished());
+        if eval_now {
+            for (task, test) in &self.tests {
+                let m = cohort_tasks::evaluate(&self.spec, global, task, test, None)?;
+                central.push(Score {
+                    task: task.as_str(),
+                    accuracy: m.accuracy,
+                    loss: m.loss,
+                });
+            }
+        }
+        let scores: Vec<String> = central
+            .iter()
+            .map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy))
+            .collect();
+        println!(
+            "round {}/{}: {}/{} accepted{}, version {} {}",
+            report.round,
+            self.fed.rounds,
+            report.accepted.len(),
+            report.sampled,
+            if report.quorum_met { "" } else { " (below quorum: model unchanged)" },
+            report.version,
+            scores.join(", ")
+        );
+        let line = RoundLine {
+            kind: "round",
+            round: report.round,
+            version: report.version,
+            stepped: report.stepped,
+            quorum_met: report.quorum_met,
+            sampled: report.sampled,
+            accepted: report.accepted.len(),
+            failures: report
+                .failures
+                .iter()
+                .map(|(n, r)| (n.clone(), format!("{r:?}")))
+                .collect(),
+            refused: report
+                .refused
+                .iter()
+                .map(|(n, r)| (n.clone(), r.code))
+                .collect(),
+            bytes_received: report.bytes_received,
+            central,
+            wall_ms: self
+                .round_started
+                .map(|t| t.elapsed().as_millis() as u64)
+                .unwrap_or(0),
+        };
+        let text = serde_json::to_string(&line)?;
+        self.metrics.write_all(text.as_bytes())?;
+        self.metrics.write_all(b"\n")?;
+        self.metrics.flush()?;
+        // A checkpoint before the next round starts: a crash loses at most
+        // the round in progress.
+        self.engine.save_checkpoint(&self.checkpoints)?;
+        self.prune_checkpoints();
+        self.replay.prune_below(report.round.saturating_sub(1));
+        let every = self.fed.eval.federated_every;
+        if self.engine.is_finished() || (every > 0 && report.round % every == 0) {
+            let version = self.engine.version();
+            let nodes: Vec<String> = self.engine.node_ids().map(str::to_string).collect();
+            for n in nodes {
+                self.eval_due.insert(n, (report.round, version));
+            }
+        }
+        Ok(())
+    }
+
+    fn prune_checkpoints(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.checkpoints) else {
+            return;
+        };
+        let mut rounds: Vec<(String, PathBuf)> = dir
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().to_string();
+                name.starts_with("round-").then(|| (name, e.path()))
+            })
+            .collect();
+        rounds.sort();
+        let excess = rounds.len().saturating_sub(self.keep_checkpoints.max(1));
+        for (_, path) in rounds.into_iter().take(excess) {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                warn!(path = %path.display(), %e, "cannot delete an old checkpoint");
+            }
+        }
+    }
+}

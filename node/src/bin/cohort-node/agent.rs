@@ -1,0 +1,352 @@
+//! The node's driver: hello, follow round plans, train off the async
+//! runtime, seal and submit, evaluate when asked; reconnect with backoff.
+//! It talks to the event loop (which owns the Swarm) through a [`Client`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use cohort_node::{NodeRuntime, NodeState};
+use cohort_protocol::messages::{
+    EvalMetrics, EvalReport, Envelope, Hello, Refusal, RefusalCode, Request, Response, RoundPlan,
+};
+use cohort_protocol::transport::{Client, RequestError};
+use cohort_protocol::{ParamGroups, PROTOCOL_VERSION};
+use cohort_tasks::{Dataset, TaskData};
+use libp2p::PeerId;
+use rand::Rng;
+use tracing::{info, warn};
+
+use crate::config::Backoff;
+
+/// A task's data on this node: its training and local test samples.
+#[derive(Debug)]
+pub struct LocalTask {
+    pub name: String,
+    pub data: Dataset,
+    pub train: Vec<usize>,
+    pub test: Vec<usize>,
+}
+
+pub struct Agent {
+    pub client: Client,
+    pub aggregator: PeerId,
+    pub federation: String,
+    pub runtime: Option<NodeRuntime>,
+    pub tasks: Arc<Vec<LocalTask>>,
+    pub state_path: PathBuf,
+    pub backoff: Backoff,
+    pub hello: Hello,
+    registered: bool,
+    /// The global weights of the version held (for `have_version`).
+    held: Option<(u64, ParamGroups)>,
+    failures: u32,
+}
+
+enum Flow {
+    Continue,
+    Sleep(u64),
+    Done,
+}
+
+enum StepError {
+    /// Network trouble: back off, reconnect, say hello again.
+    Net(RequestError),
+    Refused(Refusal),
+    Fatal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for StepError {
+    fn from(e: anyhow::Error) -> Self {
+        StepError::Fatal(e)
+    }
+}
+
+/// Exit code when the aggregator refuses this node for good.
+pub const EXIT_REFUSED: i32 = 3;
+
+/// Loads the node's persisted state; a file that does not fit the model is
+/// an error (the operator decides, nothing is silently dropped).
+pub fn load_state(path: &std::path::Path, runtime: &NodeRuntime) -> anyhow::Result<NodeState> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(NodeState::default()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let (state, _): (NodeState, usize) = bincode::serde::decode_from_slice(
+        &bytes,
+        bincode::config::standard().with_limit::<{ 1 << 32 }>(),
+    )
+    .map_err(|e| anyhow!("{}: not a node state file ({e}); move it aside to start afresh", path.display()))?;
+    let layout = runtime.spec.layout();
+    for (name, values) in state.local.iter() {
+        match layout.group(name) {
+            Some(g) if g.len() == values.len() as u64 => {}
+            _ => anyhow::bail!(
+                "{}: group `{name}` does not fit this node's model; move the file aside to start afresh",
+                path.display()
+            ),
+        }
+    }
+    Ok(state)
+}
+
+fn save_state(path: &std::path::Path, state: &NodeState) -> anyhow::Result<()> {
+    let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| anyhow!("encoding the node state: {e}"))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+impl Agent {
+    pub fn new(
+        client: Client,
+        aggregator: PeerId,
+        runtime: NodeRuntime,
+        tasks: Vec<LocalTask>,
+        state_path: PathBuf,
+        backoff: Backoff,
+    ) -> Self {
+        let hello = Hello {
+            node: runtime.id.clone(),
+            tasks: tasks
+                .iter()
+                .map(|t| cohort_protocol::messages::TaskSamples {
+                    task: t.name.clone(),
+                    samples: t.train.len() as u64,
+                })
+                .collect(),
+            layout: runtime.spec.layout().fingerprint(),
+            version: PROTOCOL_VERSION,
+        };
+        Agent {
+            client,
+            aggregator,
+            federation: runtime.federation.clone(),
+            runtime: Some(runtime),
+            tasks: Arc::new(tasks),
+            state_path,
+            backoff,
+            hello,
+            registered: false,
+            held: None,
+            failures: 0,
+        }
+    }
+
+    /// Runs until the federation is over (Ok) or the aggregator refuses the
+    /// node for good (Err, with [`EXIT_REFUSED`] as the exit code).
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        loop {
+            match self.step().await {
+                Ok(Flow::Continue) => self.failures = 0,
+                Ok(Flow::Sleep(ms)) => {
+                    self.failures = 0;
+                    tokio::time::sleep(Duration::from_millis(ms.min(5_000))).await;
+                }
+                Ok(Flow::Done) => return Ok(()),
+                Err(StepError::Net(e)) => {
+                    self.registered = false;
+                    let wait = self.next_backoff();
+                    warn!(%e, retry_ms = wait, "aggregator unreachable; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
+                Err(StepError::Refused(r)) => match r.code {
+                    RefusalCode::NotAllowed
+                    | RefusalCode::VersionMismatch
+                    | RefusalCode::LayoutMismatch
+                    | RefusalCode::WrongFederation => {
+                        eprintln!("refused by the aggregator ({:?}): {}", r.code, r.message);
+                        std::process::exit(EXIT_REFUSED);
+                    }
+                    RefusalCode::UnknownNode => self.registered = false,
+                    code => warn!(?code, reason = %r.message, "refused"),
+                },
+                Err(StepError::Fatal(e)) => return Err(e),
+            }
+        }
+    }
+
+    fn next_backoff(&mut self) -> u64 {
+        let exp = self.failures.min(20);
+        self.failures += 1;
+        let base = self
+            .backoff
+            .initial_ms
+            .saturating_mul(1 << exp)
+            .min(self.backoff.max_ms);
+        // +-20% jitter so that nodes cut off together do not return together.
+        let jitter = rand::thread_rng().gen_range(0.8..1.2);
+        (base as f64 * jitter) as u64
+    }
+
+    async fn ask(&mut self, body: Request) -> Result<Response, StepError> {
+        let env = Envelope::new(self.federation.clone(), body);
+        let answer = self
+            .client
+            .request(self.aggregator, env)
+            .await
+            .map_err(StepError::Net)?;
+        match answer.body {
+            Response::Refused(r) => Err(StepError::Refused(r)),
+            other => Ok(other),
+        }
+    }
+
+    async fn step(&mut self) -> Result<Flow, StepError> {
+        if !self.registered {
+            match self.ask(Request::Hello(self.hello.clone())).await? {
+                Response::Welcome {
+                    node,
+                    model_version,
+                } => {
+                    info!(node, model_version, "joined the federation");
+                    self.registered = true;
+                    return Ok(Flow::Continue);
+                }
+                other => return Err(StepError::Fatal(anyhow!("unexpected answer to hello: {other:?}"))),
+            }
+        }
+        match self.ask(Request::GetPlan).await {
+            Ok(Response::Plan(plan)) => self.round(plan).await,
+            Ok(Response::Wait { retry_ms }) => Ok(Flow::Sleep(retry_ms)),
+            Ok(Response::Evaluate { round, version }) => self.evaluate(round, version).await,
+            Ok(other) => Err(StepError::Fatal(anyhow!("unexpected answer to get_plan: {other:?}"))),
+            Err(StepError::Refused(r)) if r.code == RefusalCode::Finished => {
+                info!("{}", r.message);
+                Ok(Flow::Done)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn runtime(&self) -> Result<&NodeRuntime, StepError> {
+        self.runtime
+            .as_ref()
+            .ok_or_else(|| StepError::Fatal(anyhow!("training thread lost the runtime")))
+    }
+
+    /// The global weights of `version` for the groups this node needs:
+    /// every group it holds, except local groups it has trained already.
+    async fn model(&mut self, version: u64) -> Result<ParamGroups, StepError> {
+        let rt = self.runtime()?;
+        let layout = rt.spec.layout();
+        let groups: Vec<String> = layout
+            .group_names()
+            .filter(|g| rt.state.local.get(g).is_none())
+            .map(str::to_string)
+            .collect();
+        let held = self.held.as_ref().filter(|(_, w)| groups.iter().all(|g| w.contains(g)));
+        if let Some((v, w)) = held {
+            if *v == version {
+                return Ok(w.clone());
+            }
+        }
+        let have_version = held.map(|(v, _)| *v);
+        let payload = match self
+            .ask(Request::GetModel {
+                groups: groups.clone(),
+                have_version,
+            })
+            .await?
+        {
+            Response::Model(p) => p,
+            other => return Err(StepError::Fatal(anyhow!("unexpected answer to get_model: {other:?}"))),
+        };
+        let weights = if payload.groups.is_empty() && payload.base_version.is_some() {
+            match &self.held {
+                Some((v, w)) if Some(*v) == payload.base_version => w.clone(),
+                _ => return Err(StepError::Fatal(anyhow!("aggregator sent no weights"))),
+            }
+        } else {
+            let w = payload
+                .to_groups(&layout)
+                .map_err(|e| StepError::Fatal(anyhow!("model from the aggregator: {e}")))?;
+            if let Some(g) = groups.iter().find(|g| !w.contains(g)) {
+                return Err(StepError::Fatal(anyhow!("model lacks group `{g}`")));
+            }
+            w
+        };
+        info!(version = payload.version, "model received");
+        self.held = Some((payload.version, weights.clone()));
+        Ok(weights)
+    }
+
+    async fn round(&mut self, plan: RoundPlan) -> Result<Flow, StepError> {
+        let global = self.model(plan.base_version).await?;
+        info!(round = plan.round, deadline_ms = plan.deadline_ms, "training");
+        let mut runtime = self
+            .runtime
+            .take()
+            .ok_or_else(|| StepError::Fatal(anyhow!("training thread lost the runtime")))?;
+        let tasks = Arc::clone(&self.tasks);
+        let plan2 = plan.clone();
+        // Training is CPU work: off the async runtime, so that the event
+        // loop keeps answering.
+        let (runtime, result) = tokio::task::spawn_blocking(move || {
+            let data: Vec<TaskData<'_>> = tasks
+                .iter()
+                .map(|t| TaskData {
+                    task: &t.name,
+                    data: &t.data,
+                    indices: &t.train,
+                })
+                .collect();
+            let result = runtime.run_round(&plan2, &global, &data);
+            (runtime, result)
+        })
+        .await
+        .map_err(|e| StepError::Fatal(anyhow!("training thread: {e}")))?;
+        let output = result.map_err(|e| StepError::Fatal(anyhow!("training: {e}")))?;
+        save_state(&self.state_path, &runtime.state)?;
+        self.runtime = Some(runtime);
+        let bytes = output.update.sealed.len();
+        match self.ask(Request::Submit(output.update)).await {
+            Ok(Response::Ack) => {
+                info!(round = plan.round, bytes, "update accepted");
+                Ok(Flow::Continue)
+            }
+            Ok(other) => Err(StepError::Fatal(anyhow!("unexpected answer to submit: {other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn evaluate(&mut self, round: u64, version: u64) -> Result<Flow, StepError> {
+        let global = self.model(version).await?;
+        let rt = self.runtime()?;
+        let mut params = global;
+        for (name, w) in rt.state.local.iter() {
+            params.insert(name, w.to_vec());
+        }
+        let mut metrics = Vec::new();
+        for t in self.tasks.iter().filter(|t| !t.test.is_empty()) {
+            let m = cohort_tasks::evaluate(&rt.spec, &params, &t.name, &t.data, Some(&t.test))
+                .map_err(|e| StepError::Fatal(anyhow!("evaluation: {e}")))?;
+            println!(
+                "evaluation of version {version}: {} {:.1}% on {} local samples",
+                t.name,
+                100.0 * m.accuracy,
+                m.samples
+            );
+            metrics.push(EvalMetrics {
+                task: t.name.clone(),
+                accuracy: m.accuracy,
+                loss: m.loss,
+                samples: m.samples,
+            });
+        }
+        let report = EvalReport {
+            node: rt.id.clone(),
+            round,
+            version,
+            metrics,
+        };
+        match self.ask(Request::Report(report)).await? {
+            Response::Ack => Ok(Flow::Continue),
+            other => Err(StepError::Fatal(anyhow!("unexpected answer to report: {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The node's settings: one serde struct with defaults backs the TOML file
+//! (`--config`) and the flags.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use cohort_protocol::transport::NetConfig;
+use cohort_tasks::{BackboneKind, Partitioner};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The aggregator's multiaddr, ending in `/p2p/<its peer id>`.
+    pub aggregator: Option<String>,
+    /// The aggregator's sealing key (`cohort-pk1:...`), as it prints it.
+    pub aggregator_key: Option<String>,
+    /// Or: the `connect.toml` the aggregator writes into its data folder
+    /// (address, peer id, key and federation in one file).
+    pub connect_file: Option<PathBuf>,
+    /// Federation name (taken from the connect file when one is given).
+    pub federation: String,
+    /// Identity, persisted state (local heads, error-feedback residuals).
+    pub data_dir: PathBuf,
+    /// Must match the aggregator's experiment.
+    pub backbone: BackboneKind,
+    pub tasks: Vec<NodeTask>,
+    /// Fraction of the node's samples kept aside as its local test split.
+    pub holdout: f64,
+    /// Seed of the local test split.
+    pub seed: u64,
+    pub backoff: Backoff,
+    pub net: NetConfig,
+}
+
+/// One task the node holds and where its data is.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeTask {
+    pub name: String,
+    /// A built-in data set or `idx:<folder>` (see `cohort-sim --help`).
+    pub dataset: String,
+    /// Keep only one part of the data set's training split (demos and
+    /// tests, where every node reads the same public data set); none = all.
+    pub shard: Option<Shard>,
+}
+
+impl Default for NodeTask {
+    fn default() -> Self {
+        NodeTask {
+            name: "digits".into(),
+            dataset: "mnist5k".into(),
+            shard: None,
+        }
+    }
+}
+
+/// Part `index` of the data set split into `count` parts by `partitioner`
+/// (seeded: every node computes the same split and keeps its part).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+    #[serde(default)]
+    pub partitioner: Partitioner,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+/// Reconnection: exponential backoff with jitter, from `initial_ms` to
+/// `max_ms`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Backoff {
+    pub initial_ms: u64,
+    pub max_ms: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            initial_ms: 250,
+            max_ms: 10_000,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            aggregator: None,
+            aggregator_key: None,
+            connect_file: None,
+            federation: "w0".into(),
+            data_dir: PathBuf::from("cohort-node-data"),
+            backbone: BackboneKind::Mlp28,
+            tasks: vec![NodeTask::default()],
+            holdout: 0.2,
+            seed: 0,
+            backoff: Backoff::default(),
+            net: NetConfig::default(),
+        }
+    }
+}
+
+/// The aggregator's `connect.toml`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ConnectFile {
+    pub federation: String,
+    pub aggregator_key: String,
+    pub addrs: Vec<String>,
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.tasks.is_empty() {
+            bail!("the node holds no task: add a [[tasks]] entry");
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            if self.tasks[..i].iter().any(|u| u.name == t.name) {
+                bail!("task `{}` appears twice", t.name);
+            }
+            if let Some(s) = &t.shard {
+                if s.count == 0 || s.index >= s.count {
+                    bail!("task `{}`: shard index must be below count", t.name);
+                }
+            }
+        }
+        if !(0.0..1.0).contains(&self.holdout) {
+            bail!("holdout must be in [0, 1)");
+        }
+        if self.backoff.initial_ms == 0 || self.backoff.max_ms < self.backoff.initial_ms {
+            bail!("backoff: need 0 < initial_ms <= max_ms");
+        }
+        Ok(())
+    }
+
+    /// The aggregator's address (the one to dial) and sealing key. A connect
+    /// file gives the federation too; a TCP address on loopback is preferred
+    /// when the file lists several.
+    pub fn aggregator(&mut self) -> anyhow::Result<(String, String)> {
+        if let Some(path) = &self.connect_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let c: ConnectFile =
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            self.federation = c.federation;
+            let addr = self.aggregator.clone().or_else(|| pick_addr(&c.addrs));
+            let Some(addr) = addr else {
+                bail!("{} lists no address", path.display());
+            };
+            return Ok((addr, c.aggregator_key));
+        }
+        match (&self.aggregator, &self.aggregator_key) {
+            (Some(a), Some(k)) => Ok((a.clone(), k.clone())),
+            _ => bail!(
+                "say where the aggregator is: --aggregator <multiaddr>/p2p/<peer id> and \
+                 --aggregator-key cohort-pk1:..., or --connect <its connect.toml>"
+            ),
+        }
+    }
+}
+
+fn pick_addr(addrs: &[String]) -> Option<String> {
+    addrs
+        .iter()
+        .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/"))
+        .or_else(|| addrs.iter().find(|a| a.contains("/tcp/")))
+        .or_else(|| addrs.first())
+        .cloned()
+}

@@ -1,0 +1,176 @@
+//! `cohort-node`: a data owner's node in a Cohort federation.
+
+mod agent;
+mod config;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use cohort_node::NodeRuntime;
+use cohort_protocol::seal::SealPublicKey;
+use cohort_protocol::transport::{build_swarm, event_loop, load_or_create_identity};
+use cohort_tasks::{load_dataset, partition, ModelSpec, TaskSpec};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tracing::info;
+
+use agent::{load_state, Agent, LocalTask};
+use config::NodeConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cohort-node",
+    version,
+    about = "A data owner's node in a Cohort federation: it dials the aggregator, follows its round \
+             plans, trains on local data, and sends sealed, quantized updates.",
+    long_about = "A data owner's node in a Cohort federation.\n\n\
+        The node dials the aggregator over libp2p, says hello (its tasks, their sample counts and the \
+        fingerprint of its model), then asks for round plans: for each it downloads the model, trains \
+        on its local data (off the network thread), encodes the delta with error feedback, seals it to \
+        the aggregator's key and submits it. When the aggregator asks, it evaluates the global model \
+        with its own heads on its local test split and reports. It reconnects with backoff when the \
+        connection is lost. Its identity and its state (local heads, error-feedback residuals) live \
+        in --data-dir and survive restarts.\n\n\
+        Data and tasks come from the --config file ([[tasks]] with name, dataset and optional shard).\n\n\
+        The aggregator admits only allowed peer ids: send its operator the output of \
+        `cohort-node --data-dir <dir> --print-peer-id`.\n\n\
+        Exit codes: 0 when the federation has finished, 3 when the aggregator refuses this node \
+        (not allowed, another federation, another model), 1 on other errors."
+)]
+struct Args {
+    /// Node settings file (TOML); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The aggregator's multiaddr, ending in /p2p/<peer id>.
+    #[arg(long)]
+    aggregator: Option<String>,
+    /// The aggregator's sealing key (cohort-pk1:...).
+    #[arg(long)]
+    aggregator_key: Option<String>,
+    /// The connect.toml the aggregator wrote (address, peer id, key, federation).
+    #[arg(long)]
+    connect: Option<PathBuf>,
+    /// Folder for the identity and the persisted state.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Print this node's peer id (creating its identity if needed) and exit.
+    #[arg(long)]
+    print_peer_id: bool,
+    /// Print the effective settings and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn load_tasks(cfg: &NodeConfig) -> anyhow::Result<Vec<LocalTask>> {
+    let mut out = Vec::new();
+    for (i, t) in cfg.tasks.iter().enumerate() {
+        let split = load_dataset(&t.dataset).with_context(|| format!("task `{}`", t.name))?;
+        let data = split.train;
+        let mut idx: Vec<usize> = match &t.shard {
+            Some(s) => {
+                let mut parts =
+                    partition(&s.partitioner, &data.labels, None, s.count, s.seed)?;
+                std::mem::take(&mut parts[s.index])
+            }
+            None => (0..data.len()).collect(),
+        };
+        if idx.is_empty() {
+            bail!("task `{}`: this node's shard is empty", t.name);
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ (i as u64 + 1));
+        idx.shuffle(&mut rng);
+        let n_test = (idx.len() as f64 * cfg.holdout).round() as usize;
+        let test = idx.split_off(idx.len() - n_test.min(idx.len().saturating_sub(1)));
+        info!(task = %t.name, train = idx.len(), test = test.len(), "local data");
+        out.push(LocalTask {
+            name: t.name.clone(),
+            data,
+            train: idx,
+            test,
+        });
+    }
+    Ok(out)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut cfg = match &args.config {
+        Some(p) => NodeConfig::load(p)?,
+        None => NodeConfig::default(),
+    };
+    if let Some(a) = &args.aggregator {
+        cfg.aggregator = Some(a.clone());
+    }
+    if let Some(k) = &args.aggregator_key {
+        cfg.aggregator_key = Some(k.clone());
+    }
+    if let Some(c) = &args.connect {
+        cfg.connect_file = Some(c.clone());
+    }
+    if let Some(d) = &args.data_dir {
+        cfg.data_dir = d.clone();
+    }
+    cfg.validate()?;
+    if args.print_config {
+        println!("{}", toml::to_string_pretty(&cfg)?);
+        return Ok(());
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    let identity = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
+    let peer_id = identity.public().to_peer_id();
+    if args.print_peer_id {
+        println!("{peer_id}");
+        return Ok(());
+    }
+    let (addr, key) = cfg.aggregator()?;
+    let addr: Multiaddr = addr
+        .parse()
+        .with_context(|| format!("`{addr}` is not a multiaddr"))?;
+    let Some(Protocol::P2p(aggregator)) = addr.iter().last() else {
+        bail!("the aggregator's address must end in /p2p/<its peer id>: {addr}");
+    };
+    let aggregator: PeerId = aggregator;
+    let key: SealPublicKey = key
+        .parse()
+        .with_context(|| format!("`{key}` is not a sealing key"))?;
+
+    let tasks = load_tasks(&cfg)?;
+    let spec = ModelSpec::new(
+        cfg.backbone,
+        tasks
+            .iter()
+            .map(|t| TaskSpec {
+                name: t.name.clone(),
+                classes: t.data.classes,
+            })
+            .collect(),
+    );
+    spec.validate()?;
+    let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), spec, key);
+    let state_path = cfg.data_dir.join("state.bin");
+    runtime.state = load_state(&state_path, &runtime)?;
+    println!("cohort-node {peer_id}: federation `{}`, aggregator {addr}", cfg.federation);
+
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let swarm = build_swarm(identity, &cfg.net)?;
+        let (mut client, _events, lp) = event_loop(swarm);
+        tokio::spawn(lp.run());
+        client.add_address(aggregator, addr).await;
+        let agent = Agent::new(client, aggregator, runtime, tasks, state_path, cfg.backoff.clone());
+        agent.run().await
+    })?;
+    println!("federation finished");
+    Ok(())
+}
