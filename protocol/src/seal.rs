@@ -201,8 +201,12 @@ impl SealKeyPair {
                 let pair = Self::generate()?;
                 let mut bytes = KEY_FILE_MAGIC.to_vec();
                 bytes.extend_from_slice(&pair.secret);
-                write_private_file(path, &bytes).map_err(|e| key_err(e.to_string()))?;
-                Ok(pair)
+                if create_private_file(path, &bytes).map_err(|e| key_err(e.to_string()))? {
+                    Ok(pair)
+                } else {
+                    // Another process created it first: use theirs.
+                    Self::load_or_create(path)
+                }
             }
             Err(e) => Err(key_err(e.to_string())),
         }
@@ -373,11 +377,15 @@ impl ReplayGuard {
     }
 }
 
-/// Writes a secret file readable by its owner only (mode 0600): to a
-/// temporary file first, synced, then renamed, so a crash never leaves half
-/// a key.
-pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+/// Creates a secret file readable by its owner only (mode 0600), unless it
+/// exists: written to a temporary file of this process first, synced, then
+/// linked into place, so a crash never leaves half a key and two processes
+/// starting at once end up with the same key. Returns false (and writes
+/// nothing) when the file was already there.
+pub fn create_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -386,9 +394,16 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         opts.mode(0o600);
     }
     let mut f = opts.open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let linked = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use crate::messages::{Envelope, Limits, Request, Response};
 use crate::p2p::{behaviour, CohortCodec};
-use crate::seal::write_private_file;
+use crate::seal::create_private_file;
 use crate::ProtocolError;
 
 /// The Swarm of either binary: request-response with Cohort's codec only.
@@ -85,8 +85,12 @@ pub fn load_or_create_identity(path: &Path) -> Result<Keypair, ProtocolError> {
             let bytes = kp
                 .to_protobuf_encoding()
                 .map_err(|e| key_err(path, e.to_string()))?;
-            write_private_file(path, &bytes).map_err(|e| key_err(path, e))?;
-            Ok(kp)
+            if create_private_file(path, &bytes).map_err(|e| key_err(path, e))? {
+                Ok(kp)
+            } else {
+                // Another process created it first: use theirs.
+                load_or_create_identity(path)
+            }
         }
         Err(e) => Err(key_err(path, e)),
     }
@@ -430,10 +434,26 @@ mod tests {
     }
 
     #[test]
+    fn processes_starting_together_share_one_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("identity.key");
+        let ids: Vec<PeerId> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_create_identity(&path).map(|k| k.public().to_peer_id())))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread").expect("identity"))
+                .collect()
+        });
+        assert!(ids.windows(2).all(|w| w[0] == w[1]), "{ids:?}");
+    }
+
+    #[test]
     fn garbage_identity_file_is_a_typed_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("identity.key");
-        write_private_file(&path, b"not a key").expect("write");
+        create_private_file(&path, b"not a key").expect("write");
         assert!(matches!(
             load_or_create_identity(&path),
             Err(ProtocolError::KeyFile { .. })

@@ -35,3 +35,5 @@ pub fn digits(clients: usize, partitioner: Partitioner, rounds: u64) -> Experime
 pub fn pct(r: &cohort_simulator::ExperimentResult, task: &str) -> f32 {
     100.0 * r.accuracy(task).unwrap_or(f32::NAN)
 }
+
+pub mod net;

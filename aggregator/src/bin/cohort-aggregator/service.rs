@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use cohort_aggregator::{AggError, Engine, Mode, NodeInfo, RoundReport};
+use cohort_aggregator::{AggError, Engine, FailureReason, Mode, NodeInfo, RoundReport};
 use cohort_protocol::messages::{
     EvalReport, Hello, ModelPayload, Refusal, RefusalCode, Request, Response, Update,
 };
@@ -72,16 +72,17 @@ struct RoundLine<'a> {
     quorum_met: bool,
     sampled: usize,
     accepted: usize,
+    accepted_nodes: &'a [String],
     failures: Vec<(String, String)>,
     refused: Vec<(String, RefusalCode)>,
     bytes_received: u64,
-    central: Vec<Score<'a>>,
+    central: Vec<Score>,
     wall_ms: u64,
 }
 
 #[derive(Serialize)]
-struct Score<'a> {
-    task: &'a str,
+struct Score {
+    task: String,
     accuracy: f32,
     loss: f32,
 }
@@ -451,7 +452,7 @@ impl Service {
             for (task, test) in &self.tests {
                 let m = cohort_tasks::evaluate(&self.spec, global, task, test, None)?;
                 central.push(Score {
-                    task: task.as_str(),
+                    task: task.clone(),
                     accuracy: m.accuracy,
                     loss: m.loss,
                 });
@@ -479,6 +480,7 @@ impl Service {
             quorum_met: report.quorum_met,
             sampled: report.sampled,
             accepted: report.accepted.len(),
+            accepted_nodes: &report.accepted,
             failures: report
                 .failures
                 .iter()
@@ -496,14 +498,19 @@ impl Service {
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
         };
-        let text = serde_json::to_string(&line)?;
-        self.metrics.write_all(text.as_bytes())?;
-        self.metrics.write_all(b"\n")?;
-        self.metrics.flush()?;
-        // A checkpoint before the next round starts: a crash loses at most
-        // the round in progress.
+        // The checkpoint before the metrics line and before the next round
+        // starts: a crash loses at most the round in progress, and every
+        // round in metrics.jsonl has its checkpoint.
         self.engine.save_checkpoint(&self.checkpoints)?;
         self.prune_checkpoints();
+        self.write_line(&line)?;
+        // A node that let the deadline pass leaves the pool (later rounds
+        // do not wait for it again); it says hello again when it returns.
+        for (node, reason) in &report.failures {
+            if matches!(reason, FailureReason::Timeout) {
+                self.engine.unregister(node);
+            }
+        }
         self.replay.prune_below(report.round.saturating_sub(1));
         let every = self.fed.eval.federated_every;
         if self.engine.is_finished() || (every > 0 && report.round % every == 0) {

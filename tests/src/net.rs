@@ -1,0 +1,285 @@
+//! Multi-process federations for the network tests: real `cohort-aggregator`
+//! and `cohort-node` processes on real sockets. Every process is killed when
+//! its handle drops, so a failing test leaves nothing behind.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A binary of the workspace, built beside the test executable
+/// (`target/<profile>/`): `cargo test --workspace` and `cargo nextest run
+/// --workspace` build `cohort-node` and `cohort-aggregator` because their
+/// packages have integration tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build it with `cargo build -p cohort-node -p cohort-aggregator` \
+         (a workspace test run builds it)",
+        path.display()
+    );
+    path
+}
+
+/// The experiment file of the network tests.
+pub fn experiment() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulator/experiments/digits-net.toml")
+}
+
+/// A port that was free a moment ago (for an aggregator that must come back
+/// on the same address).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A child process with its output in files; killed on drop.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, logs: &Path) -> Proc {
+        let stdout = logs.join(format!("{name}.out"));
+        let stderr = logs.join(format!("{name}.err"));
+        // Append: a restarted process keeps the earlier output.
+        let open = |p: &Path| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .expect("log file")
+        };
+        cmd.stdout(Stdio::from(open(&stdout)))
+            .stderr(Stdio::from(open(&stderr)))
+            .stdin(Stdio::null())
+            .env("RUST_LOG", "info,libp2p=warn")
+            .env("NO_COLOR", "1");
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Proc {
+            name: name.to_string(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn out(&self) -> String {
+        read(&self.stdout)
+    }
+
+    pub fn err(&self) -> String {
+        read(&self.stderr)
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the exit, at most `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// Waits for an exit, panicking with both logs if it does not come.
+    pub fn expect_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.wait(timeout) {
+            Some(s) => s,
+            None => panic!(
+                "{} did not exit in {timeout:?}\n--- stdout\n{}\n--- stderr (tail)\n{}",
+                self.name,
+                self.out(),
+                tail(&self.err(), 40)
+            ),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn read(p: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_string(&mut s);
+    }
+    s
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, at most `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An aggregator process and its data folder.
+#[derive(Debug)]
+pub struct Aggregator {
+    pub proc: Proc,
+    pub dir: PathBuf,
+}
+
+impl Aggregator {
+    /// Starts `cohort-aggregator` on `listen` with data in `dir`, and waits
+    /// until its connect file names a TCP address.
+    pub fn start(dir: &Path, listen: &str, args: &[&str]) -> Aggregator {
+        std::fs::create_dir_all(dir).expect("aggregator dir");
+        let connect = dir.join("connect.toml");
+        let _ = std::fs::remove_file(&connect);
+        let mut cmd = Command::new(bin("cohort-aggregator"));
+        cmd.arg("--experiment")
+            .arg(experiment())
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(listen)
+            .args(args);
+        let mut proc = Proc::spawn("aggregator", cmd, dir);
+        wait_for(Duration::from_secs(30), "the aggregator's connect.toml", || {
+            if let Ok(Some(s)) = proc.child.try_wait() {
+                panic!("aggregator exited early ({s}):\n{}", proc.err());
+            }
+            read(&connect).contains("/tcp/").then_some(())
+        });
+        Aggregator {
+            proc,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn connect_file(&self) -> PathBuf {
+        self.dir.join("connect.toml")
+    }
+
+    /// The lines of metrics.jsonl of one kind (`round`, `federated_eval`).
+    pub fn metrics(&self, kind: &str) -> Vec<Value> {
+        read(&self.dir.join("metrics.jsonl"))
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["kind"] == kind)
+            .collect()
+    }
+
+    /// Round lines, by round number (the last line of a round wins).
+    pub fn rounds(&self) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        for v in self.metrics("round") {
+            out.retain(|r| r["round"] != v["round"]);
+            out.push(v);
+        }
+        out.sort_by_key(|v| v["round"].as_u64());
+        out
+    }
+
+    /// Highest closed round so far.
+    pub fn last_round(&self) -> u64 {
+        self.rounds()
+            .last()
+            .and_then(|v| v["round"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Central accuracy of `task` in the last round line.
+    pub fn accuracy(&self, task: &str) -> f64 {
+        self.rounds()
+            .last()
+            .and_then(|v| {
+                v["central"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["task"] == task)?["accuracy"]
+                    .as_f64()
+            })
+            .unwrap_or(f64::NAN)
+    }
+}
+
+/// Writes the config of node `index` of `count` (shard `index` of an IID
+/// split of the digits) and returns its path.
+pub fn node_config(dir: &Path, index: usize, count: usize, extra: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("node dir");
+    let text = format!(
+        r#"data_dir = "{dir}"
+backbone = "mlp8x8"
+seed = {index}
+{extra}
+
+[[tasks]]
+name = "digits"
+dataset = "digits8x8"
+shard = {{ index = {index}, count = {count}, partitioner = {{ kind = "iid" }}, seed = 3 }}
+
+[backoff]
+initial_ms = 100
+max_ms = 1000
+"#,
+        dir = dir.display()
+    );
+    let path = dir.join("node.toml");
+    std::fs::write(&path, text).expect("node config");
+    path
+}
+
+/// Starts `cohort-node` with the config in `dir` (see [`node_config`]).
+pub fn start_node(name: &str, dir: &Path, connect: &Path) -> Proc {
+    let mut cmd = Command::new(bin("cohort-node"));
+    cmd.arg("--config")
+        .arg(dir.join("node.toml"))
+        .arg("--connect")
+        .arg(connect);
+    Proc::spawn(name, cmd, dir)
+}
+
+/// The peer id of the node whose data folder is `dir` (created if needed).
+pub fn peer_id(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).expect("node dir");
+    let out = Command::new(bin("cohort-node"))
+        .arg("--data-dir")
+        .arg(dir)
+        .arg("--print-peer-id")
+        .output()
+        .expect("cohort-node --print-peer-id");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}

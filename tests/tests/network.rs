@@ -1,0 +1,186 @@
+//! Real federations: one `cohort-aggregator` process and `cohort-node`
+//! processes on 127.0.0.1, over libp2p (TCP, Noise, Yamux), on the 8x8
+//! digits (`simulator/experiments/digits-net.toml`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use cohort_simulator::{run_experiment, ExperimentConfig};
+use cohort_tests::net::{node_config, peer_id, start_node, tail, wait_for, Aggregator, Proc};
+
+const LONG: Duration = Duration::from_secs(180);
+
+fn nodes(root: &Path, count: usize, agg: &Aggregator) -> Vec<Proc> {
+    (0..count)
+        .map(|i| {
+            let dir = root.join(format!("node{i}"));
+            node_config(&dir, i, count, "");
+            start_node(&format!("node{i}"), &dir, &agg.connect_file())
+        })
+        .collect()
+}
+
+fn finish(agg: &mut Aggregator, nodes: &mut [Proc]) {
+    let status = agg.proc.expect_exit(LONG);
+    assert!(status.success(), "aggregator failed:\n{}", tail(&agg.proc.err(), 40));
+    for n in nodes.iter_mut() {
+        let s = n.expect_exit(Duration::from_secs(30));
+        assert!(s.success(), "{} failed:\n{}", n.name, tail(&n.err(), 40));
+    }
+}
+
+#[test]
+fn four_node_processes_reach_the_simulators_accuracy() {
+    let cfg = ExperimentConfig::from_toml(
+        &std::fs::read_to_string(cohort_tests::net::experiment()).expect("experiment"),
+    )
+    .expect("experiment parses");
+    let sim = run_experiment(&cfg, |_| {}).expect("simulation");
+    let sim_acc = f64::from(sim.accuracy("digits").expect("digits"));
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut agg = Aggregator::start(
+        &root.path().join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &["--open", "--linger-s", "3"],
+    );
+    let mut ns = nodes(root.path(), 4, &agg);
+    finish(&mut agg, &mut ns);
+
+    let rounds = agg.rounds();
+    assert_eq!(rounds.len(), 10, "10 rounds closed");
+    assert!(rounds.iter().all(|r| r["accepted"] == 4), "every node in every round");
+    let net_acc = agg.accuracy("digits");
+    println!("digits: network {:.1}%, simulator {:.1}%", 100.0 * net_acc, 100.0 * sim_acc);
+    assert!(net_acc >= 0.93, "network federation reached {net_acc}");
+    assert!(
+        (net_acc - sim_acc).abs() <= 0.03,
+        "network {net_acc} vs simulator {sim_acc}: more than 3 points apart"
+    );
+    // Federated evaluation after the last round: every node reported on its
+    // own test split.
+    let evals = agg.metrics("federated_eval");
+    assert_eq!(evals.len(), 4, "one local evaluation per node: {evals:?}");
+    for e in &evals {
+        let acc = e["metrics"][0]["accuracy"].as_f64().unwrap_or(0.0);
+        assert!(acc > 0.85, "local accuracy {acc}");
+    }
+}
+
+#[test]
+fn a_killed_node_is_dropped_from_the_round_and_rejoins_after_restart() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let mut agg = Aggregator::start(
+        &root.path().join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &["--open", "--linger-s", "3", "--rounds", "14"],
+    );
+    let victim = peer_id(&root.path().join("node3"));
+    let mut ns = nodes(root.path(), 4, &agg);
+
+    wait_for(LONG, "round 2", || (agg.last_round() >= 2).then_some(()));
+    // Mid-round: round 3 starts as soon as round 2 closes.
+    ns[3].kill();
+    let killed_at = agg.last_round();
+    // The federation goes on without it.
+    let without = wait_for(LONG, "a round without the killed node", || {
+        agg.rounds().into_iter().find(|r| {
+            r["round"].as_u64() > Some(killed_at)
+                && !r["accepted_nodes"].as_array().is_some_and(|a| a.iter().any(|n| n == &victim))
+        })
+    });
+    assert!(without["quorum_met"] == true, "round closed at quorum: {without}");
+    assert!(without["accepted"].as_u64() >= Some(2));
+    let restart_after = agg.last_round();
+
+    // Restarted with its data folder: same identity, same state; it rejoins.
+    assert!(root.path().join("node3/state.bin").is_file(), "node state persisted");
+    ns[3] = start_node("node3", &root.path().join("node3"), &agg.connect_file());
+    finish(&mut agg, &mut ns);
+
+    let rounds = agg.rounds();
+    assert_eq!(rounds.len(), 14);
+    let back = rounds.iter().any(|r| {
+        r["round"].as_u64() > Some(restart_after)
+            && r["accepted_nodes"].as_array().is_some_and(|a| a.iter().any(|n| n == &victim))
+    });
+    assert!(back, "the restarted node took part again: {rounds:?}");
+    assert!(agg.accuracy("digits") >= 0.9);
+}
+
+#[test]
+fn an_aggregator_killed_with_sigkill_resumes_from_its_checkpoint() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", cohort_tests::net::free_port());
+    let dir = root.path().join("agg");
+    let args = ["--open", "--linger-s", "3"];
+    let mut agg = Aggregator::start(&dir, &listen, &args);
+    let mut ns = nodes(root.path(), 4, &agg);
+
+    wait_for(LONG, "round 3", || (agg.last_round() >= 3).then_some(()));
+    agg.proc.kill();
+    // Every round in metrics.jsonl has its checkpoint (written first).
+    let closed = agg.last_round();
+    let newest = std::fs::read_dir(dir.join("checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("round-")?.parse::<u64>().ok())
+        .max()
+        .expect("a checkpoint");
+    assert!(newest >= closed, "checkpoint {newest} behind closed round {closed}");
+
+    // Same data folder, same address: same peer id, same key; resumes.
+    let mut agg = Aggregator::start(&dir, &listen, &args);
+    let resumed = agg.proc.out();
+    assert!(
+        resumed.contains(&format!("model version {newest} (round {newest})")),
+        "resumed from round {newest}:\n{resumed}"
+    );
+    finish(&mut agg, &mut ns);
+
+    let rounds: Vec<u64> = agg.rounds().iter().filter_map(|r| r["round"].as_u64()).collect();
+    assert_eq!(rounds, (1..=10).collect::<Vec<_>>(), "no round lost");
+    assert!(agg.accuracy("digits") >= 0.93);
+}
+
+#[test]
+fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let allowed: Vec<String> = (0..2)
+        .map(|i| peer_id(&root.path().join(format!("node{i}"))))
+        .collect();
+    let mut args = vec!["--linger-s", "2", "--rounds", "3", "--nodes", "2", "--per-round", "2"];
+    for a in &allowed {
+        args.push("--allow");
+        args.push(a);
+    }
+    let mut agg = Aggregator::start(&root.path().join("agg"), "/ip4/127.0.0.1/tcp/0", &args);
+
+    let intruder_dir = root.path().join("intruder");
+    node_config(&intruder_dir, 2, 3, "");
+    let mut intruder = start_node("intruder", &intruder_dir, &agg.connect_file());
+    let status = intruder.expect_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(3), "refusal exit code:\n{}", intruder.err());
+    assert!(intruder.err().contains("NotAllowed"), "{}", intruder.err());
+    assert!(!intruder.err().contains("model received"));
+    assert!(!intruder_dir.join("state.bin").exists(), "it never trained");
+    let intruder_id = peer_id(&intruder_dir);
+
+    let mut ns: Vec<Proc> = (0..2)
+        .map(|i| {
+            let dir = root.path().join(format!("node{i}"));
+            node_config(&dir, i, 3, "");
+            start_node(&format!("node{i}"), &dir, &agg.connect_file())
+        })
+        .collect();
+    finish(&mut agg, &mut ns);
+    let log = agg.proc.err();
+    assert!(
+        log.lines().any(|l| l.contains("request refused") && l.contains(&intruder_id) && l.contains("NotAllowed")),
+        "the aggregator logs the refusal with its reason"
+    );
+    assert_eq!(agg.rounds().len(), 3);
+    assert!(agg
+        .rounds()
+        .iter()
+        .all(|r| !r["accepted_nodes"].to_string().contains(&intruder_id)));
+}
