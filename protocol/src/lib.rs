@@ -9,6 +9,7 @@ pub mod error;
 pub mod framing;
 pub mod layout;
 pub mod messages;
+pub mod model_delta;
 #[cfg(feature = "libp2p")]
 pub mod p2p;
 pub mod seal;

@@ -317,8 +317,9 @@ pub struct GroupBlob {
 }
 
 /// Model weights sent to a node: full weights of some groups, or, when
-/// `base_version` is set, the difference from that version (which the node
-/// said it holds).
+/// `base_version` is set, each group as a lossless [`crate::model_delta`]
+/// from that version (which the node said it holds). No groups with
+/// `base_version == Some(version)`: the node is up to date.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelPayload {
     pub version: u64,
@@ -347,6 +348,50 @@ impl ModelPayload {
             base_version,
             groups,
         }
+    }
+
+    /// The weights this payload carries, given the version the node holds
+    /// (`held`): full groups as [`ModelPayload::to_groups`]; delta groups
+    /// applied to the held ones; nothing changed = the held groups.
+    pub fn apply(
+        &self,
+        layout: &Layout,
+        held: Option<(u64, &ParamGroups)>,
+    ) -> Result<ParamGroups, ProtocolError> {
+        let Some(base) = self.base_version else {
+            return self.to_groups(layout);
+        };
+        let old = match held {
+            Some((v, w)) if v == base => w,
+            _ => {
+                return Err(ProtocolError::Malformed(format!(
+                    "model payload: a delta from version {base}, which is not held"
+                )))
+            }
+        };
+        if self.groups.is_empty() {
+            return Ok(old.clone());
+        }
+        let mut out = ParamGroups::new();
+        for blob in &self.groups {
+            if layout.group(&blob.name).is_none() {
+                return Err(ProtocolError::UnknownGroup(blob.name.clone()));
+            }
+            let prev = old.get(&blob.name).ok_or_else(|| {
+                ProtocolError::Malformed(format!("model payload: no base for `{}`", blob.name))
+            })?;
+            if out.contains(&blob.name) {
+                return Err(ProtocolError::Malformed(format!(
+                    "model payload: group `{}` twice",
+                    blob.name
+                )));
+            }
+            out.insert(
+                blob.name.clone(),
+                crate::model_delta::decode(prev, &blob.data)?,
+            );
+        }
+        Ok(out)
     }
 
     /// Unpacks the groups, each checked against `layout` (known name, exact

@@ -148,7 +148,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < end,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -164,24 +167,44 @@ impl Aggregator {
     /// Starts `cohort-aggregator` on `listen` with data in `dir`, and waits
     /// until its connect file names a TCP address.
     pub fn start(dir: &Path, listen: &str, args: &[&str]) -> Aggregator {
+        Self::start_with(&experiment(), dir, listen, args)
+    }
+
+    /// [`Aggregator::start`] with another experiment file.
+    pub fn start_with(experiment: &Path, dir: &Path, listen: &str, args: &[&str]) -> Aggregator {
+        Self::start_with_bin(&bin("cohort-aggregator"), experiment, dir, listen, args)
+    }
+
+    /// [`Aggregator::start_with`] with a given `cohort-aggregator` binary.
+    pub fn start_with_bin(
+        binary: &Path,
+        experiment: &Path,
+        dir: &Path,
+        listen: &str,
+        args: &[&str],
+    ) -> Aggregator {
         std::fs::create_dir_all(dir).expect("aggregator dir");
         let connect = dir.join("connect.toml");
         let _ = std::fs::remove_file(&connect);
-        let mut cmd = Command::new(bin("cohort-aggregator"));
+        let mut cmd = Command::new(binary);
         cmd.arg("--experiment")
-            .arg(experiment())
+            .arg(experiment)
             .arg("--data-dir")
             .arg(dir)
             .arg("--listen")
             .arg(listen)
             .args(args);
         let mut proc = Proc::spawn("aggregator", cmd, dir);
-        wait_for(Duration::from_secs(30), "the aggregator's connect.toml", || {
-            if let Ok(Some(s)) = proc.child.try_wait() {
-                panic!("aggregator exited early ({s}):\n{}", proc.err());
-            }
-            read(&connect).contains("/tcp/").then_some(())
-        });
+        wait_for(
+            Duration::from_secs(30),
+            "the aggregator's connect.toml",
+            || {
+                if let Ok(Some(s)) = proc.child.try_wait() {
+                    panic!("aggregator exited early ({s}):\n{}", proc.err());
+                }
+                read(&connect).contains("/p2p/").then_some(())
+            },
+        );
         Aggregator {
             proc,
             dir: dir.to_path_buf(),
@@ -238,16 +261,28 @@ impl Aggregator {
 /// Writes the config of node `index` of `count` (shard `index` of an IID
 /// split of the digits) and returns its path.
 pub fn node_config(dir: &Path, index: usize, count: usize, extra: &str) -> PathBuf {
+    node_config_for(dir, index, count, extra, "mlp8x8", "digits8x8")
+}
+
+/// [`node_config`] for the task `digits` on another data set and backbone.
+pub fn node_config_for(
+    dir: &Path,
+    index: usize,
+    count: usize,
+    extra: &str,
+    backbone: &str,
+    dataset: &str,
+) -> PathBuf {
     std::fs::create_dir_all(dir).expect("node dir");
     let text = format!(
         r#"data_dir = "{dir}"
-backbone = "mlp8x8"
+backbone = "{backbone}"
 seed = {index}
 {extra}
 
 [[tasks]]
 name = "digits"
-dataset = "digits8x8"
+dataset = "{dataset}"
 shard = {{ index = {index}, count = {count}, partitioner = {{ kind = "iid" }}, seed = 3 }}
 
 [backoff]
@@ -280,6 +315,10 @@ pub fn peer_id(dir: &Path) -> String {
         .arg("--print-peer-id")
         .output()
         .expect("cohort-node --print-peer-id");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }

@@ -59,10 +59,26 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
         let host_if = format!("ch{tag}n{i}");
         ip(&["netns", "add", &ns]);
         hosts.names.push(ns.clone());
-        ip(&["link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
-        ip(&["addr", "add", &format!("10.{net}.{i}.1/24"), "dev", &host_if]);
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.{net}.{i}.1/24"),
+            "dev",
+            &host_if,
+        ]);
         ip(&["link", "set", &host_if, "up"]);
-        ip(&["-n", &ns, "addr", "add", &format!("10.{net}.{i}.2/24"), "dev", "eth0"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.{net}.{i}.2/24"),
+            "dev",
+            "eth0",
+        ]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
         links.push(host_if);
@@ -73,7 +89,15 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
     let mut agg = Aggregator::start(
         &root.path().join("agg"),
         &format!("/ip4/0.0.0.0/tcp/{port}"),
-        &["--open", "--linger-s", "3", "--rounds", "8", "--deadline-ms", "4000"],
+        &[
+            "--open",
+            "--linger-s",
+            "3",
+            "--rounds",
+            "8",
+            "--deadline-ms",
+            "4000",
+        ],
     );
     let aggregator_peer = peer_of(&agg.connect_file());
     let victim = peer_id(&root.path().join("node3"));
@@ -81,7 +105,8 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
         .map(|i| {
             let dir = root.path().join(format!("node{i}"));
             // Each node dials the aggregator on its own link's address.
-            let addr = format!("aggregator = \"/ip4/10.{net}.{i}.1/tcp/{port}/p2p/{aggregator_peer}\"");
+            let addr =
+                format!("aggregator = \"/ip4/10.{net}.{i}.1/tcp/{port}/p2p/{aggregator_peer}\"");
             node_config(&dir, i, count, &addr);
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &hosts.names[i]])
@@ -94,13 +119,19 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
         })
         .collect();
 
-    wait_for(Duration::from_secs(120), "round 2", || (agg.last_round() >= 2).then_some(()));
+    wait_for(Duration::from_secs(120), "round 2", || {
+        (agg.last_round() >= 2).then_some(())
+    });
     // Cut node 3's cable.
     ip(&["link", "set", &links[3], "down"]);
     let cut_after = agg.last_round();
 
     let status = agg.proc.expect_exit(Duration::from_secs(180));
-    assert!(status.success(), "aggregator:\n{}", tail(&agg.proc.err(), 40));
+    assert!(
+        status.success(),
+        "aggregator:\n{}",
+        tail(&agg.proc.err(), 40)
+    );
     for n in nodes.iter_mut().take(3) {
         let s = n.expect_exit(Duration::from_secs(30));
         assert!(s.success(), "{}:\n{}", n.name, tail(&n.err(), 30));
@@ -113,7 +144,10 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
         .iter()
         .find(|r| r["round"].as_u64() > Some(cut_after) && has(r, "failures"))
         .unwrap_or_else(|| panic!("no round recorded the cut-off node's failure: {rounds:?}"));
-    assert!(timed_out["failures"].to_string().contains("Timeout"), "{timed_out}");
+    assert!(
+        timed_out["failures"].to_string().contains("Timeout"),
+        "{timed_out}"
+    );
     assert_eq!(timed_out["quorum_met"], true);
     let cut_round = timed_out["round"].as_u64().unwrap_or(0);
     let accepted: Vec<String> = rounds.iter().map(|r| r["accepted"].to_string()).collect();
@@ -122,11 +156,18 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
         accepted.join(" ")
     );
     // Later rounds go on with the other three, without waiting for it.
-    for r in rounds.iter().filter(|r| r["round"].as_u64() > Some(cut_round)) {
+    for r in rounds
+        .iter()
+        .filter(|r| r["round"].as_u64() > Some(cut_round))
+    {
         assert!(!has(r, "accepted_nodes") && !has(r, "failures"), "{r}");
         assert_eq!(r["accepted"], 3, "{r}");
     }
-    assert!(agg.accuracy("digits") >= 0.9, "accuracy {}", agg.accuracy("digits"));
+    assert!(
+        agg.accuracy("digits") >= 0.9,
+        "accuracy {}",
+        agg.accuracy("digits")
+    );
     nodes[3].kill();
     drop(hosts);
 }

@@ -1,5 +1,5 @@
 //! Real federations: one `cohort-aggregator` process and `cohort-node`
-//! processes on 127.0.0.1, over libp2p (TCP, Noise, Yamux), on the 8x8
+//! processes on 127.0.0.1, over libp2p (TCP with Noise and Yamux, or QUIC), on the 8x8
 //! digits (`simulator/experiments/digits-net.toml`).
 
 use std::path::Path;
@@ -21,8 +21,22 @@ fn nodes(root: &Path, count: usize, agg: &Aggregator) -> Vec<Proc> {
 }
 
 fn finish(agg: &mut Aggregator, nodes: &mut [Proc]) {
-    let status = agg.proc.expect_exit(LONG);
-    assert!(status.success(), "aggregator failed:\n{}", tail(&agg.proc.err(), 40));
+    let Some(status) = agg.proc.wait(LONG) else {
+        let mut msg = format!(
+            "aggregator did not finish in {LONG:?}\n--- aggregator\n{}\n{}",
+            agg.proc.out(),
+            tail(&agg.proc.err(), 30)
+        );
+        for n in nodes.iter() {
+            msg += &format!("\n--- {}\n{}", n.name, tail(&n.err(), 15));
+        }
+        panic!("{msg}");
+    };
+    assert!(
+        status.success(),
+        "aggregator failed:\n{}",
+        tail(&agg.proc.err(), 40)
+    );
     for n in nodes.iter_mut() {
         let s = n.expect_exit(Duration::from_secs(30));
         assert!(s.success(), "{} failed:\n{}", n.name, tail(&n.err(), 40));
@@ -39,24 +53,39 @@ fn four_node_processes_reach_the_simulators_accuracy() {
     let sim_acc = f64::from(sim.accuracy("digits").expect("digits"));
 
     let root = tempfile::tempdir().expect("tempdir");
+    // Over QUIC this time (the other tests use TCP).
     let mut agg = Aggregator::start(
         &root.path().join("agg"),
-        "/ip4/127.0.0.1/tcp/0",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
         &["--open", "--linger-s", "3"],
     );
+    assert!(cohort_tests::net::read(&agg.connect_file()).contains("/quic-v1/"));
     let mut ns = nodes(root.path(), 4, &agg);
     finish(&mut agg, &mut ns);
 
     let rounds = agg.rounds();
     assert_eq!(rounds.len(), 10, "10 rounds closed");
-    assert!(rounds.iter().all(|r| r["accepted"] == 4), "every node in every round");
+    assert!(
+        rounds.iter().all(|r| r["accepted"] == 4),
+        "every node in every round"
+    );
     let net_acc = agg.accuracy("digits");
-    println!("digits: network {:.1}%, simulator {:.1}%", 100.0 * net_acc, 100.0 * sim_acc);
+    println!(
+        "digits: network {:.1}%, simulator {:.1}%",
+        100.0 * net_acc,
+        100.0 * sim_acc
+    );
     assert!(net_acc >= 0.93, "network federation reached {net_acc}");
     assert!(
         (net_acc - sim_acc).abs() <= 0.03,
         "network {net_acc} vs simulator {sim_acc}: more than 3 points apart"
     );
+    // From round 2 on, nodes hold the previous version and download the
+    // lossless delta to the new one.
+    let sum = |key: &str| -> u64 { rounds.iter().filter_map(|r| r[key].as_u64()).sum() };
+    let (full, delta) = (sum("bytes_sent_full"), sum("bytes_sent_delta"));
+    println!("model downloads: {full} bytes as full weights, {delta} bytes as deltas");
+    assert!(delta > 0, "delta downloads were used");
     // Federated evaluation after the last round: every node reported on its
     // own test split.
     let evals = agg.metrics("federated_eval");
@@ -86,15 +115,23 @@ fn a_killed_node_is_dropped_from_the_round_and_rejoins_after_restart() {
     let without = wait_for(LONG, "a round without the killed node", || {
         agg.rounds().into_iter().find(|r| {
             r["round"].as_u64() > Some(killed_at)
-                && !r["accepted_nodes"].as_array().is_some_and(|a| a.iter().any(|n| n == &victim))
+                && !r["accepted_nodes"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|n| n == &victim))
         })
     });
-    assert!(without["quorum_met"] == true, "round closed at quorum: {without}");
+    assert!(
+        without["quorum_met"] == true,
+        "round closed at quorum: {without}"
+    );
     assert!(without["accepted"].as_u64() >= Some(2));
     let restart_after = agg.last_round();
 
     // Restarted with its data folder: same identity, same state; it rejoins.
-    assert!(root.path().join("node3/state.bin").is_file(), "node state persisted");
+    assert!(
+        root.path().join("node3/state.bin").is_file(),
+        "node state persisted"
+    );
     ns[3] = start_node("node3", &root.path().join("node3"), &agg.connect_file());
     finish(&mut agg, &mut ns);
 
@@ -102,7 +139,9 @@ fn a_killed_node_is_dropped_from_the_round_and_rejoins_after_restart() {
     assert_eq!(rounds.len(), 14);
     let back = rounds.iter().any(|r| {
         r["round"].as_u64() > Some(restart_after)
-            && r["accepted_nodes"].as_array().is_some_and(|a| a.iter().any(|n| n == &victim))
+            && r["accepted_nodes"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|n| n == &victim))
     });
     assert!(back, "the restarted node took part again: {rounds:?}");
     assert!(agg.accuracy("digits") >= 0.9);
@@ -123,10 +162,20 @@ fn an_aggregator_killed_with_sigkill_resumes_from_its_checkpoint() {
     let closed = agg.last_round();
     let newest = std::fs::read_dir(dir.join("checkpoints"))
         .expect("checkpoints")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("round-")?.parse::<u64>().ok())
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("round-")?
+                .parse::<u64>()
+                .ok()
+        })
         .max()
         .expect("a checkpoint");
-    assert!(newest >= closed, "checkpoint {newest} behind closed round {closed}");
+    assert!(
+        newest >= closed,
+        "checkpoint {newest} behind closed round {closed}"
+    );
 
     // Same data folder, same address: same peer id, same key; resumes.
     let mut agg = Aggregator::start(&dir, &listen, &args);
@@ -137,7 +186,11 @@ fn an_aggregator_killed_with_sigkill_resumes_from_its_checkpoint() {
     );
     finish(&mut agg, &mut ns);
 
-    let rounds: Vec<u64> = agg.rounds().iter().filter_map(|r| r["round"].as_u64()).collect();
+    let rounds: Vec<u64> = agg
+        .rounds()
+        .iter()
+        .filter_map(|r| r["round"].as_u64())
+        .collect();
     assert_eq!(rounds, (1..=10).collect::<Vec<_>>(), "no round lost");
     assert!(agg.accuracy("digits") >= 0.93);
 }
@@ -148,7 +201,16 @@ fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
     let allowed: Vec<String> = (0..2)
         .map(|i| peer_id(&root.path().join(format!("node{i}"))))
         .collect();
-    let mut args = vec!["--linger-s", "2", "--rounds", "3", "--nodes", "2", "--per-round", "2"];
+    let mut args = vec![
+        "--linger-s",
+        "2",
+        "--rounds",
+        "3",
+        "--nodes",
+        "2",
+        "--per-round",
+        "2",
+    ];
     for a in &allowed {
         args.push("--allow");
         args.push(a);
@@ -159,7 +221,12 @@ fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
     node_config(&intruder_dir, 2, 3, "");
     let mut intruder = start_node("intruder", &intruder_dir, &agg.connect_file());
     let status = intruder.expect_exit(Duration::from_secs(60));
-    assert_eq!(status.code(), Some(3), "refusal exit code:\n{}", intruder.err());
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "refusal exit code:\n{}",
+        intruder.err()
+    );
     assert!(intruder.err().contains("NotAllowed"), "{}", intruder.err());
     assert!(!intruder.err().contains("model received"));
     assert!(!intruder_dir.join("state.bin").exists(), "it never trained");
@@ -175,7 +242,9 @@ fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
     finish(&mut agg, &mut ns);
     let log = agg.proc.err();
     assert!(
-        log.lines().any(|l| l.contains("request refused") && l.contains(&intruder_id) && l.contains("NotAllowed")),
+        log.lines().any(|l| l.contains("request refused")
+            && l.contains(&intruder_id)
+            && l.contains("NotAllowed")),
         "the aggregator logs the refusal with its reason"
     );
     assert_eq!(agg.rounds().len(), 3);

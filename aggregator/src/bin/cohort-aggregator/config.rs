@@ -164,7 +164,10 @@ impl FederationConfig {
         let mut seen = BTreeSet::new();
         for t in &self.tasks {
             if t.name.is_empty() || t.name.contains('/') || !seen.insert(&t.name) {
-                bail!("task names must be unique, non-empty, without `/` (`{}`)", t.name);
+                bail!(
+                    "task names must be unique, non-empty, without `/` (`{}`)",
+                    t.name
+                );
             }
             if t.dataset.is_none() && t.classes.is_none() {
                 bail!("task `{}`: give a dataset or classes", t.name);
@@ -195,7 +198,8 @@ impl FederationConfig {
         e.sampling.min_available = e.sampling.min_available.max(1);
         if self.heads == HeadPolicy::Local {
             for t in &self.tasks {
-                e.group_policy.insert(head_group(&t.name), GroupPolicy::Local);
+                e.group_policy
+                    .insert(head_group(&t.name), GroupPolicy::Local);
             }
         }
         e
@@ -221,6 +225,13 @@ pub struct AggregatorConfig {
     pub open: bool,
     /// Checkpoints kept (older ones are deleted).
     pub keep_checkpoints: usize,
+    /// Past global versions kept in memory so that a node holding one of
+    /// them downloads only the lossless delta (XOR + deflate) to the current
+    /// version; 0 = always full weights.
+    pub delta_versions: usize,
+    /// The first round waits for `clients.count` nodes, at most this long
+    /// (then it starts with the nodes there are). Also after a restart.
+    pub start_wait_s: u64,
     /// After the last round, keep answering this long (nodes learn that the
     /// run is over and send their final evaluations), then exit.
     pub linger_s: u64,
@@ -240,6 +251,8 @@ impl Default for AggregatorConfig {
             allow_file: None,
             open: false,
             keep_checkpoints: 3,
+            delta_versions: 1,
+            start_wait_s: 60,
             linger_s: 10,
             net: NetConfig::default(),
         }

@@ -74,6 +74,9 @@ struct Args {
     /// Seconds to keep answering after the last round.
     #[arg(long)]
     linger_s: Option<u64>,
+    /// Past model versions kept for delta downloads (0 = full downloads only).
+    #[arg(long)]
+    delta_versions: Option<usize>,
     /// Print the effective settings and exit.
     #[arg(long)]
     print_config: bool,
@@ -82,8 +85,8 @@ struct Args {
 fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)> {
     let mut cfg = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("reading {}", p.display()))?;
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
         }
         None => AggregatorConfig::default(),
@@ -104,6 +107,9 @@ fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)>
     cfg.open |= args.open;
     if let Some(l) = args.linger_s {
         cfg.linger_s = l;
+    }
+    if let Some(d) = args.delta_versions {
+        cfg.delta_versions = d;
     }
     let mut fed = match &cfg.experiment {
         Some(p) => FederationConfig::load(p)?,
@@ -171,24 +177,28 @@ fn main() -> anyhow::Result<()> {
     let engine_cfg = fed.engine_config();
     let checkpoints = cfg.data_dir.join("checkpoints");
     let strategy = strategy_from_config(&fed.strategy);
-    let engine = match Engine::resume(&checkpoints, engine_cfg.clone(), strategy)
-        .with_context(|| {
+    let engine =
+        match Engine::resume(&checkpoints, engine_cfg.clone(), strategy).with_context(|| {
             format!(
                 "resuming from {} (a different experiment needs another --data-dir)",
                 checkpoints.display()
             )
         })? {
-        Some(e) => {
-            info!(round = e.round(), version = e.version(), "resumed from checkpoint");
-            e
-        }
-        None => Engine::new(
-            engine_cfg,
-            layout,
-            spec.init(fed.seed ^ 0x1417),
-            strategy_from_config(&fed.strategy),
-        )?,
-    };
+            Some(e) => {
+                info!(
+                    round = e.round(),
+                    version = e.version(),
+                    "resumed from checkpoint"
+                );
+                e
+            }
+            None => Engine::new(
+                engine_cfg,
+                layout,
+                spec.init(fed.seed ^ 0x1417),
+                strategy_from_config(&fed.strategy),
+            )?,
+        };
 
     let identity = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
     let keys = SealKeyPair::load_or_create(&cfg.data_dir.join("seal.key"))?;
@@ -222,7 +232,7 @@ fn main() -> anyhow::Result<()> {
             Some(a) => println!("access:      {} allowed peer ids", a.len()),
             None => println!("access:      open (any peer may join)"),
         }
-        let service = Service::new(
+        let mut service = Service::new(
             engine,
             fed,
             spec,
@@ -235,6 +245,8 @@ fn main() -> anyhow::Result<()> {
             Duration::from_secs(cfg.linger_s),
             connect,
         )?;
+        service.keep_versions = cfg.delta_versions;
+        service.start_wait = Duration::from_secs(cfg.start_wait_s);
         service.run(events).await
     })
 }

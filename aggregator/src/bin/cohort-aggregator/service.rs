@@ -3,7 +3,7 @@
 //! It never touches the Swarm: it talks to the event loop through a
 //! [`Client`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,22 +12,37 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cohort_aggregator::{AggError, Engine, FailureReason, Mode, NodeInfo, RoundReport};
 use cohort_protocol::messages::{
-    EvalReport, Hello, ModelPayload, Refusal, RefusalCode, Request, Response, Update,
+    Envelope, EvalReport, GroupBlob, Hello, ModelPayload, Refusal, RefusalCode, Request, Response,
+    Update,
 };
 use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
 use cohort_protocol::transport::{Client, NetEvent};
 use cohort_protocol::PROTOCOL_VERSION;
+use cohort_protocol::{model_delta, ParamGroups};
 use cohort_tasks::{Dataset, ModelSpec};
 use futures::channel::mpsc;
 use futures::StreamExt;
+use libp2p::request_response::ResponseChannel;
 use libp2p::PeerId;
 use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::config::FederationConfig;
 
-/// How long a node waits before asking again when there is nothing to do.
+/// How long a node waits before asking again when there is nothing to do
+/// and its request could not be held.
 const RETRY_MS: u64 = 200;
+/// How long a plan request is held open (long poll) before the node is told
+/// to ask again; well below the request timeout.
+const PARK_MS: u64 = 10_000;
+
+/// A plan request held until there is something for the node to do: it
+/// gets its plan the moment its round starts, not at its next poll.
+struct Parked {
+    node: String,
+    channel: ResponseChannel<Envelope<Response>>,
+    since: Instant,
+}
 
 pub struct Service {
     pub engine: Engine,
@@ -51,6 +66,18 @@ pub struct Service {
     eval_due: BTreeMap<String, (u64, u64)>,
     finished_at: Option<Instant>,
     round_started: Option<Instant>,
+    parked: Vec<Parked>,
+    /// Recent global versions, oldest first (the current one last): the
+    /// bases of delta downloads.
+    history: VecDeque<(u64, ParamGroups)>,
+    /// Versions kept besides the current one; 0 = full downloads only.
+    pub keep_versions: usize,
+    /// The first round starts without all `clients.count` nodes after this.
+    pub start_wait: Duration,
+    /// Encoded deltas to the current version, by (group, base version).
+    deltas: HashMap<(String, u64), Vec<u8>>,
+    /// Model bytes sent since the last round closed (full, delta).
+    sent: (u64, u64),
 }
 
 /// What a node operator needs, printed at start and written to
@@ -76,8 +103,14 @@ struct RoundLine<'a> {
     failures: Vec<(String, String)>,
     refused: Vec<(String, RefusalCode)>,
     bytes_received: u64,
+    /// Model bytes sent as full weights and as deltas during the round.
+    bytes_sent_full: u64,
+    bytes_sent_delta: u64,
     central: Vec<Score>,
+    /// From the start of the round to its close.
     wall_ms: u64,
+    /// When the round closed, in ms since the process started.
+    closed_at_ms: u64,
 }
 
 #[derive(Serialize)]
@@ -145,6 +178,12 @@ impl Service {
             eval_due: BTreeMap::new(),
             finished_at: None,
             round_started: None,
+            parked: Vec::new(),
+            history: VecDeque::new(),
+            keep_versions: 0,
+            start_wait: Duration::from_secs(60),
+            deltas: HashMap::new(),
+            sent: (0, 0),
         })
     }
 
@@ -164,11 +203,19 @@ impl Service {
         loop {
             tokio::select! {
                 event = events.next() => match event {
-                    Some(e) => self.on_event(e).await?,
+                    Some(e) => {
+                        // A submit, a hello or a departure may complete the
+                        // round (or the wait for the first one): advance now
+                        // rather than at the next tick.
+                        if self.on_event(e).await? && self.on_tick().await? {
+                            info!("run finished; exiting");
+                            return Ok(());
+                        }
+                    }
                     None => anyhow::bail!("the network event loop stopped"),
                 },
                 _ = tick.tick() => {
-                    if self.on_tick()? {
+                    if self.on_tick().await? {
                         info!("run finished; exiting");
                         return Ok(());
                     }
@@ -177,16 +224,28 @@ impl Service {
         }
     }
 
-    async fn on_event(&mut self, event: NetEvent) -> anyhow::Result<()> {
+    /// Handles one event; true when the round state may have moved.
+    async fn on_event(&mut self, event: NetEvent) -> anyhow::Result<bool> {
         match event {
             NetEvent::Request {
                 peer,
                 request,
                 channel,
             } => {
+                let moved = matches!(request.body, Request::Submit(_) | Request::Hello(_));
+                let get_plan = matches!(request.body, Request::GetPlan);
                 let response = self.handle(peer, request);
-                let env = cohort_protocol::messages::Envelope::new(self.federation(), response);
+                if get_plan && matches!(response, Response::Wait { .. }) {
+                    self.parked.push(Parked {
+                        node: peer.to_string(),
+                        channel,
+                        since: Instant::now(),
+                    });
+                    return Ok(false);
+                }
+                let env = Envelope::new(self.federation(), response);
                 self.client.respond(channel, env).await;
+                return Ok(moved);
             }
             NetEvent::Listening(addr) => {
                 let full = format!("{addr}/p2p/{}", self.connect.peer_id);
@@ -202,11 +261,12 @@ impl Service {
                 if self.engine.node(&node).is_some() {
                     info!(%peer, "node disconnected; unregistered");
                     self.engine.unregister(&node);
+                    return Ok(true);
                 }
             }
             NetEvent::InboundFailure { .. } => {}
         }
-        Ok(())
+        Ok(false)
     }
 
     fn write_connect_file(&self) -> anyhow::Result<()> {
@@ -218,7 +278,7 @@ impl Service {
     }
 
     /// One request, one answer; every refusal is logged with its reason.
-    fn handle(&mut self, peer: PeerId, env: cohort_protocol::messages::Envelope<Request>) -> Response {
+    fn handle(&mut self, peer: PeerId, env: Envelope<Request>) -> Response {
         let kind = request_kind(&env.body);
         let response = self.answer(peer, env);
         if let Response::Refused(r) = &response {
@@ -227,7 +287,7 @@ impl Service {
         response
     }
 
-    fn answer(&mut self, peer: PeerId, env: cohort_protocol::messages::Envelope<Request>) -> Response {
+    fn answer(&mut self, peer: PeerId, env: Envelope<Request>) -> Response {
         if let Err(e) = env.check_federation(self.federation()) {
             return refuse(RefusalCode::WrongFederation, e.to_string());
         }
@@ -235,7 +295,10 @@ impl Service {
             if !allow.contains(&peer) {
                 return refuse(
                     RefusalCode::NotAllowed,
-                    format!("peer {peer} is not allowed in federation `{}`", self.federation()),
+                    format!(
+                        "peer {peer} is not allowed in federation `{}`",
+                        self.federation()
+                    ),
                 );
             }
         }
@@ -292,7 +355,10 @@ impl Service {
     }
 
     fn ready(&self) -> bool {
-        !self.waiting_first || self.engine.num_nodes() >= self.fed.clients.count
+        let n = self.engine.num_nodes();
+        !self.waiting_first
+            || n >= self.fed.clients.count
+            || (n > 0 && self.started.elapsed() >= self.start_wait)
     }
 
     fn get_plan(&mut self, node: &str) -> Response {
@@ -331,6 +397,7 @@ impl Service {
                 format!("group `{g}` is not one of this node's groups"),
             );
         }
+        self.remember_version();
         let version = self.engine.version();
         if have == Some(version) {
             // The node holds this version already: nothing to send.
@@ -340,11 +407,76 @@ impl Service {
                 groups: Vec::new(),
             });
         }
-        Response::Model(ModelPayload::from_groups(
-            version,
-            None,
-            &self.engine.weights_for(&groups),
-        ))
+        if let Some(base) = have.filter(|_| self.keep_versions > 0) {
+            match self.delta_payload(&groups, base) {
+                Ok(Some(p)) => {
+                    self.sent.1 += p.groups.iter().map(|g| g.data.len() as u64).sum::<u64>();
+                    return Response::Model(p);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(%e, "delta download failed; sending full weights"),
+            }
+        }
+        let p = ModelPayload::from_groups(version, None, &self.engine.weights_for(&groups));
+        self.sent.0 += p.groups.iter().map(|g| g.data.len() as u64).sum::<u64>();
+        Response::Model(p)
+    }
+
+    /// Records the current global version (once) and forgets versions
+    /// beyond `keep_versions`, and deltas to older versions.
+    fn remember_version(&mut self) {
+        let version = self.engine.version();
+        if self.history.back().is_some_and(|(v, _)| *v == version) {
+            return;
+        }
+        self.deltas.clear();
+        if self.keep_versions == 0 {
+            self.history.clear();
+            return;
+        }
+        self.history
+            .push_back((version, self.engine.global().clone()));
+        while self.history.len() > self.keep_versions + 1 {
+            self.history.pop_front();
+        }
+    }
+
+    /// `groups` as deltas from `base`, if that version is still known.
+    /// Each group's delta is encoded once per version and shared by every
+    /// node that asks.
+    fn delta_payload(
+        &mut self,
+        groups: &[String],
+        base: u64,
+    ) -> Result<Option<ModelPayload>, cohort_protocol::ProtocolError> {
+        let Some((_, old)) = self.history.iter().find(|(v, _)| *v == base) else {
+            return Ok(None);
+        };
+        let current = self.engine.global();
+        let mut blobs = Vec::with_capacity(groups.len());
+        for g in groups {
+            let (Some(o), Some(n)) = (old.get(g), current.get(g)) else {
+                return Ok(None);
+            };
+            let key = (g.clone(), base);
+            let data = match self.deltas.get(&key) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = model_delta::encode(o, n)?;
+                    self.deltas.insert(key, d.clone());
+                    d
+                }
+            };
+            blobs.push(GroupBlob {
+                name: g.clone(),
+                data,
+            });
+        }
+        Ok(Some(ModelPayload {
+            version: self.engine.version(),
+            base_version: Some(base),
+            groups: blobs,
+        }))
     }
 
     fn submit(&mut self, node: &str, update: Update) -> Response {
@@ -385,7 +517,10 @@ impl Service {
 
     fn report(&mut self, node: &str, report: EvalReport) -> Response {
         if report.node != node || report.metrics.len() > self.fed.tasks.len() {
-            return refuse(RefusalCode::Malformed, "report of another node or too many tasks");
+            return refuse(
+                RefusalCode::Malformed,
+                "report of another node or too many tasks",
+            );
         }
         for m in &report.metrics {
             info!(node, round = report.round, task = %m.task, accuracy = m.accuracy, samples = m.samples, "federated evaluation");
@@ -416,11 +551,15 @@ impl Service {
 
     /// Clock work: close the round at all-in or the deadline, start the
     /// next one. Returns true when the process should exit.
-    fn on_tick(&mut self) -> anyhow::Result<bool> {
+    async fn on_tick(&mut self) -> anyhow::Result<bool> {
+        self.remember_version();
         let now = self.now_ms();
+        let mut changed = false;
         while let Some(report) = self.engine.poll(now) {
             self.on_round_closed(report)?;
+            changed = true;
         }
+        self.answer_parked(changed).await;
         if self.over() {
             let at = *self.finished_at.get_or_insert_with(Instant::now);
             return Ok(at.elapsed() >= self.linger);
@@ -435,12 +574,43 @@ impl Service {
                     self.round_started = Some(Instant::now());
                     let names: Vec<&str> = plans.iter().map(|(n, _)| n.as_str()).collect();
                     info!(round = self.engine.round(), sampled = ?names, "round started");
+                    self.answer_parked(true).await;
                 }
                 Err(AggError::NotEnoughNodes { .. }) => {}
                 Err(e) => warn!(%e, "cannot start a round"),
             }
         }
         Ok(false)
+    }
+
+    /// Answers held plan requests: all of them when something `changed`
+    /// (a round started or closed), otherwise those held too long.
+    async fn answer_parked(&mut self, changed: bool) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let parked = std::mem::take(&mut self.parked);
+        for p in parked {
+            if self.engine.node(&p.node).is_none() {
+                // Gone (disconnected); dropping the channel is the answer.
+                continue;
+            }
+            let expired = p.since.elapsed() >= Duration::from_millis(PARK_MS);
+            if !changed && !expired {
+                self.parked.push(p);
+                continue;
+            }
+            let response = match self.get_plan(&p.node) {
+                Response::Wait { .. } if !expired => {
+                    self.parked.push(p);
+                    continue;
+                }
+                Response::Wait { .. } => Response::Wait { retry_ms: 0 },
+                r => r,
+            };
+            let env = Envelope::new(self.federation(), response);
+            self.client.respond(p.channel, env).await;
+        }
     }
 
     fn on_round_closed(&mut self, report: RoundReport) -> anyhow::Result<()> {
@@ -468,7 +638,11 @@ impl Service {
             self.fed.rounds,
             report.accepted.len(),
             report.sampled,
-            if report.quorum_met { "" } else { " (below quorum: model unchanged)" },
+            if report.quorum_met {
+                ""
+            } else {
+                " (below quorum: model unchanged)"
+            },
             report.version,
             scores.join(", ")
         );
@@ -492,11 +666,14 @@ impl Service {
                 .map(|(n, r)| (n.clone(), r.code))
                 .collect(),
             bytes_received: report.bytes_received,
+            bytes_sent_full: self.sent.0,
+            bytes_sent_delta: self.sent.1,
             central,
             wall_ms: self
                 .round_started
                 .map(|t| t.elapsed().as_millis() as u64)
                 .unwrap_or(0),
+            closed_at_ms: report.closed_at_ms,
         };
         // The checkpoint before the metrics line and before the next round
         // starts: a crash loses at most the round in progress, and every
@@ -504,6 +681,7 @@ impl Service {
         self.engine.save_checkpoint(&self.checkpoints)?;
         self.prune_checkpoints();
         self.write_line(&line)?;
+        self.sent = (0, 0);
         // A node that let the deadline pass leaves the pool (later rounds
         // do not wait for it again); it says hello again when it returns.
         for (node, reason) in &report.failures {

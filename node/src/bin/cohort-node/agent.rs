@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context};
 use cohort_node::{NodeRuntime, NodeState};
 use cohort_protocol::messages::{
-    EvalMetrics, EvalReport, Envelope, Hello, Refusal, RefusalCode, Request, Response, RoundPlan,
+    Envelope, EvalMetrics, EvalReport, Hello, Refusal, RefusalCode, Request, Response, RoundPlan,
 };
 use cohort_protocol::transport::{Client, RequestError};
 use cohort_protocol::{ParamGroups, PROTOCOL_VERSION};
@@ -54,12 +54,28 @@ enum StepError {
     /// Network trouble: back off, reconnect, say hello again.
     Net(RequestError),
     Refused(Refusal),
+    /// An answer that does not check out (bad model bytes, wrong kind):
+    /// logged, the cached model dropped, then like `Net`.
+    BadAnswer(String),
     Fatal(anyhow::Error),
 }
 
 impl From<anyhow::Error> for StepError {
     fn from(e: anyhow::Error) -> Self {
         StepError::Fatal(e)
+    }
+}
+
+/// The name of an answer (never its content, which may be a whole model).
+fn kind(r: &Response) -> &'static str {
+    match r {
+        Response::Welcome { .. } => "welcome",
+        Response::Plan(_) => "plan",
+        Response::Wait { .. } => "wait",
+        Response::Model(_) => "model",
+        Response::Evaluate { .. } => "evaluate",
+        Response::Ack => "ack",
+        Response::Refused(_) => "refused",
     }
 }
 
@@ -78,7 +94,12 @@ pub fn load_state(path: &std::path::Path, runtime: &NodeRuntime) -> anyhow::Resu
         &bytes,
         bincode::config::standard().with_limit::<{ 1 << 32 }>(),
     )
-    .map_err(|e| anyhow!("{}: not a node state file ({e}); move it aside to start afresh", path.display()))?;
+    .map_err(|e| {
+        anyhow!(
+            "{}: not a node state file ({e}); move it aside to start afresh",
+            path.display()
+        )
+    })?;
     let layout = runtime.spec.layout();
     for (name, values) in state.local.iter() {
         match layout.group(name) {
@@ -165,6 +186,13 @@ impl Agent {
                     RefusalCode::UnknownNode => self.registered = false,
                     code => warn!(?code, reason = %r.message, "refused"),
                 },
+                Err(StepError::BadAnswer(e)) => {
+                    self.registered = false;
+                    self.held = None;
+                    let wait = self.next_backoff();
+                    warn!(reason = %e, retry_ms = wait, "bad answer from the aggregator");
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
                 Err(StepError::Fatal(e)) => return Err(e),
             }
         }
@@ -207,14 +235,22 @@ impl Agent {
                     self.registered = true;
                     return Ok(Flow::Continue);
                 }
-                other => return Err(StepError::Fatal(anyhow!("unexpected answer to hello: {other:?}"))),
+                other => {
+                    return Err(StepError::BadAnswer(format!(
+                        "unexpected answer to hello: {}",
+                        kind(&other)
+                    )))
+                }
             }
         }
         match self.ask(Request::GetPlan).await {
             Ok(Response::Plan(plan)) => self.round(plan).await,
             Ok(Response::Wait { retry_ms }) => Ok(Flow::Sleep(retry_ms)),
             Ok(Response::Evaluate { round, version }) => self.evaluate(round, version).await,
-            Ok(other) => Err(StepError::Fatal(anyhow!("unexpected answer to get_plan: {other:?}"))),
+            Ok(other) => Err(StepError::BadAnswer(format!(
+                "unexpected answer to get_plan: {}",
+                kind(&other)
+            ))),
             Err(StepError::Refused(r)) if r.code == RefusalCode::Finished => {
                 info!("{}", r.message);
                 Ok(Flow::Done)
@@ -239,7 +275,10 @@ impl Agent {
             .filter(|g| rt.state.local.get(g).is_none())
             .map(str::to_string)
             .collect();
-        let held = self.held.as_ref().filter(|(_, w)| groups.iter().all(|g| w.contains(g)));
+        let held = self
+            .held
+            .as_ref()
+            .filter(|(_, w)| groups.iter().all(|g| w.contains(g)));
         if let Some((v, w)) = held {
             if *v == version {
                 return Ok(w.clone());
@@ -254,30 +293,36 @@ impl Agent {
             .await?
         {
             Response::Model(p) => p,
-            other => return Err(StepError::Fatal(anyhow!("unexpected answer to get_model: {other:?}"))),
-        };
-        let weights = if payload.groups.is_empty() && payload.base_version.is_some() {
-            match &self.held {
-                Some((v, w)) if Some(*v) == payload.base_version => w.clone(),
-                _ => return Err(StepError::Fatal(anyhow!("aggregator sent no weights"))),
+            other => {
+                return Err(StepError::BadAnswer(format!(
+                    "unexpected answer to get_model: {}",
+                    kind(&other)
+                )))
             }
-        } else {
-            let w = payload
-                .to_groups(&layout)
-                .map_err(|e| StepError::Fatal(anyhow!("model from the aggregator: {e}")))?;
-            if let Some(g) = groups.iter().find(|g| !w.contains(g)) {
-                return Err(StepError::Fatal(anyhow!("model lacks group `{g}`")));
-            }
-            w
         };
-        info!(version = payload.version, "model received");
+        let weights = payload
+            .apply(&layout, self.held.as_ref().map(|(v, w)| (*v, w)))
+            .map_err(|e| StepError::BadAnswer(format!("model: {e}")))?;
+        if let Some(g) = groups.iter().find(|g| !weights.contains(g)) {
+            return Err(StepError::BadAnswer(format!("model lacks group `{g}`")));
+        }
+        info!(
+            version = payload.version,
+            delta_from = ?payload.base_version,
+            bytes = payload.groups.iter().map(|g| g.data.len()).sum::<usize>(),
+            "model received"
+        );
         self.held = Some((payload.version, weights.clone()));
         Ok(weights)
     }
 
     async fn round(&mut self, plan: RoundPlan) -> Result<Flow, StepError> {
         let global = self.model(plan.base_version).await?;
-        info!(round = plan.round, deadline_ms = plan.deadline_ms, "training");
+        info!(
+            round = plan.round,
+            deadline_ms = plan.deadline_ms,
+            "training"
+        );
         let mut runtime = self
             .runtime
             .take()
@@ -309,7 +354,10 @@ impl Agent {
                 info!(round = plan.round, bytes, "update accepted");
                 Ok(Flow::Continue)
             }
-            Ok(other) => Err(StepError::Fatal(anyhow!("unexpected answer to submit: {other:?}"))),
+            Ok(other) => Err(StepError::BadAnswer(format!(
+                "unexpected answer to submit: {}",
+                kind(&other)
+            ))),
             Err(e) => Err(e),
         }
     }
@@ -346,7 +394,10 @@ impl Agent {
         };
         match self.ask(Request::Report(report)).await? {
             Response::Ack => Ok(Flow::Continue),
-            other => Err(StepError::Fatal(anyhow!("unexpected answer to report: {other:?}"))),
+            other => Err(StepError::BadAnswer(format!(
+                "unexpected answer to report: {}",
+                kind(&other)
+            ))),
         }
     }
 }

@@ -53,6 +53,9 @@ struct Args {
     /// The connect.toml the aggregator wrote (address, peer id, key, federation).
     #[arg(long)]
     connect: Option<PathBuf>,
+    /// The federation's name (the aggregator's engine.federation).
+    #[arg(long)]
+    federation: Option<String>,
     /// Folder for the identity and the persisted state.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -71,8 +74,7 @@ fn load_tasks(cfg: &NodeConfig) -> anyhow::Result<Vec<LocalTask>> {
         let data = split.train;
         let mut idx: Vec<usize> = match &t.shard {
             Some(s) => {
-                let mut parts =
-                    partition(&s.partitioner, &data.labels, None, s.count, s.seed)?;
+                let mut parts = partition(&s.partitioner, &data.labels, None, s.count, s.seed)?;
                 std::mem::take(&mut parts[s.index])
             }
             None => (0..data.len()).collect(),
@@ -117,6 +119,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(c) = &args.connect {
         cfg.connect_file = Some(c.clone());
     }
+    if let Some(f) = &args.federation {
+        cfg.federation = f.clone();
+    }
     if let Some(d) = &args.data_dir {
         cfg.data_dir = d.clone();
     }
@@ -160,7 +165,10 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), spec, key);
     let state_path = cfg.data_dir.join("state.bin");
     runtime.state = load_state(&state_path, &runtime)?;
-    println!("cohort-node {peer_id}: federation `{}`, aggregator {addr}", cfg.federation);
+    println!(
+        "cohort-node {peer_id}: federation `{}`, aggregator {addr}",
+        cfg.federation
+    );
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
@@ -168,7 +176,14 @@ fn main() -> anyhow::Result<()> {
         let (mut client, _events, lp) = event_loop(swarm);
         tokio::spawn(lp.run());
         client.add_address(aggregator, addr).await;
-        let agent = Agent::new(client, aggregator, runtime, tasks, state_path, cfg.backoff.clone());
+        let agent = Agent::new(
+            client,
+            aggregator,
+            runtime,
+            tasks,
+            state_path,
+            cfg.backoff.clone(),
+        );
         agent.run().await
     })?;
     println!("federation finished");
