@@ -22,9 +22,8 @@ pub mod train;
 pub use cohort_protocol::messages::{Optimizer, TaskMetrics, TrainConfig};
 pub use cohort_protocol::{head_group, Fingerprint, Layout, ParamGroups, BACKBONE};
 pub use data::{
-    builtin, builtin_keys, builtin_names, load_csv, load_dataset, load_idx,
-    load_idx_classes, stratified_split,
-    Column, CsvSpec, Dataset, LabelClasses, LabelColumn, Split, SplitKeys,
+    builtin, builtin_keys, builtin_names, load_csv, load_dataset, load_idx, load_idx_classes,
+    stratified_split, Column, CsvSpec, Dataset, LabelClasses, LabelColumn, Split, SplitKeys,
 };
 pub use error::{FileProblem, TasksError};
 pub use model::{BackboneKind, Model, ModelSpec, TaskSpec};
