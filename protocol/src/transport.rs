@@ -177,7 +177,10 @@ pub enum NetEvent {
     Disconnected(PeerId),
     /// An inbound request could not be read or answered (bad frame, size
     /// limit, timeout): logged by the loop, reported for accounting.
-    InboundFailure { peer: PeerId, error: String },
+    InboundFailure {
+        peer: PeerId,
+        error: String,
+    },
 }
 
 /// A cloneable handle to the event loop.
@@ -327,7 +330,10 @@ impl EventLoop {
         let _ = self.events.send(event).await;
     }
 
-    async fn on_swarm_event(&mut self, event: SwarmEvent<request_response::Event<Envelope<Request>, Envelope<Response>>>) {
+    async fn on_swarm_event(
+        &mut self,
+        event: SwarmEvent<request_response::Event<Envelope<Request>, Envelope<Response>>>,
+    ) {
         use request_response::{Event, Message, OutboundFailure};
         match event {
             SwarmEvent::Behaviour(Event::Message { peer, message, .. }) => match message {
@@ -358,7 +364,9 @@ impl EventLoop {
             }) => {
                 debug!(%peer, %error, "request failed");
                 let e = match error {
-                    OutboundFailure::DialFailure => RequestError::Dial(format!("dial {peer} failed")),
+                    OutboundFailure::DialFailure => {
+                        RequestError::Dial(format!("dial {peer} failed"))
+                    }
                     OutboundFailure::Timeout => RequestError::Timeout,
                     OutboundFailure::ConnectionClosed => RequestError::ConnectionClosed,
                     OutboundFailure::UnsupportedProtocols => RequestError::Unsupported,
@@ -427,8 +435,7 @@ mod tests {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
-                .expect("chmod");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
             assert!(load_or_create_identity(&path).is_err());
         }
     }
@@ -439,7 +446,9 @@ mod tests {
         let path = dir.path().join("identity.key");
         let ids: Vec<PeerId> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| load_or_create_identity(&path).map(|k| k.public().to_peer_id())))
+                .map(|_| {
+                    s.spawn(|| load_or_create_identity(&path).map(|k| k.public().to_peer_id()))
+                })
                 .collect();
             handles
                 .into_iter()
