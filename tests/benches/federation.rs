@@ -137,10 +137,9 @@ fn main() {
     let net_mean = net_rounds.iter().sum::<f64>() / net_rounds.len() as f64;
     let net_median = median(&mut net_rounds);
     let net_acc = agg.accuracy("digits");
-    let bytes: u64 = rounds
-        .iter()
-        .filter_map(|r| r["bytes_received"].as_u64())
-        .sum();
+    let sum = |key: &str| -> u64 { rounds.iter().filter_map(|r| r[key].as_u64()).sum() };
+    let bytes = sum("bytes_received");
+    let (full, delta) = (sum("bytes_sent_full"), sum("bytes_sent_delta"));
 
     println!("workload {workload}: {NODES} nodes, all of them every round, {ROUNDS} rounds ({backbone} on {dataset}, 8-bit)");
     println!(
@@ -156,5 +155,17 @@ fn main() {
         net_mean / sim_mean,
         net_median / sim_median,
         bytes as f64 / 1e6
+    );
+    // Round 1: every node downloads the full weights; later rounds: the
+    // delta from the version it trained on.
+    let per_full = full as f64 / NODES as f64;
+    let per_delta = delta as f64 / (NODES as f64 * (ROUNDS - 1) as f64);
+    println!(
+        "model downloads: {:.2} MB as full weights ({:.0} KB each), {:.2} MB as lossless deltas ({:.0} KB each, {:.0}% of the full weights)",
+        full as f64 / 1e6,
+        per_full / 1e3,
+        delta as f64 / 1e6,
+        per_delta / 1e3,
+        100.0 * per_delta / per_full
     );
 }

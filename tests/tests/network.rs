@@ -253,3 +253,67 @@ fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
         .iter()
         .all(|r| !r["accepted_nodes"].to_string().contains(&intruder_id)));
 }
+
+#[test]
+fn local_heads_stay_on_their_nodes_and_are_evaluated_there() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let exp = root.path().join("local-heads.toml");
+    let base = std::fs::read_to_string(cohort_tests::net::experiment()).expect("experiment");
+    std::fs::write(&exp, format!("heads = \"local\"\n{base}")).expect("write experiment");
+    let mut agg = Aggregator::start_with(
+        &exp,
+        &root.path().join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &["--open", "--linger-s", "3", "--rounds", "6"],
+    );
+    let mut ns = nodes(root.path(), 4, &agg);
+    finish(&mut agg, &mut ns);
+
+    // The aggregator's head of `digits` never moves: in its last checkpoint
+    // it is still the initialization, bit for bit, while the backbone moved.
+    let spec = cohort_tasks::ModelSpec::new(
+        cohort_tasks::BackboneKind::Mlp8x8,
+        vec![cohort_tasks::TaskSpec {
+            name: "digits".into(),
+            classes: 10,
+        }],
+    );
+    let bytes = std::fs::read(
+        root.path()
+            .join("agg/checkpoints/round-000006")
+            .join(cohort_aggregator::checkpoint::WEIGHTS_FILE),
+    )
+    .expect("checkpoint of round 6");
+    let saved = cohort_aggregator::checkpoint::weights_from_safetensors(&spec.layout(), &bytes)
+        .expect("checkpoint weights");
+    // The aggregator's initialization (see cohort-aggregator's main.rs).
+    let init = spec.init(3 ^ 0x1417);
+    assert_eq!(
+        saved.get("head/digits"),
+        init.get("head/digits"),
+        "the global head moved"
+    );
+    assert_ne!(
+        saved.get("backbone"),
+        init.get("backbone"),
+        "the backbone did not move"
+    );
+    // Each node evaluates with its own head, trained at home.
+    let evals = agg.metrics("federated_eval");
+    assert_eq!(evals.len(), 4, "{evals:?}");
+    let local: Vec<f64> = evals
+        .iter()
+        .map(|e| e["metrics"][0]["accuracy"].as_f64().unwrap_or(0.0))
+        .collect();
+    println!(
+        "central accuracy with the untouched global head {:.3}; nodes with their own heads {local:?}",
+        agg.accuracy("digits")
+    );
+    assert!(local.iter().all(|&a| a > 0.85), "{local:?}");
+    for i in 0..4 {
+        let state = root.path().join(format!("node{i}/state.bin"));
+        let len = std::fs::metadata(&state).map(|m| m.len()).unwrap_or(0);
+        // The head alone is 650 f32 (64 x 10 + 10).
+        assert!(len > 650 * 4, "node{i} keeps its head: {len} bytes");
+    }
+}
