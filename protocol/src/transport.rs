@@ -392,10 +392,8 @@ impl EventLoop {
                 peer_id,
                 num_established,
                 ..
-            } => {
-                if num_established.get() == 1 {
-                    self.emit(NetEvent::Connected(peer_id)).await;
-                }
+            } if num_established.get() == 1 => {
+                self.emit(NetEvent::Connected(peer_id)).await;
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,

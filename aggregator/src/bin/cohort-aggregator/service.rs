@@ -617,7 +617,7 @@ impl Service {
         let global = self.engine.global();
         let mut central = Vec::new();
         let eval_now = self.fed.eval.central
-            && (report.round % self.fed.eval.every.max(1) == 0 || self.engine.is_finished());
+            && (report.round.is_multiple_of(self.fed.eval.every.max(1)) || self.engine.is_finished());
         if eval_now {
             for (task, test) in &self.tests {
                 let m = cohort_tasks::evaluate(&self.spec, global, task, test, None)?;
@@ -691,7 +691,7 @@ impl Service {
         }
         self.replay.prune_below(report.round.saturating_sub(1));
         let every = self.fed.eval.federated_every;
-        if self.engine.is_finished() || (every > 0 && report.round % every == 0) {
+        if self.engine.is_finished() || (every > 0 && report.round.is_multiple_of(every)) {
             let version = self.engine.version();
             let nodes: Vec<String> = self.engine.node_ids().map(str::to_string).collect();
             for n in nodes {
