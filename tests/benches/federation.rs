@@ -4,7 +4,7 @@
 //!
 //! Needs the release binaries: `cargo build --release -p cohort-node -p
 //! cohort-aggregator`, then `cargo bench -p cohort-tests --bench federation
-//! [-- digits|mnist]`.
+//! [-- digits|mnist] [full]` (`full`: no delta downloads).
 //!
 //! Method: the same experiment file runs in `cohort-sim`'s engine in this
 //! process and in the real federation. Per-round time is the mean interval
@@ -83,6 +83,8 @@ fn main() {
         .skip(1)
         .find(|a| a == "digits" || a == "mnist")
         .unwrap_or_else(|| "digits".into());
+    // `full`: every download is the full weights (no deltas).
+    let full_only = std::env::args().any(|a| a == "full");
     let (text, backbone, dataset) = experiment(&workload);
     for b in ["cohort-node", "cohort-aggregator"] {
         assert!(
@@ -109,7 +111,13 @@ fn main() {
         &exp,
         &root.path().join("agg"),
         "/ip4/127.0.0.1/tcp/0",
-        &["--open", "--linger-s", "1"],
+        &[
+            "--open",
+            "--linger-s",
+            "1",
+            "--delta-versions",
+            if full_only { "0" } else { "1" },
+        ],
     );
     let mut nodes: Vec<Proc> = (0..NODES)
         .map(|i| {
@@ -160,6 +168,10 @@ fn main() {
     // delta from the version it trained on.
     let per_full = full as f64 / NODES as f64;
     let per_delta = delta as f64 / (NODES as f64 * (ROUNDS - 1) as f64);
+    if full_only {
+        println!("model downloads: {:.2} MB, all as full weights", full as f64 / 1e6);
+        return;
+    }
     println!(
         "model downloads: {:.2} MB as full weights ({:.0} KB each), {:.2} MB as lossless deltas ({:.0} KB each, {:.0}% of the full weights)",
         full as f64 / 1e6,
