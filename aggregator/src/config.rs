@@ -195,6 +195,34 @@ impl EngineConfig {
     }
 }
 
+/// The engine settings of the embedded default workload W0 (`cohort-sim`
+/// with no arguments, `cohort-aggregator` without an experiment file):
+/// federation `w0`, 1 local epoch of SGD (batch 32, lr 0.1), 8-bit deltas.
+pub fn w0_engine() -> EngineConfig {
+    let mut engine = EngineConfig {
+        federation: "w0".into(),
+        ..EngineConfig::default()
+    };
+    engine.train.epochs = 1;
+    engine.train.batch_size = 32;
+    engine.train.lr = 0.1;
+    engine.codec.bits = 8;
+    engine
+}
+
+/// W0's strategy: FedAvgM with server momentum 0.5, which closes most of
+/// the gap that label skew opens between federated and centralized training
+/// (see BENCHMARKS.md).
+pub fn w0_strategy() -> crate::StrategyConfig {
+    crate::StrategyConfig {
+        kind: crate::StrategyKind::FedAvgM(crate::MomentumParams {
+            server_lr: 1.0,
+            momentum: 0.5,
+        }),
+        clip_norm: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -58,7 +58,9 @@ pub mod strategy;
 
 /// Refusal codes are the wire's: the engine's refusals go to nodes as they are.
 pub use cohort_protocol::messages::RefusalCode;
-pub use config::{Discount, EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling};
+pub use config::{
+    w0_engine, w0_strategy, Discount, EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling,
+};
 pub use engine::{
     Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RoundReport, SubmitOutcome,
 };

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 use cohort_protocol::codec::{CodecConfig, ErrorFeedback};
 use cohort_protocol::messages::{pack_groups, RoundPlan, TaskMetrics, Update, UpdateHeader};
 use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
-use cohort_protocol::{codec, ParamGroups, PROTOCOL_VERSION};
+use cohort_protocol::{codec, ParamGroups};
 use cohort_tasks::{ModelSpec, TaskData};
 use serde::{Deserialize, Serialize};
 
@@ -176,14 +176,6 @@ impl NodeRuntime {
         }
 
         let encoded_bytes = encoded.iter().map(|e| e.len() as u64).sum();
-        let ctx = SealContext {
-            version: PROTOCOL_VERSION,
-            federation: plan.federation.clone(),
-            round: plan.round,
-            sender: self.id.clone(),
-            groups: plan.upload.clone(),
-        };
-        let sealed = seal(&self.aggregator_key, &ctx, &pack_groups(&encoded))?;
         // The aggregator weights each head by the task's local data size.
         let metrics: Vec<TaskMetrics> = outcome
             .metrics
@@ -210,6 +202,11 @@ impl NodeRuntime {
             metrics,
             num_examples,
         };
+        let sealed = seal(
+            &self.aggregator_key,
+            &SealContext::of_update(&header),
+            &pack_groups(&encoded),
+        )?;
         Ok(RoundOutput {
             update: Update { header, sealed },
             trained: outcome.params,

@@ -52,6 +52,17 @@ pub struct SealContext {
 }
 
 impl SealContext {
+    /// The context an update's header claims: what its seal must be bound to.
+    pub fn of_update(h: &crate::messages::UpdateHeader) -> Self {
+        SealContext {
+            version: crate::PROTOCOL_VERSION,
+            federation: h.federation.clone(),
+            round: h.round,
+            sender: h.node.clone(),
+            groups: h.groups.clone(),
+        }
+    }
+
     /// Canonical bytes of the context: the AEAD's associated data.
     fn aad(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + self.federation.len() + self.sender.len());

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use cohort_aggregator::{EngineConfig, MomentumParams, StrategyConfig, StrategyKind};
+use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, StrategyConfig};
 use cohort_tasks::{BackboneKind, Partitioner};
 use serde::{Deserialize, Serialize};
 
@@ -211,14 +211,6 @@ impl Default for EvalConfig {
 
 impl Default for ExperimentConfig {
     fn default() -> Self {
-        let mut engine = EngineConfig {
-            federation: "w0".into(),
-            ..EngineConfig::default()
-        };
-        engine.train.epochs = 1;
-        engine.train.batch_size = 32;
-        engine.train.lr = 0.1;
-        engine.codec.bits = 8;
         ExperimentConfig {
             name: "w0".into(),
             seed: 42,
@@ -241,16 +233,8 @@ impl Default for ExperimentConfig {
             clients: ClientsConfig::default(),
             sharing: Sharing::SharedBackbone,
             heads: HeadPolicy::Global,
-            // Server momentum closes most of the gap that label skew opens
-            // between federated and centralized training (see BENCHMARKS.md).
-            strategy: StrategyConfig {
-                kind: StrategyKind::FedAvgM(MomentumParams {
-                    server_lr: 1.0,
-                    momentum: 0.5,
-                }),
-                clip_norm: None,
-            },
-            engine,
+            strategy: w0_strategy(),
+            engine: w0_engine(),
             faults: FaultsConfig::default(),
             eval: EvalConfig::default(),
         }

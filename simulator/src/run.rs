@@ -14,7 +14,7 @@ use cohort_node::{mix_seed, NodeRuntime, NodeState};
 use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
 use cohort_protocol::messages::{RoundPlan, TrainConfig};
 use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
-use cohort_protocol::{head_group, Fingerprint, ParamGroups, BACKBONE, PROTOCOL_VERSION};
+use cohort_protocol::{head_group, Fingerprint, ParamGroups, BACKBONE};
 use cohort_tasks::{Dataset, ModelSpec, TaskData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -319,13 +319,7 @@ impl Simulation {
     /// time `now`. Returns the refusal code, if any.
     fn deliver(&mut self, reply: &cohort_node::RoundOutput, now: u64) -> Option<RefusalCode> {
         let h = &reply.update.header;
-        let ctx = SealContext {
-            version: PROTOCOL_VERSION,
-            federation: h.federation.clone(),
-            round: h.round,
-            sender: h.node.clone(),
-            groups: h.groups.clone(),
-        };
+        let ctx = SealContext::of_update(h);
         let opened = self
             .replay
             .check_and_record(&ctx)

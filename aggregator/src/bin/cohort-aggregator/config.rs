@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use cohort_aggregator::{EngineConfig, GroupPolicy, MomentumParams, StrategyConfig, StrategyKind};
+use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, GroupPolicy, StrategyConfig};
 use cohort_protocol::head_group;
 use cohort_protocol::transport::NetConfig;
 use cohort_tasks::BackboneKind;
@@ -107,14 +107,6 @@ impl Default for EvalConfig {
 impl Default for FederationConfig {
     /// The embedded default W0 of `cohort-sim`.
     fn default() -> Self {
-        let mut engine = EngineConfig {
-            federation: "w0".into(),
-            ..EngineConfig::default()
-        };
-        engine.train.epochs = 1;
-        engine.train.batch_size = 32;
-        engine.train.lr = 0.1;
-        engine.codec.bits = 8;
         FederationConfig {
             name: "w0".into(),
             seed: 42,
@@ -134,14 +126,8 @@ impl Default for FederationConfig {
             ],
             clients: Clients::default(),
             heads: HeadPolicy::Global,
-            strategy: StrategyConfig {
-                kind: StrategyKind::FedAvgM(MomentumParams {
-                    server_lr: 1.0,
-                    momentum: 0.5,
-                }),
-                clip_norm: None,
-            },
-            engine,
+            strategy: w0_strategy(),
+            engine: w0_engine(),
             eval: EvalConfig::default(),
         }
     }

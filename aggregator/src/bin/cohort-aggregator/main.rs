@@ -7,7 +7,6 @@ mod config;
 mod service;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -19,7 +18,7 @@ use libp2p::Multiaddr;
 use tracing::info;
 
 use config::{allowlist, AggregatorConfig, FederationConfig};
-use service::{ConnectInfo, Service};
+use service::{Parts, Service};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -209,30 +208,12 @@ fn main() -> anyhow::Result<()> {
         let (mut client, events, lp) = event_loop(swarm);
         tokio::spawn(lp.run());
         for a in &cfg.listen {
-            let addr: Multiaddr = a.parse().with_context(|| format!("`{a}` is not a multiaddr"))?;
+            let addr: Multiaddr = a
+                .parse()
+                .with_context(|| format!("`{a}` is not a multiaddr"))?;
             client.listen(addr).await.map_err(anyhow::Error::msg)?;
         }
-        let connect = ConnectInfo {
-            federation: engine.config().federation.clone(),
-            peer_id: peer_id.to_string(),
-            aggregator_key: keys.public().to_string(),
-            addrs: Vec::new(),
-        };
-        println!(
-            "cohort-aggregator: federation `{}`, {} rounds, model version {} (round {}), {} nodes awaited",
-            connect.federation,
-            fed.rounds,
-            engine.version(),
-            engine.round(),
-            fed.clients.count
-        );
-        println!("peer id:     {}", connect.peer_id);
-        println!("sealing key: {}", connect.aggregator_key);
-        match &allow {
-            Some(a) => println!("access:      {} allowed peer ids", a.len()),
-            None => println!("access:      open (any peer may join)"),
-        }
-        let mut service = Service::new(
+        let parts = Parts {
             engine,
             fed,
             spec,
@@ -240,13 +221,9 @@ fn main() -> anyhow::Result<()> {
             keys,
             allow,
             client,
-            &cfg.data_dir,
-            cfg.keep_checkpoints,
-            Duration::from_secs(cfg.linger_s),
-            connect,
-        )?;
-        service.keep_versions = cfg.delta_versions;
-        service.start_wait = Duration::from_secs(cfg.start_wait_s);
+            peer_id,
+        };
+        let service = Service::new(parts, &cfg)?;
         service.run(events).await
     })
 }

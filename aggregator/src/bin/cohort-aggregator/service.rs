@@ -27,7 +27,7 @@ use libp2p::PeerId;
 use serde::Serialize;
 use tracing::{info, warn};
 
-use crate::config::FederationConfig;
+use crate::config::{AggregatorConfig, FederationConfig};
 
 /// How long a node waits before asking again when there is nothing to do
 /// and its request could not be held.
@@ -45,20 +45,19 @@ struct Parked {
 }
 
 pub struct Service {
-    pub engine: Engine,
-    pub fed: FederationConfig,
-    pub spec: ModelSpec,
-    /// Central test sets, per task that has one.
-    pub tests: Vec<(String, Dataset)>,
-    pub keys: SealKeyPair,
-    pub allow: Option<BTreeSet<PeerId>>,
-    pub client: Client,
-    pub checkpoints: PathBuf,
-    pub keep_checkpoints: usize,
-    pub metrics: File,
-    pub linger: Duration,
-    pub connect_file: PathBuf,
-    pub connect: ConnectInfo,
+    engine: Engine,
+    fed: FederationConfig,
+    spec: ModelSpec,
+    tests: Vec<(String, Dataset)>,
+    keys: SealKeyPair,
+    allow: Option<BTreeSet<PeerId>>,
+    client: Client,
+    checkpoints: PathBuf,
+    keep_checkpoints: usize,
+    metrics: File,
+    linger: Duration,
+    connect_file: PathBuf,
+    connect: ConnectInfo,
     replay: ReplayGuard,
     started: Instant,
     /// The first round of this process waits for `clients.count` nodes.
@@ -71,9 +70,9 @@ pub struct Service {
     /// bases of delta downloads.
     history: VecDeque<(u64, ParamGroups)>,
     /// Versions kept besides the current one; 0 = full downloads only.
-    pub keep_versions: usize,
+    keep_versions: usize,
     /// The first round starts without all `clients.count` nodes after this.
-    pub start_wait: Duration,
+    start_wait: Duration,
     /// Encoded deltas to the current version, by (group, base version).
     deltas: HashMap<(String, u64), Vec<u8>>,
     /// Model bytes sent since the last round closed (full, delta).
@@ -137,21 +136,53 @@ fn request_kind(r: &Request) -> &'static str {
     }
 }
 
+/// What the service is made of; the settings come from [`AggregatorConfig`].
+pub struct Parts {
+    pub engine: Engine,
+    pub fed: FederationConfig,
+    pub spec: ModelSpec,
+    /// Central test sets, per task that has one.
+    pub tests: Vec<(String, Dataset)>,
+    pub keys: SealKeyPair,
+    pub allow: Option<BTreeSet<PeerId>>,
+    pub client: Client,
+    pub peer_id: PeerId,
+}
+
 impl Service {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        engine: Engine,
-        fed: FederationConfig,
-        spec: ModelSpec,
-        tests: Vec<(String, Dataset)>,
-        keys: SealKeyPair,
-        allow: Option<BTreeSet<PeerId>>,
-        client: Client,
-        data_dir: &std::path::Path,
-        keep_checkpoints: usize,
-        linger: Duration,
-        connect: ConnectInfo,
-    ) -> anyhow::Result<Self> {
+    /// The service, after printing what node operators need.
+    pub fn new(parts: Parts, cfg: &AggregatorConfig) -> anyhow::Result<Self> {
+        let Parts {
+            engine,
+            fed,
+            spec,
+            tests,
+            keys,
+            allow,
+            client,
+            peer_id,
+        } = parts;
+        let connect = ConnectInfo {
+            federation: engine.config().federation.clone(),
+            peer_id: peer_id.to_string(),
+            aggregator_key: keys.public().to_string(),
+            addrs: Vec::new(),
+        };
+        println!(
+            "cohort-aggregator: federation `{}`, {} rounds, model version {} (round {}), {} nodes awaited",
+            connect.federation,
+            fed.rounds,
+            engine.version(),
+            engine.round(),
+            fed.clients.count
+        );
+        println!("peer id:     {}", connect.peer_id);
+        println!("sealing key: {}", connect.aggregator_key);
+        match &allow {
+            Some(a) => println!("access:      {} allowed peer ids", a.len()),
+            None => println!("access:      open (any peer may join)"),
+        }
+        let data_dir = &cfg.data_dir;
         let metrics_path = data_dir.join("metrics.jsonl");
         let metrics = std::fs::OpenOptions::new()
             .create(true)
@@ -167,9 +198,9 @@ impl Service {
             allow,
             client,
             checkpoints: data_dir.join("checkpoints"),
-            keep_checkpoints,
+            keep_checkpoints: cfg.keep_checkpoints,
             metrics,
-            linger,
+            linger: Duration::from_secs(cfg.linger_s),
             connect_file: data_dir.join("connect.toml"),
             connect,
             replay: ReplayGuard::default(),
@@ -180,8 +211,8 @@ impl Service {
             round_started: None,
             parked: Vec::new(),
             history: VecDeque::new(),
-            keep_versions: 0,
-            start_wait: Duration::from_secs(60),
+            keep_versions: cfg.delta_versions,
+            start_wait: Duration::from_secs(cfg.start_wait_s),
             deltas: HashMap::new(),
             sent: (0, 0),
         })
@@ -487,13 +518,7 @@ impl Service {
                 format!("update names `{}`, the connection is {node}", h.node),
             );
         }
-        let ctx = SealContext {
-            version: PROTOCOL_VERSION,
-            federation: h.federation.clone(),
-            round: h.round,
-            sender: h.node.clone(),
-            groups: h.groups.clone(),
-        };
+        let ctx = SealContext::of_update(h);
         // Open before recording: a corrupted copy must not burn the honest one.
         let plain = match self.keys.open(&ctx, &update.sealed) {
             Ok(p) => p,
@@ -617,7 +642,8 @@ impl Service {
         let global = self.engine.global();
         let mut central = Vec::new();
         let eval_now = self.fed.eval.central
-            && (report.round.is_multiple_of(self.fed.eval.every.max(1)) || self.engine.is_finished());
+            && (report.round.is_multiple_of(self.fed.eval.every.max(1))
+                || self.engine.is_finished());
         if eval_now {
             for (task, test) in &self.tests {
                 let m = cohort_tasks::evaluate(&self.spec, global, task, test, None)?;
