@@ -700,6 +700,14 @@ impl Engine {
                 (&issued.plan, 0, 1.0)
             }
             Mode::Async(fb) => {
+                // The configured steps are done: updates still in flight
+                // must not start another.
+                if self.is_finished() {
+                    return Err(Refusal::new(
+                        C::Finished,
+                        format!("the run took its {} model steps", self.cfg.rounds),
+                    ));
+                }
                 if self.last_accepted.get(&h.node) == Some(&h.round)
                     && !self.outstanding.contains_key(&h.node)
                 {

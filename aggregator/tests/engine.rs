@@ -787,6 +787,35 @@ fn fedbuff_steps_every_k_with_staleness_discount() {
 }
 
 #[test]
+fn fedbuff_refuses_updates_in_flight_once_its_steps_are_done() {
+    let mut cfg = async_cfg(1, 5);
+    cfg.rounds = 1;
+    let mut e = engine(cfg, &fedavg());
+    for i in 1..=2 {
+        e.register(node(&format!("n{i}"), &[("b", 10)]))
+            .expect("reg");
+    }
+    let p1 = e.plan_for("n1", 0).expect("plan");
+    let p2 = e.plan_for("n2", 0).expect("plan");
+    let o = e
+        .submit(
+            update("n1", &p1, &[(HB, vec![1.0, 1.0])], 10, &[("b", 10)]),
+            1,
+        )
+        .expect("ok");
+    assert!(o.model_stepped);
+    assert!(e.is_finished());
+    let before = e.global().clone();
+    let late = update("n2", &p2, &[(HB, vec![5.0, 5.0])], 10, &[("b", 10)]);
+    assert_eq!(
+        e.submit(late, 2).expect_err("finished").code,
+        RefusalCode::Finished
+    );
+    assert_eq!(e.global(), &before);
+    assert_eq!(e.version(), 1);
+}
+
+#[test]
 fn streaming_memory_does_not_grow_with_contributors() {
     let mut cfg = config();
     cfg.quorum = 1.0;

@@ -169,7 +169,10 @@ fn main() {
     let per_full = full as f64 / NODES as f64;
     let per_delta = delta as f64 / (NODES as f64 * (ROUNDS - 1) as f64);
     if full_only {
-        println!("model downloads: {:.2} MB, all as full weights", full as f64 / 1e6);
+        println!(
+            "model downloads: {:.2} MB, all as full weights",
+            full as f64 / 1e6
+        );
         return;
     }
     println!(

@@ -317,3 +317,43 @@ fn local_heads_stay_on_their_nodes_and_are_evaluated_there() {
         assert!(len > 650 * 4, "node{i} keeps its head: {len} bytes");
     }
 }
+
+#[test]
+fn fedbuff_runs_over_the_network() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let exp = root.path().join("fedbuff.toml");
+    let base = std::fs::read_to_string(cohort_tests::net::experiment()).expect("experiment");
+    // Asynchronous: the model steps every 2 accepted updates; 16 steps.
+    let text =
+        format!("{base}\n[engine.mode]\nkind = \"async\"\nbuffer_k = 2\nmax_staleness = 4\n");
+    std::fs::write(&exp, text).expect("write experiment");
+    let mut agg = Aggregator::start_with(
+        &exp,
+        &root.path().join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &["--open", "--linger-s", "3", "--rounds", "16"],
+    );
+    let mut ns = nodes(root.path(), 4, &agg);
+    finish(&mut agg, &mut ns);
+    let rounds = agg.rounds();
+    let steps: Vec<(u64, u64)> = rounds
+        .iter()
+        .map(|r| {
+            (
+                r["round"].as_u64().unwrap_or(0),
+                r["accepted"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(rounds.len(), 16, "16 model steps: {steps:?}");
+    assert!(
+        rounds.iter().all(|r| r["accepted"].as_u64() >= Some(2)),
+        "{rounds:?}"
+    );
+    let acc = agg.accuracy("digits");
+    println!(
+        "FedBuff over the network: {:.1}% after 16 steps",
+        100.0 * acc
+    );
+    assert!(acc >= 0.9, "{acc}");
+}

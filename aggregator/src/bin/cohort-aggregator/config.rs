@@ -26,7 +26,8 @@ pub struct FederationConfig {
     pub backbone: BackboneKind,
     pub tasks: Vec<TaskConfig>,
     pub clients: Clients,
-    pub heads: HeadPolicy,
+    /// `global`: heads are aggregated; `local`: they stay on their nodes.
+    pub heads: GroupPolicy,
     pub strategy: StrategyConfig,
     pub engine: EngineConfig,
     pub eval: EvalConfig,
@@ -74,14 +75,6 @@ impl Default for Clients {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HeadPolicy {
-    #[default]
-    Global,
-    Local,
-}
-
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EvalConfig {
@@ -125,7 +118,7 @@ impl Default for FederationConfig {
                 },
             ],
             clients: Clients::default(),
-            heads: HeadPolicy::Global,
+            heads: GroupPolicy::Global,
             strategy: w0_strategy(),
             engine: w0_engine(),
             eval: EvalConfig::default(),
@@ -182,7 +175,7 @@ impl FederationConfig {
         e.sampling.fraction = self.clients.per_round as f64 / self.clients.count as f64;
         e.sampling.min_per_round = self.clients.per_round;
         e.sampling.min_available = e.sampling.min_available.max(1);
-        if self.heads == HeadPolicy::Local {
+        if self.heads == GroupPolicy::Local {
             for t in &self.tasks {
                 e.group_policy
                     .insert(head_group(&t.name), GroupPolicy::Local);

@@ -267,8 +267,15 @@ impl Service {
                 let get_plan = matches!(request.body, Request::GetPlan);
                 let response = self.handle(peer, request);
                 if get_plan && matches!(response, Response::Wait { .. }) {
+                    // One held request per node: an older one is answered.
+                    let node = peer.to_string();
+                    if let Some(i) = self.parked.iter().position(|p| p.node == node) {
+                        let old = self.parked.swap_remove(i);
+                        let env = Envelope::new(self.federation(), response.clone());
+                        self.client.respond(old.channel, env).await;
+                    }
                     self.parked.push(Parked {
-                        node: peer.to_string(),
+                        node,
                         channel,
                         since: Instant::now(),
                     });
