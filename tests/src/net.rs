@@ -13,7 +13,9 @@ use serde_json::Value;
 /// A binary of the workspace, built beside the test executable
 /// (`target/<profile>/`): `cargo test --workspace` and `cargo nextest run
 /// --workspace` build `cohort-node` and `cohort-aggregator` because their
-/// packages have integration tests.
+/// packages have integration tests. `-p cohort-tests` alone does not
+/// rebuild them: after changing a binary, run with `--workspace` or
+/// `cargo build -p cohort-node -p cohort-aggregator` first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe
@@ -28,6 +30,39 @@ pub fn bin(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A folder for one test's processes, deleted at the end unless
+/// `COHORT_KEEP_TEST_DIRS` is set (then its path is printed).
+#[derive(Debug)]
+pub struct TestDir {
+    path: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        if std::env::var_os("COHORT_KEEP_TEST_DIRS").is_some() {
+            let path = tmp.keep();
+            eprintln!("test folder kept: {}", path.display());
+            return TestDir { path, _tmp: None };
+        }
+        TestDir {
+            path: tmp.path().to_path_buf(),
+            _tmp: Some(tmp),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The experiment file of the network tests.
@@ -68,7 +103,7 @@ impl Proc {
         cmd.stdout(Stdio::from(open(&stdout)))
             .stderr(Stdio::from(open(&stderr)))
             .stdin(Stdio::null())
-            .env("RUST_LOG", "info,libp2p=warn")
+            .env("RUST_LOG", "info,libp2p=warn,cohort_protocol=debug")
             .env("NO_COLOR", "1");
         let child = cmd
             .spawn()

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use cohort_tests::net::{bin, node_config, peer_id, tail, wait_for, Aggregator, Proc};
+use cohort_tests::net::{bin, node_config, peer_id, tail, wait_for, Aggregator, Proc, TestDir};
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
@@ -84,7 +84,7 @@ fn a_node_whose_link_goes_down_is_left_behind_and_the_federation_finishes() {
         links.push(host_if);
     }
 
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     let port = cohort_tests::net::free_port();
     let mut agg = Aggregator::start(
         &root.path().join("agg"),

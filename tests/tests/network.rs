@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use cohort_simulator::{run_experiment, ExperimentConfig};
-use cohort_tests::net::{node_config, peer_id, start_node, tail, wait_for, Aggregator, Proc};
+use cohort_tests::net::{
+    node_config, peer_id, start_node, tail, wait_for, Aggregator, Proc, TestDir,
+};
 
 const LONG: Duration = Duration::from_secs(180);
 
@@ -52,7 +54,7 @@ fn four_node_processes_reach_the_simulators_accuracy() {
     let sim = run_experiment(&cfg, |_| {}).expect("simulation");
     let sim_acc = f64::from(sim.accuracy("digits").expect("digits"));
 
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     // Over QUIC this time (the other tests use TCP).
     let mut agg = Aggregator::start(
         &root.path().join("agg"),
@@ -98,7 +100,7 @@ fn four_node_processes_reach_the_simulators_accuracy() {
 
 #[test]
 fn a_killed_node_is_dropped_from_the_round_and_rejoins_after_restart() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     let mut agg = Aggregator::start(
         &root.path().join("agg"),
         "/ip4/127.0.0.1/tcp/0",
@@ -149,7 +151,7 @@ fn a_killed_node_is_dropped_from_the_round_and_rejoins_after_restart() {
 
 #[test]
 fn an_aggregator_killed_with_sigkill_resumes_from_its_checkpoint() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     let listen = format!("/ip4/127.0.0.1/tcp/{}", cohort_tests::net::free_port());
     let dir = root.path().join("agg");
     let args = ["--open", "--linger-s", "3"];
@@ -192,12 +194,20 @@ fn an_aggregator_killed_with_sigkill_resumes_from_its_checkpoint() {
         .filter_map(|r| r["round"].as_u64())
         .collect();
     assert_eq!(rounds, (1..=10).collect::<Vec<_>>(), "no round lost");
+    // Every node found the restarted aggregator and took part again.
+    for r in agg
+        .rounds()
+        .iter()
+        .filter(|r| r["round"].as_u64() > Some(newest))
+    {
+        assert_eq!(r["accepted"], 4, "{r}");
+    }
     assert!(agg.accuracy("digits") >= 0.93);
 }
 
 #[test]
 fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     let allowed: Vec<String> = (0..2)
         .map(|i| peer_id(&root.path().join(format!("node{i}"))))
         .collect();
@@ -256,7 +266,7 @@ fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
 
 #[test]
 fn local_heads_stay_on_their_nodes_and_are_evaluated_there() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     let exp = root.path().join("local-heads.toml");
     let base = std::fs::read_to_string(cohort_tests::net::experiment()).expect("experiment");
     std::fs::write(&exp, format!("heads = \"local\"\n{base}")).expect("write experiment");
@@ -320,7 +330,7 @@ fn local_heads_stay_on_their_nodes_and_are_evaluated_there() {
 
 #[test]
 fn fedbuff_runs_over_the_network() {
-    let root = tempfile::tempdir().expect("tempdir");
+    let root = TestDir::new();
     let exp = root.path().join("fedbuff.toml");
     let base = std::fs::read_to_string(cohort_tests::net::experiment()).expect("experiment");
     // Asynchronous: the model steps every 2 accepted updates; 16 steps.

@@ -14,7 +14,7 @@ use cohort_protocol::messages::{
 use cohort_protocol::transport::{Client, RequestError};
 use cohort_protocol::{ParamGroups, PROTOCOL_VERSION};
 use cohort_tasks::{Dataset, TaskData};
-use libp2p::PeerId;
+use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
 use tracing::{info, warn};
 
@@ -32,6 +32,10 @@ pub struct LocalTask {
 pub struct Agent {
     pub client: Client,
     pub aggregator: PeerId,
+    /// Its address: given to the event loop again before every hello,
+    /// because libp2p forgets an address whose dial failed (an aggregator
+    /// that is restarting).
+    pub address: Multiaddr,
     pub federation: String,
     pub runtime: Option<NodeRuntime>,
     pub tasks: Arc<Vec<LocalTask>>,
@@ -126,6 +130,7 @@ impl Agent {
     pub fn new(
         client: Client,
         aggregator: PeerId,
+        address: Multiaddr,
         runtime: NodeRuntime,
         tasks: Vec<LocalTask>,
         state_path: PathBuf,
@@ -146,6 +151,7 @@ impl Agent {
         Agent {
             client,
             aggregator,
+            address,
             federation: runtime.federation.clone(),
             runtime: Some(runtime),
             tasks: Arc::new(tasks),
@@ -226,6 +232,9 @@ impl Agent {
 
     async fn step(&mut self) -> Result<Flow, StepError> {
         if !self.registered {
+            self.client
+                .add_address(self.aggregator, self.address.clone())
+                .await;
             match self.ask(Request::Hello(self.hello.clone())).await? {
                 Response::Welcome {
                     node,

@@ -173,12 +173,12 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let swarm = build_swarm(identity, &cfg.net)?;
-        let (mut client, _events, lp) = event_loop(swarm);
+        let (client, _events, lp) = event_loop(swarm);
         tokio::spawn(lp.run());
-        client.add_address(aggregator, addr).await;
         let agent = Agent::new(
             client,
             aggregator,
+            addr,
             runtime,
             tasks,
             state_path,
