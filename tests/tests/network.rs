@@ -367,3 +367,104 @@ fn fedbuff_runs_over_the_network() {
     );
     assert!(acc >= 0.9, "{acc}");
 }
+
+/// The multi-task federation over the network: one MLP backbone, two tasks
+/// (`digits` on MNIST, `fashion` on Fashion-MNIST); node 0 holds digits,
+/// node 1 fashion, nodes 2 and 3 both. The backbone is averaged over all
+/// four, each head over its own three holders.
+#[test]
+fn two_tasks_share_a_backbone_across_node_processes() {
+    let root = TestDir::new();
+    let exp = root.path().join("w0-net.toml");
+    std::fs::write(
+        &exp,
+        r#"name = "w0-net"
+seed = 5
+rounds = 6
+backbone = "mlp28"
+
+[[tasks]]
+name = "digits"
+dataset = "mnist5k"
+
+[[tasks]]
+name = "fashion"
+dataset = "fashion6k"
+
+[clients]
+count = 4
+per_round = 4
+
+[strategy]
+name = "fedavgm"
+server_lr = 1.0
+momentum = 0.5
+
+[engine]
+federation = "w0-net"
+deadline_ms = 60000
+
+[engine.train]
+epochs = 1
+batch_size = 32
+lr = 0.1
+"#,
+    )
+    .expect("experiment");
+    let mut agg = Aggregator::start_with(
+        &exp,
+        &root.path().join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &["--open", "--linger-s", "3"],
+    );
+    let holdings: [&[(&str, &str)]; 4] = [
+        &[("digits", "mnist5k")],
+        &[("fashion", "fashion6k")],
+        &[("digits", "mnist5k"), ("fashion", "fashion6k")],
+        &[("digits", "mnist5k"), ("fashion", "fashion6k")],
+    ];
+    let mut ns: Vec<Proc> = holdings
+        .iter()
+        .enumerate()
+        .map(|(i, tasks)| {
+            let dir = root.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&dir).expect("node dir");
+            let mut text = format!(
+                "data_dir = \"{}\"\nbackbone = \"mlp28\"\nseed = {i}\n",
+                dir.display()
+            );
+            for (name, dataset) in tasks.iter() {
+                // Each data set is cut in 3 parts among its 3 holders.
+                let holders: Vec<usize> = (0..4)
+                    .filter(|&j| holdings[j].iter().any(|(n, _)| n == name))
+                    .collect();
+                let part = holders.iter().position(|&j| j == i).unwrap_or(0);
+                text += &format!(
+                    "\n[[tasks]]\nname = \"{name}\"\ndataset = \"{dataset}\"\n\
+                     shard = {{ index = {part}, count = 3, partitioner = {{ kind = \"iid\" }}, seed = 5 }}\n"
+                );
+            }
+            text += "\n[backoff]\ninitial_ms = 100\nmax_ms = 1000\n";
+            std::fs::write(dir.join("node.toml"), text).expect("node config");
+            start_node(&format!("node{i}"), &dir, &agg.connect_file())
+        })
+        .collect();
+    finish(&mut agg, &mut ns);
+
+    let rounds = agg.rounds();
+    assert_eq!(rounds.len(), 6);
+    for r in &rounds {
+        let c = &r["contributors"];
+        assert_eq!(c["backbone"], 4, "{r}");
+        assert_eq!(c["head/digits"], 3, "{r}");
+        assert_eq!(c["head/fashion"], 3, "{r}");
+    }
+    let (digits, fashion) = (agg.accuracy("digits"), agg.accuracy("fashion"));
+    println!(
+        "after 6 rounds: digits {:.1}%, fashion {:.1}%",
+        100.0 * digits,
+        100.0 * fashion
+    );
+    assert!(digits >= 0.85, "digits {digits}");
+    assert!(fashion >= 0.70, "fashion {fashion}");
+}

@@ -101,6 +101,8 @@ struct RoundLine<'a> {
     accepted_nodes: &'a [String],
     failures: Vec<(String, String)>,
     refused: Vec<(String, RefusalCode)>,
+    /// Updates aggregated into each parameter group.
+    contributors: &'a BTreeMap<String, u32>,
     bytes_received: u64,
     /// Model bytes sent as full weights and as deltas during the round.
     bytes_sent_full: u64,
@@ -698,6 +700,7 @@ impl Service {
                 .iter()
                 .map(|(n, r)| (n.clone(), r.code))
                 .collect(),
+            contributors: &report.contributors,
             bytes_received: report.bytes_received,
             bytes_sent_full: self.sent.0,
             bytes_sent_delta: self.sent.1,
