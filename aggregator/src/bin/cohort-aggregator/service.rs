@@ -550,10 +550,18 @@ impl Service {
     }
 
     fn report(&mut self, node: &str, report: EvalReport) -> Response {
-        if report.node != node || report.metrics.len() > self.fed.tasks.len() {
+        let holds = |task: &str| {
+            self.engine
+                .node(node)
+                .is_some_and(|n| n.tasks.iter().any(|(t, _)| t == task))
+        };
+        if report.node != node
+            || report.metrics.len() > self.fed.tasks.len()
+            || !report.metrics.iter().all(|m| holds(&m.task))
+        {
             return refuse(
                 RefusalCode::Malformed,
-                "report of another node or too many tasks",
+                "a report must name this node and only tasks it holds",
             );
         }
         for m in &report.metrics {

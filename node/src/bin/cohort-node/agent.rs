@@ -83,6 +83,23 @@ fn kind(r: &Response) -> &'static str {
     }
 }
 
+/// The aggregator will never take this node (not allowed, another
+/// federation, protocol version or model).
+#[derive(Debug)]
+pub struct RefusedForGood(pub Refusal);
+
+impl std::fmt::Display for RefusedForGood {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "refused by the aggregator ({:?}): {}",
+            self.0.code, self.0.message
+        )
+    }
+}
+
+impl std::error::Error for RefusedForGood {}
+
 /// Exit code when the aggregator refuses this node for good.
 pub const EXIT_REFUSED: i32 = 3;
 
@@ -165,7 +182,7 @@ impl Agent {
     }
 
     /// Runs until the federation is over (Ok) or the aggregator refuses the
-    /// node for good (Err, with [`EXIT_REFUSED`] as the exit code).
+    /// node for good (Err holding a [`RefusedForGood`]).
     pub async fn run(mut self) -> anyhow::Result<()> {
         loop {
             match self.step().await {
@@ -185,12 +202,15 @@ impl Agent {
                     RefusalCode::NotAllowed
                     | RefusalCode::VersionMismatch
                     | RefusalCode::LayoutMismatch
-                    | RefusalCode::WrongFederation => {
-                        eprintln!("refused by the aggregator ({:?}): {}", r.code, r.message);
-                        std::process::exit(EXIT_REFUSED);
-                    }
+                    | RefusalCode::WrongFederation => return Err(RefusedForGood(r).into()),
                     RefusalCode::UnknownNode => self.registered = false,
-                    code => warn!(?code, reason = %r.message, "refused"),
+                    code => {
+                        // A late or refused update, a refused download: try
+                        // again, but never in a tight loop.
+                        let wait = self.next_backoff();
+                        warn!(?code, reason = %r.message, retry_ms = wait, "refused");
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
                 },
                 Err(StepError::BadAnswer(e)) => {
                     self.registered = false;

@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tracing::info;
 
-use agent::{load_state, Agent, LocalTask};
+use agent::{load_state, Agent, LocalTask, RefusedForGood, EXIT_REFUSED};
 use config::NodeConfig;
 
 #[derive(Debug, Parser)]
@@ -171,7 +171,7 @@ fn main() -> anyhow::Result<()> {
     );
 
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
+    let result = rt.block_on(async move {
         let swarm = build_swarm(identity, &cfg.net)?;
         let (client, _events, lp) = event_loop(swarm);
         tokio::spawn(lp.run());
@@ -185,7 +185,18 @@ fn main() -> anyhow::Result<()> {
             cfg.backoff.clone(),
         );
         agent.run().await
-    })?;
-    println!("federation finished");
-    Ok(())
+    });
+    match result {
+        Ok(()) => {
+            println!("federation finished");
+            Ok(())
+        }
+        Err(e) => match e.downcast_ref::<RefusedForGood>() {
+            Some(r) => {
+                eprintln!("{r}");
+                std::process::exit(EXIT_REFUSED);
+            }
+            None => Err(e),
+        },
+    }
 }
