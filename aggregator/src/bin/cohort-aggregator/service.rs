@@ -596,7 +596,8 @@ impl Service {
     async fn on_tick(&mut self) -> anyhow::Result<bool> {
         self.remember_version();
         let now = self.now_ms();
-        let mut changed = false;
+        // Enough nodes for the first round (async: for the first plans).
+        let mut changed = self.waiting_first && self.ready();
         while let Some(report) = self.engine.poll(now) {
             self.on_round_closed(report)?;
             changed = true;
