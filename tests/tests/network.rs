@@ -468,3 +468,38 @@ lr = 0.1
     assert!(digits >= 0.85, "digits {digits}");
     assert!(fashion >= 0.70, "fashion {fashion}");
 }
+
+#[test]
+fn a_node_refuses_to_start_on_a_corrupt_state_file() {
+    let root = TestDir::new();
+    let dir = root.path().join("node0");
+    node_config(&dir, 0, 4, "");
+    std::fs::write(dir.join("state.bin"), b"\xff\xff not a state").expect("write");
+    let key = cohort_protocol::seal::SealKeyPair::generate()
+        .expect("key")
+        .public()
+        .to_string();
+    let peer = libp2p::PeerId::random();
+    let mut cmd = std::process::Command::new(cohort_tests::net::bin("cohort-node"));
+    cmd.arg("--config")
+        .arg(dir.join("node.toml"))
+        .arg("--aggregator")
+        .arg(format!("/ip4/127.0.0.1/tcp/9/p2p/{peer}"))
+        .arg("--aggregator-key")
+        .arg(key)
+        .arg("--federation")
+        .arg("digits");
+    let mut node = Proc::spawn("node0", cmd, &dir);
+    let status = node.expect_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        node.err().contains("not a node state file"),
+        "{}",
+        node.err()
+    );
+    // Nothing was lost: the file is still there, untouched.
+    assert_eq!(
+        std::fs::read(dir.join("state.bin")).expect("state"),
+        b"\xff\xff not a state"
+    );
+}
