@@ -31,6 +31,8 @@ pub enum AggError {
     Strategy { strategy: String, message: String },
     #[error("checkpoint: {0}")]
     Checkpoint(String),
+    #[error("the checkpoint holds another model than the experiment's\n  checkpoint: {checkpoint}\n  experiment: {model}")]
+    ModelChanged { checkpoint: String, model: String },
     #[error("checkpoint I/O on {path}: {source}")]
     Io {
         path: std::path::PathBuf,

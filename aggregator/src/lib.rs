@@ -54,6 +54,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod experiment;
 pub mod strategy;
 
 /// Refusal codes are the wire's: the engine's refusals go to nodes as they are.
@@ -65,6 +66,7 @@ pub use engine::{
     Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RoundReport, SubmitOutcome,
 };
 pub use error::AggError;
+pub use experiment::Federation;
 pub use strategy::{
     server_strategy, strategy_from_config, AdaptiveParams, Collect, Combiner, KrumParams, Metrics,
     MomentumParams, ProxParams, ServerOpt, ServerStrategy, Strategy, StrategyConfig, StrategyKind,

@@ -3,8 +3,9 @@ use std::collections::BTreeMap;
 use cohort_protocol::codec::{CodecConfig, ErrorFeedback};
 use cohort_protocol::messages::{pack_groups, RoundPlan, TaskMetrics, Update, UpdateHeader};
 use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
+pub use cohort_protocol::mix_seed;
 use cohort_protocol::{codec, ParamGroups};
-use cohort_tasks::{ModelSpec, TaskData};
+use cohort_tasks::{SharedModel, TaskData};
 use serde::{Deserialize, Serialize};
 
 use crate::NodeError;
@@ -36,7 +37,7 @@ impl NodeState {
 pub struct NodeRuntime {
     pub id: String,
     pub federation: String,
-    pub spec: ModelSpec,
+    pub model: SharedModel,
     pub aggregator_key: SealPublicKey,
     pub state: NodeState,
 }
@@ -51,15 +52,6 @@ pub struct RoundOutput {
     pub encoded_bytes: u64,
 }
 
-/// SplitMix64 of `a` combined with `b`: derives independent, reproducible
-/// seeds (per node, round, group) from one experiment seed.
-pub fn mix_seed(a: u64, b: u64) -> u64 {
-    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 fn str_seed(s: &str) -> u64 {
     // FNV-1a: stable across platforms and releases, unlike DefaultHasher.
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -71,13 +63,13 @@ impl NodeRuntime {
     pub fn new(
         id: impl Into<String>,
         federation: impl Into<String>,
-        spec: ModelSpec,
+        model: SharedModel,
         aggregator_key: SealPublicKey,
     ) -> Self {
         NodeRuntime {
             id: id.into(),
             federation: federation.into(),
-            spec,
+            model,
             aggregator_key,
             state: NodeState::default(),
         }
@@ -85,7 +77,7 @@ impl NodeRuntime {
 
     /// The names of the groups this node holds.
     pub fn groups(&self) -> Vec<String> {
-        self.spec
+        self.model
             .layout()
             .group_names()
             .map(str::to_string)
@@ -101,7 +93,7 @@ impl NodeRuntime {
         global: &ParamGroups,
     ) -> Result<ParamGroups, NodeError> {
         let mut start = ParamGroups::new();
-        for name in self.spec.layout().group_names() {
+        for name in self.model.layout().group_names() {
             let uploaded = plan.upload.iter().any(|g| g == name);
             let w = if uploaded {
                 global.get(name)
@@ -144,7 +136,7 @@ impl NodeRuntime {
                 got: plan.federation.clone(),
             });
         }
-        let layout = self.spec.layout();
+        let layout = self.model.layout();
         if let Some(g) = plan.upload.iter().find(|g| layout.group(g).is_none()) {
             return Err(NodeError::UnknownGroup(g.clone()));
         }
@@ -155,7 +147,7 @@ impl NodeRuntime {
         let node_seed = mix_seed(mix_seed(plan.train.seed, str_seed(&self.id)), plan.round);
         let mut train_cfg = plan.train.clone();
         train_cfg.seed = node_seed;
-        let outcome = cohort_tasks::train(&self.spec, &start, data, &train_cfg)?;
+        let outcome = self.model.train(&start, data, &train_cfg)?;
 
         let mut encoded = Vec::with_capacity(plan.upload.len());
         for (i, name) in plan.upload.iter().enumerate() {

@@ -7,7 +7,7 @@ use cohort_protocol::codec::{self, CodecConfig};
 use cohort_protocol::messages::{unpack_groups, RoundPlan, TrainConfig};
 use cohort_protocol::seal::{SealContext, SealKeyPair};
 use cohort_protocol::{head_group, BACKBONE, PROTOCOL_VERSION};
-use cohort_tasks::{BackboneKind, ModelSpec, TaskData, TaskSpec};
+use cohort_tasks::{Backend, ModelRegistry, SharedModel, TaskData, TaskSpec};
 
 fn plan(upload: Vec<String>, bits: u8) -> RoundPlan {
     RoundPlan {
@@ -30,14 +30,10 @@ fn plan(upload: Vec<String>, bits: u8) -> RoundPlan {
     }
 }
 
-fn setup() -> (ModelSpec, cohort_tasks::Split, SealKeyPair) {
-    let spec = ModelSpec {
-        backbone: BackboneKind::Mlp8x8,
-        tasks: vec![TaskSpec {
-            name: "digits".into(),
-            classes: 10,
-        }],
-    };
+fn setup() -> (SharedModel, cohort_tasks::Split, SealKeyPair) {
+    let spec = ModelRegistry::default()
+        .build("mlp8x8", Backend::Auto, vec![TaskSpec::new("digits", 10)])
+        .expect("model");
     (
         spec,
         cohort_tasks::builtin("digits8x8").expect("data"),

@@ -24,3 +24,13 @@ pub use layout::{
 /// Version of the wire protocol. Every envelope carries it; a peer speaking
 /// another version is refused with [`ProtocolError::VersionMismatch`].
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// SplitMix64 of `a` combined with `b`: derives independent, reproducible
+/// seeds (per node, round, group) from one experiment seed. Every crate
+/// derives its seeds with this one function.
+pub fn mix_seed(a: u64, b: u64) -> u64 {
+    let mut z = a ^ b.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}

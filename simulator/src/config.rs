@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, StrategyConfig};
-use cohort_tasks::{BackboneKind, Partitioner};
+use cohort_tasks::{Backend, Partitioner};
 use serde::{Deserialize, Serialize};
 
 use crate::SimError;
@@ -26,7 +26,13 @@ pub struct ExperimentConfig {
     /// Folder for metrics (CSV, JSON lines), the plot and the summary;
     /// none = print only.
     pub output: Option<PathBuf>,
-    pub backbone: BackboneKind,
+    /// The model's architecture: a name of the model registry (built-in:
+    /// `mlp28`, `cnn28`, `mlp8x8`, `mlp_tab4`, `resmlp28`; a program adds
+    /// its own).
+    pub backbone: String,
+    /// Which code trains it: `auto` (gemm where it has the architecture,
+    /// else dfdx), `dfdx` or `gemm`.
+    pub backend: Backend,
     pub tasks: Vec<TaskConfig>,
     pub clients: ClientsConfig,
     /// How the tasks share parameters (the multi-task question).
@@ -217,7 +223,8 @@ impl Default for ExperimentConfig {
             rounds: 40,
             threads: 0,
             output: None,
-            backbone: BackboneKind::Mlp28,
+            backbone: "mlp28".into(),
+            backend: Backend::Auto,
             tasks: vec![
                 TaskConfig {
                     name: "digits".into(),

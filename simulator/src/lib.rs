@@ -20,8 +20,9 @@ use std::path::Path;
 pub use config::ExperimentConfig;
 pub use error::SimError;
 pub use metrics::{RoundMetrics, TaskScore};
-pub use run::{client_id, local_only, PersonalScore, Simulation};
+pub use run::{build_model, client_id, engine_config, federation, local_only, PersonalScore, Simulation};
 
+use cohort_tasks::ModelRegistry;
 use config::Sharing;
 
 /// Everything an experiment produced.
@@ -53,6 +54,16 @@ impl ExperimentResult {
 /// summary into `cfg.output` when set. `on_round` sees every round.
 pub fn run_experiment(
     cfg: &ExperimentConfig,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    run_experiment_with(cfg, &ModelRegistry::default(), on_round)
+}
+
+/// [`run_experiment`] with the model names of `models`: a program registers
+/// its own dfdx models there, and `cfg.backbone` names one of them.
+pub fn run_experiment_with(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
     mut on_round: impl FnMut(&RoundMetrics),
 ) -> Result<ExperimentResult, SimError> {
     cfg.validate()?;
@@ -78,7 +89,7 @@ pub fn run_experiment(
     };
     match cfg.sharing {
         Sharing::SharedBackbone => {
-            let mut sim = Simulation::new(cfg.clone())?;
+            let mut sim = Simulation::with_models(cfg.clone(), models)?;
             result.rounds = sim.run(&mut record)?;
             result.final_central = sim.evaluate_central()?;
             if cfg.eval.personalized {
@@ -95,7 +106,7 @@ pub fn run_experiment(
                     ..t.clone()
                 }];
                 one.output = None;
-                let mut sim = Simulation::new(one)?;
+                let mut sim = Simulation::with_models(one, models)?;
                 let rounds = sim.run(|_| {})?;
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
@@ -109,7 +120,7 @@ pub fn run_experiment(
         }
         Sharing::LocalOnly => {
             let pop = data::Population::new(cfg)?;
-            result.local_only = local_only(cfg, &pop)?;
+            result.local_only = local_only(cfg, &pop, models)?;
             result.final_central = result
                 .local_only
                 .iter()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cohort_aggregator::{
-    strategy_from_config, Engine, EngineConfig, FailureReason, GroupPolicy, Mode, NodeInfo,
+    strategy_from_config, Engine, EngineConfig, FailureReason, Federation, Mode, NodeInfo,
     RefusalCode,
 };
 use cohort_node::{mix_seed, NodeRuntime, NodeState};
@@ -15,7 +15,7 @@ use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
 use cohort_protocol::messages::{RoundPlan, TrainConfig};
 use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
 use cohort_protocol::{head_group, Fingerprint, ParamGroups, BACKBONE};
-use cohort_tasks::{Dataset, ModelSpec, TaskData};
+use cohort_tasks::{Dataset, ModelRegistry, SharedModel, TaskData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
@@ -114,7 +114,7 @@ pub struct Simulation {
     pub pop: Population,
     pub engine: Engine,
     /// The model with every task's head.
-    pub spec: ModelSpec,
+    pub model: SharedModel,
     keys: SealKeyPair,
     replay: ReplayGuard,
     states: HashMap<usize, StoredState>,
@@ -135,42 +135,73 @@ impl std::fmt::Debug for Simulation {
     }
 }
 
+/// The top-level settings the engine and the initial weights depend on
+/// (derived as `cohort-aggregator` derives them from the same file).
+pub fn federation(cfg: &ExperimentConfig) -> Federation {
+    Federation {
+        seed: cfg.seed,
+        rounds: cfg.rounds,
+        clients: cfg.clients.count,
+        per_round: cfg.clients.per_round,
+        local_heads: match cfg.heads {
+            HeadPolicy::Local => cfg.tasks.iter().map(|t| t.name.clone()).collect(),
+            HeadPolicy::Global => Vec::new(),
+        },
+    }
+}
+
 /// The engine settings an experiment implies.
 pub fn engine_config(cfg: &ExperimentConfig) -> EngineConfig {
-    let mut e = cfg.engine.clone();
-    e.seed = cfg.seed;
-    e.rounds = cfg.rounds;
-    e.train.seed = mix_seed(cfg.seed, 0x7EA1);
-    let n = cfg.clients.count;
-    e.sampling.fraction = cfg.clients.per_round as f64 / n as f64;
-    e.sampling.min_per_round = cfg.clients.per_round;
-    e.sampling.min_available = e.sampling.min_available.min(n).max(1);
-    if cfg.heads == HeadPolicy::Local {
-        for t in &cfg.tasks {
-            e.group_policy
-                .insert(head_group(&t.name), GroupPolicy::Local);
-        }
-    }
-    e
+    federation(cfg).engine_config(&cfg.engine)
+}
+
+/// The experiment's model (`backbone` on `backend`) with a head for each of
+/// the population's tasks, from `models`.
+pub fn build_model(
+    cfg: &ExperimentConfig,
+    pop: &Population,
+    models: &ModelRegistry,
+) -> Result<SharedModel, SimError> {
+    Ok(models.build(
+        &cfg.backbone,
+        cfg.backend,
+        pop.tasks.iter().map(|t| t.spec()).collect(),
+    )?)
 }
 
 impl Simulation {
     /// Loads the data, partitions it, builds the model and the engine and
     /// registers every client.
     pub fn new(cfg: ExperimentConfig) -> Result<Self, SimError> {
-        cfg.validate()?;
-        let pop = Population::new(&cfg)?;
-        Self::with_population(cfg, pop)
+        Self::with_models(cfg, &ModelRegistry::default())
     }
 
-    /// Same as [`Simulation::new`] on an already built population.
+    /// [`Simulation::new`] with the model names of `models` (a program's
+    /// own models registered next to the built-in ones).
+    pub fn with_models(cfg: ExperimentConfig, models: &ModelRegistry) -> Result<Self, SimError> {
+        cfg.validate()?;
+        let pop = Population::new(&cfg)?;
+        let model = build_model(&cfg, &pop, models)?;
+        Self::with_model(cfg, pop, model)
+    }
+
+    /// Same as [`Simulation::new`] on an already built population, with
+    /// the built-in models.
     pub fn with_population(cfg: ExperimentConfig, pop: Population) -> Result<Self, SimError> {
-        let spec = ModelSpec {
-            backbone: cfg.backbone,
-            tasks: pop.tasks.iter().map(|t| t.spec()).collect(),
-        };
+        let model = build_model(&cfg, &pop, &ModelRegistry::default())?;
+        Self::with_model(cfg, pop, model)
+    }
+
+    /// A simulation of `model` (which must have a head for each of the
+    /// population's tasks) on `pop`.
+    pub fn with_model(
+        cfg: ExperimentConfig,
+        pop: Population,
+        model: SharedModel,
+    ) -> Result<Self, SimError> {
+        let spec = model;
         let layout = spec.layout();
-        let initial = spec.init(mix_seed(cfg.seed, 0x1417));
+        let initial = spec.init(federation(&cfg).init_seed());
         let strategy = strategy_from_config(&cfg.strategy);
         let engine = Engine::new(engine_config(&cfg), layout, initial, strategy)?;
         let threads = if cfg.threads == 0 {
@@ -199,7 +230,7 @@ impl Simulation {
             cfg,
             pop,
             engine,
-            spec,
+            model: spec,
             keys,
             replay: ReplayGuard::default(),
             states: HashMap::new(),
@@ -225,7 +256,7 @@ impl Simulation {
                     .iter()
                     .map(|&t| self.pop.tasks[t].name.as_str())
                     .collect();
-                let f = self.spec.subset(&names)?.layout().fingerprint();
+                let f = self.model.subset(&names)?.layout().fingerprint();
                 self.fingerprints.insert(tasks.clone(), f);
                 f
             }
@@ -303,7 +334,7 @@ impl Simulation {
     /// job order.
     fn train_jobs(&self, jobs: Vec<Job>) -> Vec<Reply> {
         let ctx = TrainCtx {
-            spec: &self.spec,
+            model: &self.model,
             pop: &self.pop,
             flipped: &self.flipped,
             byzantine: &self.byzantine,
@@ -344,7 +375,7 @@ impl Simulation {
     /// split into slices evaluated in parallel on the pool.
     pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
         let global = self.engine.global();
-        let (pop, full) = (&self.pop, &self.spec);
+        let (pop, full) = (&self.pop, &self.model);
         let slices = self.pool.current_num_threads().max(1);
         self.pool.install(|| {
             pop.tasks
@@ -359,7 +390,7 @@ impl Simulation {
                     let all: Vec<usize> = (0..test.len()).collect();
                     let parts: Vec<cohort_tasks::EvalMetrics> = all
                         .par_chunks(test.len().div_ceil(slices).max(1))
-                        .map(|idx| cohort_tasks::evaluate(&spec, &params, &t.name, test, Some(idx)))
+                        .map(|idx| spec.evaluate(&params, &t.name, test, Some(idx)))
                         .collect::<Result<_, _>>()?;
                     // Combine in slice order: the same sums whatever the thread count.
                     let n: u64 = parts.iter().map(|m| m.samples).sum();
@@ -693,7 +724,7 @@ impl Simulation {
 
 /// What a training worker needs: shared, read-only parts of the simulation.
 struct TrainCtx<'a> {
-    spec: &'a ModelSpec,
+    model: &'a SharedModel,
     pop: &'a Population,
     flipped: &'a [Option<Dataset>],
     byzantine: &'a [usize],
@@ -726,7 +757,7 @@ impl TrainCtx<'_> {
             .collect();
         let mut node_state = NodeState::default();
         let result = (|| -> Result<cohort_node::RoundOutput, SimError> {
-            let node_spec = self.spec.subset(&names)?;
+            let node_spec = self.model.subset(&names)?;
             let mut node = NodeRuntime::new(id.clone(), self.federation, node_spec, self.key);
             node.state = state;
             let data: Vec<TaskData<'_>> = parts
@@ -797,12 +828,12 @@ pub struct PersonalScore {
 fn per_client_task<F>(
     pool: &rayon::ThreadPool,
     pop: &Population,
-    spec: &ModelSpec,
+    spec: &SharedModel,
     k: usize,
     eval: F,
 ) -> Result<Vec<PersonalScore>, SimError>
 where
-    F: Fn(usize, usize, &ModelSpec, &[usize], &[usize]) -> Result<(f32, f32), SimError> + Sync,
+    F: Fn(usize, usize, &SharedModel, &[usize], &[usize]) -> Result<(f32, f32), SimError> + Sync,
 {
     // Per client: (task, held-out samples, the two numbers).
     type Scores = Vec<(usize, usize, f32, f32)>;
@@ -849,7 +880,7 @@ where
 }
 
 /// The groups of `spec` taken from `w`.
-fn groups_of(spec: &ModelSpec, w: &ParamGroups) -> ParamGroups {
+fn groups_of(spec: &SharedModel, w: &ParamGroups) -> ParamGroups {
     spec.layout()
         .group_names()
         .filter_map(|g| w.get(g).map(|v| (g.to_string(), v.to_vec())))
@@ -869,7 +900,7 @@ impl Simulation {
         let global = self.engine.global();
         let states = &self.states;
         let pop = &self.pop;
-        per_client_task(&self.pool, pop, &self.spec, k, |c, t, s, tr, held| {
+        per_client_task(&self.pool, pop, &self.model, k, |c, t, s, tr, held| {
             let mut params = groups_of(s, global);
             // A client's own (local) heads replace the aggregator's copies.
             if let Some(st) = states.get(&c) {
@@ -881,13 +912,12 @@ impl Simulation {
             }
             let name = pop.tasks[t].name.as_str();
             let data = &pop.tasks[t].split.train;
-            let before = cohort_tasks::evaluate(s, &params, name, data, Some(held))?;
+            let before = s.evaluate(&params, name, data, Some(held))?;
             let cfg = TrainConfig {
                 seed: mix_seed(train.seed, c as u64),
                 ..train.clone()
             };
-            let tuned = cohort_tasks::train(
-                s,
+            let tuned = s.train(
                 &params,
                 &[TaskData {
                     task: name,
@@ -896,7 +926,7 @@ impl Simulation {
                 }],
                 &cfg,
             )?;
-            let after = cohort_tasks::evaluate(s, &tuned.params, name, data, Some(held))?;
+            let after = s.evaluate(&tuned.params, name, data, Some(held))?;
             Ok((before.accuracy, after.accuracy))
         })
     }
@@ -911,12 +941,10 @@ impl Simulation {
 pub fn local_only(
     cfg: &ExperimentConfig,
     pop: &Population,
+    models: &ModelRegistry,
 ) -> Result<Vec<PersonalScore>, SimError> {
-    let spec = ModelSpec {
-        backbone: cfg.backbone,
-        tasks: pop.tasks.iter().map(|t| t.spec()).collect(),
-    };
-    let init = spec.init(mix_seed(cfg.seed, 0x1417));
+    let spec = build_model(cfg, pop, models)?;
+    let init = spec.init(federation(cfg).init_seed());
     let mut train = cfg.engine.train.clone();
     train.epochs = train
         .epochs
@@ -938,8 +966,7 @@ pub fn local_only(
             seed: mix_seed(train.seed, c as u64),
             ..train.clone()
         };
-        let trained = cohort_tasks::train(
-            s,
+        let trained = s.train(
             &groups_of(s, &init),
             &[TaskData {
                 task: name,
@@ -948,9 +975,9 @@ pub fn local_only(
             }],
             &cfg_c,
         )?;
-        let local = cohort_tasks::evaluate(s, &trained.params, name, data, Some(held))?;
+        let local = s.evaluate(&trained.params, name, data, Some(held))?;
         let central =
-            cohort_tasks::evaluate(s, &trained.params, name, &pop.tasks[t].split.test, None)?;
+            s.evaluate(&trained.params, name, &pop.tasks[t].split.test, None)?;
         Ok((local.accuracy, central.accuracy))
     })
 }

@@ -53,8 +53,16 @@ pub enum TasksError {
     BadFile { path: PathBuf, problem: FileProblem },
     #[error(transparent)]
     Layout(#[from] ProtocolError),
-    #[error("unknown backbone `{0}` (known: mlp28, cnn28, mlp8x8, mlp_tab4)")]
-    UnknownBackbone(String),
+    #[error("unknown model `{name}` (known: {known})")]
+    UnknownModel { name: String, known: String },
+    #[error("model `{model}` has no {backend} backend (it runs on: {available})")]
+    BackendUnavailable {
+        model: String,
+        backend: crate::Backend,
+        available: String,
+    },
+    #[error("training backend: {0}")]
+    Backend(String),
     #[error("unknown task `{0}`")]
     UnknownTask(String),
     #[error("unknown built-in data set `{0}`")]

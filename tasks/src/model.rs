@@ -1,194 +1,97 @@
-//! Backbones, heads, the flat parameter layout, and the forward/backward
-//! passes.
+//! The model seam: the [`Model`] trait that every crate above `tasks` uses,
+//! the tasks a model has heads for, the backends, and the [`ModelRegistry`]
+//! that turns the names of experiment files into models.
 //!
-//! A model is stored the way it travels: one flat `Vec<f32>` for the
-//! backbone and one per head, tensors laid end to end in [`ModelSpec::layout`]
-//! order. Flattening and loading are therefore copies, exact bit for bit.
-//!
-//! Layouts (PyTorch-like names; `Linear` weights are `[out, in]` as in
-//! PyTorch, conv weights `[out_channels, kh, kw, in_channels]` (channel-last,
-//! unlike PyTorch's `[out, in, kh, kw]`: im2col rows are then contiguous
-//! copies); the index is the position in
-//! an equivalent `torch.nn.Sequential`, ReLU, pooling and flatten included):
-//!
-//! | backbone | layers | features |
-//! |---|---|---|
-//! | `mlp28` | 784 → 256 → 128 (ReLU after each) | 128 |
-//! | `cnn28` | conv 5x5 1→8, ReLU, maxpool 2 (24→12), conv 5x5 8→16, ReLU, maxpool 2 (8→4), flatten (256), linear 256 → 128, ReLU | 128 |
-//! | `mlp8x8` | 64 → 128 → 64 (ReLU after each) | 64 |
-//! | `mlp_tab4` | 4 → 32 → 32 (ReLU after each) | 32 |
-//!
-//! Head `t` is one linear layer from the features to the task's classes
-//! (`head/t.weight`, `head/t.bias`). Convolution activations are kept
-//! channel-last (`h, w, c`), so the CNN flattens in `(h, w, c)` order (a
-//! PyTorch port would permute before its flatten).
+//! A model is a backbone plus one head per task. Past this crate it is only
+//! named groups of flat `f32` ([`ParamGroups`]: `backbone`, `head/<task>`)
+//! described by a [`Layout`]; how it trains (dfdx's autodiff, or the gemm
+//! executor for the built-in architectures it covers) stays behind the
+//! trait.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
+use std::sync::Arc;
 
 use cohort_protocol::{head_group, GroupLayout, Layout, ParamGroups, TensorSpec, BACKBONE};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::linalg::{matmul, View};
-use crate::TasksError;
+use crate::dfdx_backend::builtin as dfdx_builtin;
+use crate::gemm::{BackboneKind, GemmModel};
+use crate::train::{EvalMetrics, TaskData, TrainOutcome};
+use crate::{Dataset, TasksError, TrainConfig};
 
-/// The backbone architectures, chosen at run time by name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum BackboneKind {
-    /// MLP 784-256-128 for 28x28 images.
-    Mlp28,
-    /// Small CNN for 28x28 images (two conv+pool stages, linear 256-128).
-    Cnn28,
-    /// MLP 64-128-64 for the 8x8 digits.
-    Mlp8x8,
-    /// MLP 4-32-32 for 4-feature tabular data.
-    MlpTab4,
-}
+/// A model as the rest of Cohort sees it. Object-safe: the node runtime,
+/// the simulator and the aggregator hold an `Arc<dyn Model>` ([`SharedModel`]).
+///
+/// Implementations: [`DfdxModel`](crate::DfdxModel) (any dfdx 0.13 module
+/// as a backbone, trained by dfdx's autodiff and optimizer kernels) and
+/// [`GemmModel`] (the hand-written executor for the built-in architectures
+/// it covers; the only home of the CNN).
+pub trait Model: Send + Sync + fmt::Debug {
+    /// The architecture's name, as in experiment files (`mlp28`, ...).
+    fn name(&self) -> &str;
+    /// The backend that trains it (never [`Backend::Auto`]).
+    fn backend(&self) -> Backend;
+    /// Input features per sample.
+    fn input_dim(&self) -> usize;
+    /// The tasks this model has heads for.
+    fn tasks(&self) -> &[TaskSpec];
+    /// `backbone` first, then `head/<task>` sorted by task name; depends only
+    /// on the architecture and the (name, classes) of the tasks.
+    fn layout(&self) -> Layout;
+    /// Deterministic initial weights of every group. Each group comes from
+    /// its own stream (seeded by `seed` and the group name), so a task's
+    /// initial head does not depend on which other tasks the model has.
+    fn init(&self, seed: u64) -> ParamGroups;
+    /// The same architecture on the same backend with other tasks.
+    fn with_tasks(&self, tasks: Vec<TaskSpec>) -> Result<SharedModel, TasksError>;
+    /// Multi-task local training from `start` (which must match
+    /// [`Model::layout`]); see [`crate::train`] for how tasks are mixed.
+    fn train(
+        &self,
+        start: &ParamGroups,
+        data: &[TaskData<'_>],
+        cfg: &TrainConfig,
+    ) -> Result<TrainOutcome, TasksError>;
+    /// Accuracy and loss of `task` on `data` (all samples, or `indices`).
+    /// `params` needs only the `backbone` and `head/<task>` groups (others
+    /// are ignored), so a node can evaluate the global backbone with its
+    /// own head.
+    fn evaluate(
+        &self,
+        params: &ParamGroups,
+        task: &str,
+        data: &Dataset,
+        indices: Option<&[usize]>,
+    ) -> Result<EvalMetrics, TasksError>;
 
-impl BackboneKind {
-    pub const ALL: [BackboneKind; 4] = [
-        BackboneKind::Mlp28,
-        BackboneKind::Cnn28,
-        BackboneKind::Mlp8x8,
-        BackboneKind::MlpTab4,
-    ];
+    /// The task called `name`.
+    fn task(&self, name: &str) -> Option<&TaskSpec> {
+        self.tasks().iter().find(|t| t.name == name)
+    }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            BackboneKind::Mlp28 => "mlp28",
-            BackboneKind::Cnn28 => "cnn28",
-            BackboneKind::Mlp8x8 => "mlp8x8",
-            BackboneKind::MlpTab4 => "mlp_tab4",
+    /// The model with the backbone and the heads of `names` only (in this
+    /// model's order).
+    fn subset(&self, names: &[&str]) -> Result<SharedModel, TasksError> {
+        for n in names {
+            if self.task(n).is_none() {
+                return Err(TasksError::UnknownTask((*n).to_string()));
+            }
         }
-    }
-
-    /// Number of input features per sample.
-    pub fn input_dim(self) -> usize {
-        self.arch().input
-    }
-
-    /// Number of features the backbone gives its heads.
-    pub fn feature_dim(self) -> usize {
-        self.arch().features
-    }
-
-    pub(crate) fn arch(self) -> Arch {
-        use Layer::*;
-        match self {
-            BackboneKind::Mlp28 => Arch::new(
-                784,
-                vec![
-                    (
-                        Linear {
-                            input: 784,
-                            output: 256,
-                        },
-                        0,
-                    ),
-                    (
-                        Linear {
-                            input: 256,
-                            output: 128,
-                        },
-                        2,
-                    ),
-                ],
-            ),
-            BackboneKind::Cnn28 => Arch::new(
-                784,
-                vec![
-                    (
-                        Conv {
-                            cin: 1,
-                            cout: 8,
-                            k: 5,
-                            h: 28,
-                            w: 28,
-                        },
-                        0,
-                    ),
-                    (Pool { c: 8, h: 24, w: 24 }, 2),
-                    (
-                        Conv {
-                            cin: 8,
-                            cout: 16,
-                            k: 5,
-                            h: 12,
-                            w: 12,
-                        },
-                        3,
-                    ),
-                    (Pool { c: 16, h: 8, w: 8 }, 5),
-                    (
-                        Linear {
-                            input: 256,
-                            output: 128,
-                        },
-                        7,
-                    ),
-                ],
-            ),
-            BackboneKind::Mlp8x8 => Arch::new(
-                64,
-                vec![
-                    (
-                        Linear {
-                            input: 64,
-                            output: 128,
-                        },
-                        0,
-                    ),
-                    (
-                        Linear {
-                            input: 128,
-                            output: 64,
-                        },
-                        2,
-                    ),
-                ],
-            ),
-            BackboneKind::MlpTab4 => Arch::new(
-                4,
-                vec![
-                    (
-                        Linear {
-                            input: 4,
-                            output: 32,
-                        },
-                        0,
-                    ),
-                    (
-                        Linear {
-                            input: 32,
-                            output: 32,
-                        },
-                        2,
-                    ),
-                ],
-            ),
-        }
+        self.with_tasks(
+            self.tasks()
+                .iter()
+                .filter(|t| names.contains(&t.name.as_str()))
+                .cloned()
+                .collect(),
+        )
     }
 }
 
-impl fmt::Display for BackboneKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for BackboneKind {
-    type Err = TasksError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        BackboneKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| TasksError::UnknownBackbone(s.to_string()))
-    }
-}
+/// How the runtime holds a model.
+pub type SharedModel = Arc<dyn Model>;
 
 /// A task a model has a head for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -206,270 +109,119 @@ impl TaskSpec {
     }
 }
 
-/// A backbone and the tasks a model has heads for.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ModelSpec {
-    pub backbone: BackboneKind,
-    pub tasks: Vec<TaskSpec>,
-}
-
 /// Most classes a head may have (bounds allocations driven by specs from
 /// config files or peers).
 pub const MAX_CLASSES: usize = 1 << 16;
 
-impl ModelSpec {
-    pub fn new(backbone: BackboneKind, tasks: Vec<TaskSpec>) -> Self {
-        ModelSpec { backbone, tasks }
-    }
-
-    /// Checks task names (non-empty, unique, no `/`) and class counts
-    /// (2..=[`MAX_CLASSES`]).
-    pub fn validate(&self) -> Result<(), TasksError> {
-        let mut seen = std::collections::BTreeSet::new();
-        for t in &self.tasks {
-            if t.name.is_empty() || t.name.contains('/') || t.name.chars().any(char::is_whitespace)
-            {
-                return Err(TasksError::InvalidSpec(format!(
-                    "bad task name `{}`",
-                    t.name
-                )));
-            }
-            if !seen.insert(t.name.as_str()) {
-                return Err(TasksError::InvalidSpec(format!(
-                    "task `{}` appears twice",
-                    t.name
-                )));
-            }
-            if !(2..=MAX_CLASSES).contains(&t.classes) {
-                return Err(TasksError::InvalidSpec(format!(
-                    "task `{}` has {} classes (allowed 2..={MAX_CLASSES})",
-                    t.name, t.classes
-                )));
-            }
+/// Checks task names (non-empty, unique, no `/` or white space) and class
+/// counts (2..=[`MAX_CLASSES`]).
+pub fn validate_tasks(tasks: &[TaskSpec]) -> Result<(), TasksError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for t in tasks {
+        if t.name.is_empty() || t.name.contains('/') || t.name.chars().any(char::is_whitespace) {
+            return Err(TasksError::InvalidSpec(format!("bad task name `{}`", t.name)));
         }
-        Ok(())
-    }
-
-    /// The tasks sorted by name: the order of the head groups.
-    pub(crate) fn sorted_tasks(&self) -> Vec<&TaskSpec> {
-        let mut v: Vec<&TaskSpec> = self.tasks.iter().collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
-    }
-
-    pub fn task(&self, name: &str) -> Option<&TaskSpec> {
-        self.tasks.iter().find(|t| t.name == name)
-    }
-
-    /// Number of input features per sample.
-    pub fn input_dim(&self) -> usize {
-        self.backbone.input_dim()
-    }
-
-    /// The layout: `backbone` first, then `head/<task>` sorted by task name.
-    /// Deterministic: it depends only on the backbone and the (name, classes)
-    /// of the tasks, not on their order in `tasks`.
-    ///
-    /// Never panics: the layout of an invalid spec (see
-    /// [`ModelSpec::validate`]) fails `Layout::validate`; use
-    /// [`ModelSpec::try_layout`] on specs from outside to get the reason.
-    pub fn layout(&self) -> Layout {
-        let arch = self.backbone.arch();
-        let mut groups = vec![GroupLayout {
-            name: BACKBONE.to_string(),
-            tensors: arch.tensor_specs(),
-        }];
-        for t in self.sorted_tasks() {
-            let g = head_group(&t.name);
-            let f = arch.features as u64;
-            let c = t.classes as u64;
-            groups.push(GroupLayout {
-                tensors: vec![
-                    TensorSpec {
-                        name: format!("{g}.weight"),
-                        shape: vec![c, f],
-                        offset: 0,
-                    },
-                    TensorSpec {
-                        name: format!("{g}.bias"),
-                        shape: vec![c],
-                        offset: c * f,
-                    },
-                ],
-                name: g,
-            });
+        if !seen.insert(t.name.as_str()) {
+            return Err(TasksError::InvalidSpec(format!(
+                "task `{}` appears twice",
+                t.name
+            )));
         }
-        Layout { groups }
-    }
-
-    /// [`ModelSpec::layout`], with the spec and the layout validated.
-    pub fn try_layout(&self) -> Result<Layout, TasksError> {
-        self.validate()?;
-        let layout = self.layout();
-        layout.validate()?;
-        Ok(layout)
-    }
-
-    /// Deterministic initial weights. Each group is drawn from its own
-    /// stream (seeded by `seed` and the group name), so a task's initial
-    /// head does not depend on which other tasks the spec has. ReLU layers
-    /// get He-uniform weights, heads `U(±1/sqrt(fan_in))`, biases zero.
-    ///
-    /// Panics on an invalid spec (see [`Model::init`]); [`ModelSpec::try_init`]
-    /// returns the error instead.
-    pub fn init(&self, seed: u64) -> ParamGroups {
-        Model::init(self, seed).to_groups()
-    }
-
-    /// [`ModelSpec::init`] for specs from outside: validated first.
-    pub fn try_init(&self, seed: u64) -> Result<ParamGroups, TasksError> {
-        self.validate()?;
-        Ok(self.init(seed))
-    }
-
-    /// The spec with the backbone and the heads of `tasks` only (in this
-    /// spec's order).
-    pub fn subset(&self, tasks: &[&str]) -> Result<ModelSpec, TasksError> {
-        for t in tasks {
-            if self.task(t).is_none() {
-                return Err(TasksError::UnknownTask((*t).to_string()));
-            }
+        if !(2..=MAX_CLASSES).contains(&t.classes) {
+            return Err(TasksError::InvalidSpec(format!(
+                "task `{}` has {} classes (allowed 2..={MAX_CLASSES})",
+                t.name, t.classes
+            )));
         }
-        Ok(ModelSpec {
-            backbone: self.backbone,
-            tasks: self
-                .tasks
-                .iter()
-                .filter(|t| tasks.contains(&t.name.as_str()))
-                .cloned()
-                .collect(),
+    }
+    Ok(())
+}
+
+/// Which code trains a model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The fastest backend that runs the architecture: gemm where it has
+    /// the architecture, dfdx otherwise.
+    #[default]
+    Auto,
+    /// dfdx 0.13's autodiff and optimizer kernels.
+    Dfdx,
+    /// The hand-written gemm executor (built-in architectures only).
+    Gemm,
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Backend::Auto => "auto",
+            Backend::Dfdx => "dfdx",
+            Backend::Gemm => "gemm",
         })
     }
 }
 
-/// One layer of a backbone. Every `Linear` and `Conv` is followed by a ReLU.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Layer {
-    Linear {
-        input: usize,
-        output: usize,
-    },
-    /// Valid (no padding), stride 1, on a channel-last `h x w x cin` input.
-    Conv {
-        cin: usize,
-        cout: usize,
-        k: usize,
-        h: usize,
-        w: usize,
-    },
-    /// 2x2 max pooling, stride 2, on a channel-last `h x w x c` input.
-    Pool {
-        c: usize,
-        h: usize,
-        w: usize,
-    },
-}
-
-impl Layer {
-    pub fn in_size(&self) -> usize {
-        match *self {
-            Layer::Linear { input, .. } => input,
-            Layer::Conv { cin, h, w, .. } => cin * h * w,
-            Layer::Pool { c, h, w } => c * h * w,
-        }
-    }
-
-    pub fn out_size(&self) -> usize {
-        match *self {
-            Layer::Linear { output, .. } => output,
-            Layer::Conv { cout, k, h, w, .. } => cout * (h + 1 - k) * (w + 1 - k),
-            Layer::Pool { c, h, w } => c * (h / 2) * (w / 2),
-        }
-    }
-
-    /// (weight shape, bias length), `None` for parameterless layers.
-    fn param_shapes(&self) -> Option<(Vec<u64>, usize)> {
-        match *self {
-            Layer::Linear { input, output } => Some((vec![output as u64, input as u64], output)),
-            Layer::Conv { cin, cout, k, .. } => {
-                Some((vec![cout as u64, k as u64, k as u64, cin as u64], cout))
-            }
-            Layer::Pool { .. } => None,
-        }
-    }
-
-    /// Per-sample size of the im2col buffer (conv only).
-    pub fn cols_size(&self) -> usize {
-        match *self {
-            Layer::Conv { cin, k, h, w, .. } => (h + 1 - k) * (w + 1 - k) * cin * k * k,
-            _ => 0,
+impl std::str::FromStr for Backend {
+    type Err = TasksError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "dfdx" => Ok(Backend::Dfdx),
+            "gemm" => Ok(Backend::Gemm),
+            _ => Err(TasksError::InvalidSpec(format!(
+                "unknown backend `{s}` (auto, dfdx, gemm)"
+            ))),
         }
     }
 }
 
-/// A backbone's layers with the offsets of their parameters in the flat
-/// backbone vector.
-#[derive(Clone, Debug)]
-pub(crate) struct Arch {
-    pub input: usize,
-    pub features: usize,
-    /// (layer, offset of its weight, offset of its bias, torch index)
-    pub layers: Vec<(Layer, usize, usize, usize)>,
-    pub num_params: usize,
-}
-
-impl Arch {
-    fn new(input: usize, spec: Vec<(Layer, usize)>) -> Arch {
-        let mut off = 0;
-        let mut layers = Vec::with_capacity(spec.len());
-        for (l, idx) in spec {
-            let (w_off, b_off) = match l.param_shapes() {
-                Some((shape, b)) => {
-                    let wl: u64 = shape.iter().product();
-                    let w_off = off;
-                    off += wl as usize;
-                    let b_off = off;
-                    off += b;
-                    (w_off, b_off)
-                }
-                None => (off, off),
-            };
-            layers.push((l, w_off, b_off, idx));
-        }
-        let features = layers.last().map_or(input, |l| l.0.out_size());
-        Arch {
-            input,
-            features,
-            layers,
-            num_params: off,
-        }
+/// The layout of `tasks`' heads on `features` backbone outputs, sorted by
+/// task name, after the backbone group.
+pub(crate) fn layout_with_heads(
+    backbone: Vec<TensorSpec>,
+    features: usize,
+    tasks: &[TaskSpec],
+) -> Layout {
+    let mut sorted: Vec<&TaskSpec> = tasks.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut groups = vec![GroupLayout {
+        name: BACKBONE.to_string(),
+        tensors: backbone,
+    }];
+    for t in sorted {
+        let g = head_group(&t.name);
+        let (c, f) = (t.classes as u64, features as u64);
+        groups.push(GroupLayout {
+            tensors: vec![
+                TensorSpec {
+                    name: format!("{g}.weight"),
+                    shape: vec![c, f],
+                    offset: 0,
+                },
+                TensorSpec {
+                    name: format!("{g}.bias"),
+                    shape: vec![c],
+                    offset: c * f,
+                },
+            ],
+            name: g,
+        });
     }
-
-    fn tensor_specs(&self) -> Vec<TensorSpec> {
-        let mut out = Vec::new();
-        for (l, w_off, b_off, idx) in &self.layers {
-            if let Some((shape, b)) = l.param_shapes() {
-                out.push(TensorSpec {
-                    name: format!("backbone.{idx}.weight"),
-                    shape,
-                    offset: *w_off as u64,
-                });
-                out.push(TensorSpec {
-                    name: format!("backbone.{idx}.bias"),
-                    shape: vec![b as u64],
-                    offset: *b_off as u64,
-                });
-            }
-        }
-        out
-    }
+    Layout { groups }
 }
 
 /// FNV-1a of a group name: the stream id of its initial weights.
-fn stream_of(name: &str) -> u64 {
+pub(crate) fn stream_of(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The seeded generator of group `group`'s initial weights.
+pub(crate) fn group_rng(seed: u64, group: &str) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream_of(group));
+    rng
 }
 
 fn fill_uniform(rng: &mut ChaCha8Rng, out: &mut [f32], bound: f32) {
@@ -478,661 +230,155 @@ fn fill_uniform(rng: &mut ChaCha8Rng, out: &mut [f32], bound: f32) {
     }
 }
 
-/// A model's weights, stored flat: the backbone and one head per task.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Model {
-    spec: ModelSpec,
-    pub(crate) arch: Arch,
-    pub(crate) backbone: Vec<f32>,
-    /// Head weights then bias, by task name.
-    pub(crate) heads: BTreeMap<String, Vec<f32>>,
-}
-
-impl PartialEq for Arch {
-    fn eq(&self, other: &Self) -> bool {
-        self.input == other.input && self.num_params == other.num_params
-    }
-}
-
-impl Model {
-    /// Fresh weights; see [`ModelSpec::init`].
-    ///
-    /// Panics on an invalid spec (rather than allocate what a bad class
-    /// count asks for); validate specs from outside with
-    /// [`ModelSpec::validate`] first.
-    pub fn init(spec: &ModelSpec, seed: u64) -> Model {
-        if let Err(e) = spec.validate() {
-            panic!("Model::init on an invalid spec: {e}");
-        }
-        let arch = spec.backbone.arch();
-        let mut backbone = vec![0.0; arch.num_params];
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        rng.set_stream(stream_of(BACKBONE));
-        for (l, w_off, _, _) in &arch.layers {
-            let fan_in = match *l {
-                Layer::Linear { input, .. } => input,
-                Layer::Conv { cin, k, .. } => cin * k * k,
-                Layer::Pool { .. } => continue,
-            };
-            let wl = l
-                .param_shapes()
-                .map_or(0, |(s, _)| s.iter().product::<u64>() as usize);
-            let bound = (6.0 / fan_in as f32).sqrt();
-            fill_uniform(&mut rng, &mut backbone[*w_off..*w_off + wl], bound);
-        }
-        let mut heads = BTreeMap::new();
-        for t in &spec.tasks {
-            let g = head_group(&t.name);
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            rng.set_stream(stream_of(&g));
-            let mut h = vec![0.0; t.classes * (arch.features + 1)];
-            let bound = 1.0 / (arch.features as f32).sqrt();
-            fill_uniform(&mut rng, &mut h[..t.classes * arch.features], bound);
-            heads.insert(t.name.clone(), h);
-        }
-        Model {
-            spec: spec.clone(),
-            arch,
-            backbone,
-            heads,
-        }
-    }
-
-    /// Loads flat groups; `groups` must have exactly `spec.layout()`.
-    /// A vector of another layout is a [`TasksError::Layout`] error.
-    pub fn from_groups(spec: &ModelSpec, groups: &ParamGroups) -> Result<Model, TasksError> {
-        let layout = spec.try_layout()?;
-        layout.check(groups)?;
-        let mut m = Model::init_zeroed(spec);
-        m.load_groups(groups)?;
-        Ok(m)
-    }
-
-    fn init_zeroed(spec: &ModelSpec) -> Model {
-        let arch = spec.backbone.arch();
-        let heads = spec
-            .tasks
-            .iter()
-            .map(|t| (t.name.clone(), vec![0.0; t.classes * (arch.features + 1)]))
-            .collect();
-        Model {
-            spec: spec.clone(),
-            backbone: vec![0.0; arch.num_params],
-            arch,
-            heads,
-        }
-    }
-
-    /// Overwrites the groups present in `groups` (a subset of this model's
-    /// groups is fine: e.g. a new global backbone, keeping local heads).
-    /// Unknown groups and wrong lengths are errors, and nothing is changed
-    /// then.
-    pub fn load_groups(&mut self, groups: &ParamGroups) -> Result<(), TasksError> {
-        for (name, v) in groups.iter() {
-            let expected = self.group(name).ok_or_else(|| {
-                TasksError::Layout(cohort_protocol::ProtocolError::UnknownGroup(
-                    name.to_string(),
-                ))
-            })?;
-            if expected.len() != v.len() {
-                return Err(TasksError::Layout(
-                    cohort_protocol::ProtocolError::GroupLength {
-                        group: name.to_string(),
-                        expected: expected.len() as u64,
-                        got: v.len() as u64,
-                    },
-                ));
-            }
-        }
-        for (name, v) in groups.iter() {
-            if let Some(dst) = self.group_mut(name) {
-                dst.copy_from_slice(v);
-            }
-        }
-        Ok(())
-    }
-
-    /// The flat values of group `name`.
-    pub fn group(&self, name: &str) -> Option<&[f32]> {
-        if name == BACKBONE {
-            return Some(&self.backbone);
-        }
-        let task = cohort_protocol::task_of_group(name)?;
-        self.heads.get(task).map(Vec::as_slice)
-    }
-
-    pub(crate) fn group_mut(&mut self, name: &str) -> Option<&mut [f32]> {
-        if name == BACKBONE {
-            return Some(&mut self.backbone);
-        }
-        let task = cohort_protocol::task_of_group(name)?;
-        self.heads.get_mut(task).map(Vec::as_mut_slice)
-    }
-
-    /// All groups, flat (copies).
-    pub fn to_groups(&self) -> ParamGroups {
-        let mut p = ParamGroups::new();
-        p.insert(BACKBONE, self.backbone.clone());
-        for (t, h) in &self.heads {
-            p.insert(head_group(t), h.clone());
-        }
-        p
-    }
-
-    pub fn spec(&self) -> &ModelSpec {
-        &self.spec
-    }
-
-    /// Class scores of `task` for `n` samples (`features` is `n x dim`,
-    /// row-major), as an `n x classes` row-major vector.
-    pub fn logits(&self, task: &str, features: &[f32]) -> Result<Vec<f32>, TasksError> {
-        let classes = self
-            .spec
-            .task(task)
-            .ok_or_else(|| TasksError::UnknownTask(task.into()))?
-            .classes;
-        let dim = self.arch.input;
-        if !features.len().is_multiple_of(dim) {
-            return Err(TasksError::DataMismatch(format!(
-                "{} features is not a multiple of the input size {dim}",
-                features.len()
-            )));
-        }
-        let n = features.len() / dim;
-        let mut out = vec![0.0; n * classes];
-        let mut ws = Workspace::with_classes(&self.arch, 256, false, classes);
-        for (x, o) in features
-            .chunks(256 * dim)
-            .zip(out.chunks_mut(256 * classes))
-        {
-            let b = x.len() / dim;
-            ws.acts[0][..x.len()].copy_from_slice(x);
-            self.forward(&mut ws, b, task)?;
-            o.copy_from_slice(&ws.logits[..b * classes]);
-        }
-        Ok(out)
-    }
-
-    /// Forward pass of the `b` samples in `ws.acts[0]` through the backbone
-    /// and the head of `task`; leaves the class scores in `ws.logits`.
-    pub(crate) fn forward(
-        &self,
-        ws: &mut Workspace,
-        b: usize,
-        task: &str,
-    ) -> Result<(), TasksError> {
-        let head = self
-            .heads
-            .get(task)
-            .ok_or_else(|| TasksError::UnknownTask(task.into()))?;
-        for (i, (layer, w_off, b_off, _)) in self.arch.layers.iter().enumerate() {
-            let (before, after) = ws.acts.split_at_mut(i + 1);
-            let x = &before[i][..b * layer.in_size()];
-            let y = &mut after[0][..b * layer.out_size()];
-            match *layer {
-                Layer::Linear { input, output } => {
-                    let w = &self.backbone[*w_off..*w_off + input * output];
-                    let bias = &self.backbone[*b_off..*b_off + output];
-                    linear_forward(y, x, w, bias, b, input, output);
-                    relu(y);
-                }
-                Layer::Conv { cin, cout, k, h, w } => {
-                    let kk = cin * k * k;
-                    let cols = &mut ws.cols[i][..b * layer.cols_size()];
-                    im2col(cols, x, b, cin, k, h, w);
-                    let rows = b * (h + 1 - k) * (w + 1 - k);
-                    let wt = &self.backbone[*w_off..*w_off + cout * kk];
-                    let bias = &self.backbone[*b_off..*b_off + cout];
-                    linear_forward(y, cols, wt, bias, rows, kk, cout);
-                    relu(y);
-                }
-                Layer::Pool { c, h, w } => {
-                    maxpool_forward(y, &mut ws.argmax[i][..b * layer.out_size()], x, b, c, h, w);
-                }
-            }
-        }
-        let f = self.arch.features;
-        let classes = head.len() / (f + 1);
-        let feat = &ws.acts[self.arch.layers.len()][..b * f];
-        linear_forward(
-            &mut ws.logits[..b * classes],
-            feat,
-            &head[..classes * f],
-            &head[classes * f..],
-            b,
-            f,
-            classes,
+/// Initial head weights `U(±1/sqrt(features))`, bias zero, for every head
+/// group of `layout`.
+pub(crate) fn init_heads(layout: &Layout, seed: u64, out: &mut ParamGroups) {
+    for g in layout.groups.iter().filter(|g| g.name != BACKBONE) {
+        let mut v = vec![0.0; g.len() as usize];
+        let w = &g.tensors[0];
+        let features = w.shape.get(1).copied().unwrap_or(1).max(1);
+        let n = w.shape.iter().product::<u64>() as usize;
+        fill_uniform(
+            &mut group_rng(seed, &g.name),
+            &mut v[..n],
+            1.0 / (features as f32).sqrt(),
         );
-        Ok(())
-    }
-
-    /// Backward pass after [`Model::forward`] with `ws.dlogits` filled:
-    /// writes the head gradient to `ws.grad_head` and, if `backbone`, the
-    /// backbone gradient to `ws.grad_backbone`.
-    pub(crate) fn backward(&self, ws: &mut Workspace, b: usize, task: &str, backbone: bool) {
-        let Some(head) = self.heads.get(task) else {
-            return;
-        };
-        let f = self.arch.features;
-        let classes = head.len() / (f + 1);
-        let nl = self.arch.layers.len();
-        let dlogits = &ws.dlogits[..b * classes];
-        let feat = &ws.acts[nl][..b * f];
-        let (gw, gb) = ws.grad_head[..classes * (f + 1)].split_at_mut(classes * f);
-        linear_param_grads(gw, gb, dlogits, feat, b, f, classes);
-        if !backbone {
-            return;
-        }
-        // d features = dlogits * W_head
-        matmul(
-            &mut ws.dacts[nl][..b * f],
-            View::rm(dlogits, b, classes),
-            View::rm(&head[..classes * f], classes, f),
-            false,
-        );
-        for i in (0..nl).rev() {
-            let (layer, w_off, b_off, _) = self.arch.layers[i];
-            let (dbefore, dafter) = ws.dacts.split_at_mut(i + 1);
-            let dy = &mut dafter[0][..b * layer.out_size()];
-            let y = &ws.acts[i + 1][..b * layer.out_size()];
-            let x = &ws.acts[i][..b * layer.in_size()];
-            let need_dx = i > 0;
-            let dx = &mut dbefore[i][..b * layer.in_size()];
-            match layer {
-                Layer::Linear { input, output } => {
-                    relu_backward(dy, y);
-                    let (gw, gb) =
-                        ws.grad_backbone[w_off..b_off + output].split_at_mut(b_off - w_off);
-                    linear_param_grads(gw, gb, dy, x, b, input, output);
-                    if need_dx {
-                        let w = &self.backbone[w_off..w_off + input * output];
-                        matmul(
-                            dx,
-                            View::rm(dy, b, output),
-                            View::rm(w, output, input),
-                            false,
-                        );
-                    }
-                }
-                Layer::Conv { cin, cout, k, h, w } => {
-                    relu_backward(dy, y);
-                    let kk = cin * k * k;
-                    let rows = b * (h + 1 - k) * (w + 1 - k);
-                    let cols = &ws.cols[i][..b * layer.cols_size()];
-                    let (gw, gb) =
-                        ws.grad_backbone[w_off..b_off + cout].split_at_mut(b_off - w_off);
-                    linear_param_grads(gw, gb, dy, cols, rows, kk, cout);
-                    if need_dx {
-                        let wt = &self.backbone[w_off..w_off + cout * kk];
-                        let dcols = &mut ws.dcols[..b * layer.cols_size()];
-                        matmul(
-                            dcols,
-                            View::rm(dy, rows, cout),
-                            View::rm(wt, cout, kk),
-                            false,
-                        );
-                        col2im(dx, dcols, b, cin, k, h, w);
-                    }
-                }
-                Layer::Pool { .. } => {
-                    if need_dx {
-                        dx.fill(0.0);
-                        for (d, &a) in dy.iter().zip(&ws.argmax[i][..dy.len()]) {
-                            dx[a as usize] += *d;
-                        }
-                    }
-                }
-            }
-        }
+        out.insert(&g.name, v);
     }
 }
 
-/// `y (n x out) = x (n x in) * W^T + bias`, W row-major `[out, in]`.
-fn linear_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    n: usize,
-    input: usize,
-    output: usize,
-) {
-    for row in y.chunks_exact_mut(output) {
-        row.copy_from_slice(bias);
+/// He-uniform backbone for ReLU networks: every tensor of rank 2 or more is
+/// `U(±sqrt(6 / fan_in))` (fan_in = the product of all but the first
+/// dimension), everything else zero. The rule of the built-in
+/// architectures on both backends, so that a backend switch does not
+/// change the start.
+pub(crate) fn he_uniform_backbone(tensors: &[TensorSpec], seed: u64) -> Vec<f32> {
+    let len: u64 = tensors.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+    let mut v = vec![0.0; len as usize];
+    let mut rng = group_rng(seed, BACKBONE);
+    for t in tensors.iter().filter(|t| t.shape.len() >= 2) {
+        let fan_in = t.shape[1..].iter().product::<u64>().max(1);
+        let n = t.shape.iter().product::<u64>() as usize;
+        let off = t.offset as usize;
+        fill_uniform(&mut rng, &mut v[off..off + n], (6.0 / fan_in as f32).sqrt());
     }
-    matmul(y, View::rm(x, n, input), View::rm_t(w, output, input), true);
+    v
 }
 
-/// `dW = dy^T x`, `db = column sums of dy` (overwrite).
-fn linear_param_grads(
-    gw: &mut [f32],
-    gb: &mut [f32],
-    dy: &[f32],
-    x: &[f32],
-    n: usize,
-    input: usize,
-    output: usize,
-) {
-    matmul(gw, View::rm_t(dy, n, output), View::rm(x, n, input), false);
-    gb.fill(0.0);
-    for row in dy.chunks_exact(output) {
-        for (g, d) in gb.iter_mut().zip(row) {
-            *g += *d;
-        }
-    }
+/// Builds a model for a list of tasks.
+pub type ModelFactory = Arc<dyn Fn(Vec<TaskSpec>) -> Result<SharedModel, TasksError> + Send + Sync>;
+
+#[derive(Clone, Default)]
+struct Entry {
+    description: String,
+    dfdx: Option<ModelFactory>,
+    gemm: Option<ModelFactory>,
 }
 
-fn relu(y: &mut [f32]) {
-    for v in y {
-        *v = v.max(0.0);
-    }
+/// The model names an experiment file may use, and how to build each on
+/// each backend. [`ModelRegistry::default`] holds the built-in
+/// architectures; a program adds its own with [`ModelRegistry::register`]
+/// or [`ModelRegistry::register_dfdx`].
+#[derive(Clone)]
+pub struct ModelRegistry {
+    entries: BTreeMap<String, Entry>,
 }
 
-fn relu_backward(dy: &mut [f32], y: &[f32]) {
-    for (d, v) in dy.iter_mut().zip(y) {
-        if *v <= 0.0 {
-            *d = 0.0;
-        }
+impl fmt::Debug for ModelRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelRegistry")
+            .field("names", &self.entries.keys().collect::<Vec<_>>())
+            .finish()
     }
 }
 
-/// Unfolds `b` channel-last images `h x w x cin` into rows of `k*k*cin`
-/// values, one row per output pixel, columns in the weight's
-/// `[kh, kw, cin]` order: each kernel row is one contiguous copy.
-fn im2col(cols: &mut [f32], x: &[f32], b: usize, cin: usize, k: usize, h: usize, w: usize) {
-    let (ho, wo) = (h + 1 - k, w + 1 - k);
-    let kk = cin * k * k;
-    let span = k * cin;
-    let img = h * w * cin;
-    let mut rows = cols.chunks_exact_mut(kk);
-    for xi in x.chunks_exact(img).take(b) {
-        for oi in 0..ho {
-            for oj in 0..wo {
-                let Some(row) = rows.next() else { return };
-                for (di, dst) in row.chunks_exact_mut(span).enumerate() {
-                    let at = ((oi + di) * w + oj) * cin;
-                    dst.copy_from_slice(&xi[at..at + span]);
-                }
-            }
-        }
-    }
-}
-
-/// The adjoint of [`im2col`]: sums the column gradients back into pixels.
-fn col2im(dx: &mut [f32], dcols: &[f32], b: usize, cin: usize, k: usize, h: usize, w: usize) {
-    let (ho, wo) = (h + 1 - k, w + 1 - k);
-    let kk = cin * k * k;
-    let span = k * cin;
-    let img = h * w * cin;
-    dx.fill(0.0);
-    let mut rows = dcols.chunks_exact(kk);
-    for xi in dx.chunks_exact_mut(img).take(b) {
-        for oi in 0..ho {
-            for oj in 0..wo {
-                let Some(row) = rows.next() else { return };
-                for (di, src) in row.chunks_exact(span).enumerate() {
-                    let at = ((oi + di) * w + oj) * cin;
-                    for (d, s) in xi[at..at + span].iter_mut().zip(src) {
-                        *d += *s;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// 2x2 max pooling, stride 2, channel-last; records the winning input index
-/// of each output (the first maximum in scan order).
-fn maxpool_forward(
-    y: &mut [f32],
-    argmax: &mut [u32],
-    x: &[f32],
-    b: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-) {
-    let (ho, wo) = (h / 2, w / 2);
-    let mut out = y.chunks_exact_mut(c).zip(argmax.chunks_exact_mut(c));
-    for n in 0..b {
-        for oi in 0..ho {
-            for oj in 0..wo {
-                let Some((yo, ao)) = out.next() else { return };
-                let base = |di: usize, dj: usize| ((n * h + 2 * oi + di) * w + 2 * oj + dj) * c;
-                let taps = [base(0, 0), base(0, 1), base(1, 0), base(1, 1)];
-                yo.copy_from_slice(&x[taps[0]..taps[0] + c]);
-                for (a, i) in ao.iter_mut().zip(taps[0]..) {
-                    *a = i as u32;
-                }
-                for &t in &taps[1..] {
-                    for ((yv, av), (i, xv)) in yo
-                        .iter_mut()
-                        .zip(ao.iter_mut())
-                        .zip(x[t..t + c].iter().enumerate())
-                    {
-                        if *xv > *yv {
-                            *yv = *xv;
-                            *av = (t + i) as u32;
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Reused buffers of one forward/backward pass for up to `cap` samples.
-#[derive(Debug)]
-pub(crate) struct Workspace {
-    /// `acts[0]` is the input batch, `acts[i + 1]` the output of layer `i`.
-    pub acts: Vec<Vec<f32>>,
-    pub cols: Vec<Vec<f32>>,
-    pub argmax: Vec<Vec<u32>>,
-    pub dacts: Vec<Vec<f32>>,
-    pub dcols: Vec<f32>,
-    pub logits: Vec<f32>,
-    pub dlogits: Vec<f32>,
-    pub grad_backbone: Vec<f32>,
-    pub grad_head: Vec<f32>,
-}
-
-impl Workspace {
-    pub fn with_classes(arch: &Arch, cap: usize, train: bool, classes: usize) -> Workspace {
-        let mut acts = vec![vec![0.0; cap * arch.input]];
-        let mut cols = Vec::new();
-        let mut argmax = Vec::new();
-        let mut max_cols = 0;
-        for (l, ..) in &arch.layers {
-            acts.push(vec![0.0; cap * l.out_size()]);
-            cols.push(vec![0.0; cap * l.cols_size()]);
-            max_cols = max_cols.max(l.cols_size());
-            argmax.push(if matches!(l, Layer::Pool { .. }) {
-                vec![0; cap * l.out_size()]
-            } else {
-                Vec::new()
+impl Default for ModelRegistry {
+    /// The built-in architectures (see [`ModelRegistry::describe`]).
+    fn default() -> Self {
+        let mut r = ModelRegistry::empty();
+        for kind in BackboneKind::ALL {
+            r.register(kind.name(), Backend::Gemm, kind.description(), move |tasks| {
+                Ok(Arc::new(GemmModel::new(kind, tasks)?))
             });
         }
-        let (dacts, dcols, grad_backbone, grad_head) = if train {
-            (
-                acts.iter().map(|a| vec![0.0; a.len()]).collect(),
-                vec![0.0; cap * max_cols],
-                vec![0.0; arch.num_params],
-                vec![0.0; classes * (arch.features + 1)],
-            )
-        } else {
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new())
+        dfdx_builtin::register(&mut r);
+        r
+    }
+}
+
+impl ModelRegistry {
+    /// No names at all.
+    pub fn empty() -> Self {
+        ModelRegistry {
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Adds (or replaces) how `name` is built on `backend` (`Dfdx` or
+    /// `Gemm`; `Auto` counts as `Dfdx`). The description of the first
+    /// registration of a name is kept.
+    pub fn register<F>(&mut self, name: &str, backend: Backend, description: &str, factory: F)
+    where
+        F: Fn(Vec<TaskSpec>) -> Result<SharedModel, TasksError> + Send + Sync + 'static,
+    {
+        let e = self.entries.entry(name.to_string()).or_default();
+        if e.description.is_empty() {
+            e.description = description.to_string();
+        }
+        let f: ModelFactory = Arc::new(factory);
+        match backend {
+            Backend::Gemm => e.gemm = Some(f),
+            Backend::Dfdx | Backend::Auto => e.dfdx = Some(f),
+        }
+    }
+
+    /// Builds `name` with `tasks` on `backend` (`Auto`: gemm where it has
+    /// the architecture, else dfdx).
+    pub fn build(
+        &self,
+        name: &str,
+        backend: Backend,
+        tasks: Vec<TaskSpec>,
+    ) -> Result<SharedModel, TasksError> {
+        let e = self.entries.get(name).ok_or_else(|| TasksError::UnknownModel {
+            name: name.to_string(),
+            known: self.names().collect::<Vec<_>>().join(", "),
+        })?;
+        let f = match backend {
+            Backend::Auto => e.gemm.as_ref().or(e.dfdx.as_ref()),
+            Backend::Dfdx => e.dfdx.as_ref(),
+            Backend::Gemm => e.gemm.as_ref(),
         };
-        Workspace {
-            acts,
-            cols,
-            argmax,
-            dacts,
-            dcols,
-            logits: vec![0.0; cap * classes],
-            dlogits: if train {
-                vec![0.0; cap * classes]
-            } else {
-                Vec::new()
-            },
-            grad_backbone,
-            grad_head,
-        }
-    }
-}
-
-/// Mean softmax cross-entropy of `b` rows of `classes` scores; writes
-/// `(softmax - onehot) / b` to `dlogits` if given. Returns (sum of losses,
-/// number correct).
-pub(crate) fn softmax_xent(
-    logits: &[f32],
-    labels: &[u32],
-    classes: usize,
-    mut dlogits: Option<&mut [f32]>,
-) -> (f64, u64) {
-    let b = labels.len();
-    let mut loss = 0.0f64;
-    let mut correct = 0u64;
-    for (i, &y) in labels.iter().enumerate() {
-        let row = &logits[i * classes..(i + 1) * classes];
-        let mut max = f32::NEG_INFINITY;
-        let mut arg = 0usize;
-        for (j, v) in row.iter().enumerate() {
-            if *v > max {
-                max = *v;
-                arg = j;
-            }
-        }
-        if arg == y as usize {
-            correct += 1;
-        }
-        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
-        let lse = max + sum.ln();
-        loss += f64::from(lse - row[y as usize]);
-        if let Some(d) = dlogits.as_deref_mut() {
-            let drow = &mut d[i * classes..(i + 1) * classes];
-            let inv_b = 1.0 / b as f32;
-            for (j, (dv, v)) in drow.iter_mut().zip(row).enumerate() {
-                let p = (v - lse).exp();
-                *dv = (p - if j == y as usize { 1.0 } else { 0.0 }) * inv_b;
-            }
-        }
-    }
-    (loss, correct)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layouts_have_the_documented_sizes() {
-        let spec = ModelSpec::new(
-            BackboneKind::Mlp28,
-            vec![TaskSpec::new("b", 10), TaskSpec::new("a", 3)],
-        );
-        let l = spec.layout();
-        let names: Vec<&str> = l.group_names().collect();
-        assert_eq!(names, ["backbone", "head/a", "head/b"]);
-        assert_eq!(l.groups[0].len(), 784 * 256 + 256 + 256 * 128 + 128);
-        assert_eq!(l.groups[1].len(), 3 * 128 + 3);
-        assert_eq!(l.groups[0].tensors[2].name, "backbone.2.weight");
-        assert_eq!(l.groups[0].tensors[2].shape, vec![128, 256]);
-        let cnn = ModelSpec::new(BackboneKind::Cnn28, vec![TaskSpec::new("a", 10)]).layout();
-        assert_eq!(
-            cnn.groups[0].len(),
-            8 * 25 + 8 + 16 * 8 * 25 + 16 + 128 * 256 + 128
-        );
-        assert_eq!(cnn.groups[0].tensors[4].name, "backbone.7.weight");
+        let f = f.ok_or_else(|| TasksError::BackendUnavailable {
+            model: name.to_string(),
+            backend,
+            available: Self::backends_of(e),
+        })?;
+        f(tasks)
     }
 
-    #[test]
-    fn pool_and_im2col_worked_by_hand() {
-        // one 2x2 image with 1 channel: pool picks the max, argmax its index
-        let x = [1.0, 5.0, 3.0, 2.0];
-        let mut y = [0.0];
-        let mut a = [0u32];
-        maxpool_forward(&mut y, &mut a, &x, 1, 1, 2, 2);
-        assert_eq!((y[0], a[0]), (5.0, 1));
-        // 3x3 image, k=2: four rows of 4 values
-        let x: Vec<f32> = (0..9).map(|v| v as f32).collect();
-        let mut cols = vec![0.0; 16];
-        im2col(&mut cols, &x, 1, 1, 2, 3, 3);
-        assert_eq!(&cols[..8], &[0.0, 1.0, 3.0, 4.0, 1.0, 2.0, 4.0, 5.0]);
-        let mut dx = vec![0.0; 9];
-        col2im(&mut dx, &[1.0; 16], 1, 1, 2, 3, 3);
-        assert_eq!(dx, vec![1.0, 2.0, 1.0, 2.0, 4.0, 2.0, 1.0, 2.0, 1.0]);
+    /// The registered names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
     }
 
-    #[test]
-    fn softmax_xent_worked_by_hand() {
-        // two equal scores: loss ln 2, gradient (0.5 - 1, 0.5)
-        let mut d = [0.0; 2];
-        let (l, c) = softmax_xent(&[0.0, 0.0], &[0], 2, Some(&mut d));
-        assert!((l - std::f64::consts::LN_2).abs() < 1e-6);
-        assert_eq!(c, 1);
-        assert!((d[0] + 0.5).abs() < 1e-6 && (d[1] - 0.5).abs() < 1e-6);
-    }
-
-    /// Gradients of every backbone match central finite differences of the
-    /// loss (in f64 terms, with a tolerance for f32 rounding).
-    #[test]
-    fn gradients_match_finite_differences() {
-        for kind in BackboneKind::ALL {
-            let spec = ModelSpec::new(kind, vec![TaskSpec::new("t", 3)]);
-            let mut model = Model::init(&spec, 7);
-            // non-zero biases so that ReLU boundaries are generic
-            let mut rng = ChaCha8Rng::seed_from_u64(3);
-            for v in model.backbone.iter_mut() {
-                *v += rng.gen_range(-0.01..0.01);
-            }
-            let b = 3;
-            let dim = spec.input_dim();
-            let mut ws = Workspace::with_classes(&model.arch, b, true, 3);
-            let x: Vec<f32> = (0..b * dim).map(|_| rng.gen_range(0.0..1.0)).collect();
-            let labels = [0u32, 2, 1];
-            let loss = |m: &Model, ws: &mut Workspace| {
-                ws.acts[0][..b * dim].copy_from_slice(&x);
-                m.forward(ws, b, "t").expect("forward");
-                softmax_xent(&ws.logits[..b * 3], &labels, 3, None).0 / b as f64
-            };
-            ws.acts[0][..b * dim].copy_from_slice(&x);
-            model.forward(&mut ws, b, "t").expect("forward");
-            let logits = ws.logits[..b * 3].to_vec();
-            softmax_xent(&logits, &labels, 3, Some(&mut ws.dlogits[..b * 3]));
-            model.backward(&mut ws, b, "t", true);
-            let gb = ws.grad_backbone.clone();
-            let gh = ws.grad_head.clone();
-            let eps = 1e-3f32;
-            let n = model.backbone.len();
-            for k in (0..n).step_by((n / 40).max(1)) {
-                let orig = model.backbone[k];
-                model.backbone[k] = orig + eps;
-                let lp = loss(&model, &mut ws);
-                model.backbone[k] = orig - eps;
-                let lm = loss(&model, &mut ws);
-                model.backbone[k] = orig;
-                let num = (lp - lm) / (2.0 * f64::from(eps));
-                assert!(
-                    (num - f64::from(gb[k])).abs() < 2e-3 + 0.05 * num.abs(),
-                    "{kind} backbone[{k}]: numeric {num} vs analytic {}",
-                    gb[k]
-                );
-            }
-            let hl = model.heads["t"].len();
-            #[allow(clippy::needless_range_loop)]
-            for k in 0..hl {
-                let orig = model.heads["t"][k];
-                model.heads.get_mut("t").expect("head")[k] = orig + eps;
-                let lp = loss(&model, &mut ws);
-                model.heads.get_mut("t").expect("head")[k] = orig - eps;
-                let lm = loss(&model, &mut ws);
-                model.heads.get_mut("t").expect("head")[k] = orig;
-                let num = (lp - lm) / (2.0 * f64::from(eps));
-                assert!(
-                    (num - f64::from(gh[k])).abs() < 2e-3 + 0.05 * num.abs(),
-                    "{kind} head[{k}]"
-                );
-            }
+    fn backends_of(e: &Entry) -> String {
+        let mut v = Vec::new();
+        if e.dfdx.is_some() {
+            v.push("dfdx");
         }
+        if e.gemm.is_some() {
+            v.push("gemm");
+        }
+        v.join(", ")
+    }
+
+    /// One line per name: what it is and which backends train it.
+    pub fn describe(&self) -> String {
+        self.entries
+            .iter()
+            .map(|(n, e)| format!("{n}: {} [{}]", e.description, Self::backends_of(e)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }

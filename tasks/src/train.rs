@@ -20,9 +20,15 @@
 //! bit-identical. Names in `frozen` that the model does not hold are
 //! ignored: a plan may freeze groups of tasks this node does not have.
 //!
-//! **Determinism.** All randomness comes from `cfg.seed`; the matrix kernel
-//! runs single-threaded (see `linalg.rs`), so the result does not depend on
-//! the rayon pool `train` is called from.
+//! **Determinism.** All randomness comes from `cfg.seed` (the schedule here;
+//! dfdx's dropout from a device seeded by it). The gemm executor runs its
+//! kernel single-threaded; dfdx's matmul splits over output tiles only. So
+//! the result does not depend on the rayon pool training is called from
+//! (tested with 1 and 2 threads in `tasks/tests/backends.rs`).
+//!
+//! Both backends share this module's schedule ([`run_schedule`]) and
+//! evaluation loop, so they differ only in how one batch steps the
+//! weights.
 
 use cohort_protocol::messages::{Optimizer, TaskMetrics, TrainConfig};
 use cohort_protocol::{head_group, ParamGroups, BACKBONE};
@@ -30,8 +36,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::model::{softmax_xent, Model, ModelSpec, Workspace};
-use crate::{Dataset, TasksError};
+use crate::{Dataset, Model, TaskSpec, TasksError};
 
 /// Training data of one task for one node: a data set and the indices of
 /// the node's samples in it (no copies).
@@ -42,7 +47,7 @@ pub struct TaskData<'a> {
     pub indices: &'a [usize],
 }
 
-/// New weights (every group of the spec, frozen ones unchanged) and
+/// New weights (every group of the model, frozen ones unchanged) and
 /// metrics per task, in the order of `data`.
 ///
 /// `TaskMetrics`: `samples` is the number of local samples of the task (the
@@ -58,69 +63,6 @@ pub struct TrainOutcome {
 /// Largest batch accepted (bounds the workspace a plan can make us
 /// allocate).
 pub const MAX_BATCH: u32 = 8192;
-
-#[derive(Debug, Default)]
-struct OptState {
-    steps: u64,
-    m: Vec<f32>,
-    v: Vec<f32>,
-}
-
-/// Applies one optimizer step to `w` with raw gradient `g` (overwritten).
-/// Each variant is one fused pass over the group: at batch 32 the update
-/// streams as many bytes as the matrix products, so passes matter.
-fn apply_step(w: &mut [f32], g: &mut [f32], w0: &[f32], st: &mut OptState, cfg: &TrainConfig) {
-    let (wd, mu, lr) = (cfg.weight_decay, cfg.prox_mu, cfg.lr);
-    if wd != 0.0 || mu != 0.0 {
-        for ((gi, wi), w0i) in g.iter_mut().zip(w.iter()).zip(w0) {
-            *gi += wd * *wi + mu * (*wi - *w0i);
-        }
-    }
-    st.steps += 1;
-    match cfg.optimizer {
-        Optimizer::Sgd => {
-            for (wi, gi) in w.iter_mut().zip(g.iter()) {
-                *wi -= lr * *gi;
-            }
-        }
-        Optimizer::Momentum { momentum, nesterov } => {
-            // A zero buffer makes the first step `v = g`, as PyTorch does.
-            if st.m.len() != w.len() {
-                st.m = vec![0.0; w.len()];
-            }
-            if nesterov {
-                for ((wi, gi), mi) in w.iter_mut().zip(g.iter()).zip(st.m.iter_mut()) {
-                    *mi = momentum * *mi + *gi;
-                    *wi -= lr * (*gi + momentum * *mi);
-                }
-            } else {
-                for ((wi, gi), mi) in w.iter_mut().zip(g.iter()).zip(st.m.iter_mut()) {
-                    *mi = momentum * *mi + *gi;
-                    *wi -= lr * *mi;
-                }
-            }
-        }
-        Optimizer::Adam { beta1, beta2, eps } => {
-            if st.m.len() != w.len() {
-                st.m = vec![0.0; w.len()];
-                st.v = vec![0.0; w.len()];
-            }
-            let t = st.steps.min(i32::MAX as u64) as i32;
-            let c1 = 1.0 / (1.0 - beta1.powi(t));
-            let c2 = 1.0 / (1.0 - beta2.powi(t));
-            for (((wi, gi), mi), vi) in w
-                .iter_mut()
-                .zip(g.iter())
-                .zip(st.m.iter_mut())
-                .zip(st.v.iter_mut())
-            {
-                *mi = beta1 * *mi + (1.0 - beta1) * *gi;
-                *vi = beta2 * *vi + (1.0 - beta2) * *gi * *gi;
-                *wi -= lr * (*mi * c1) / ((*vi * c2).sqrt() + eps);
-            }
-        }
-    }
-}
 
 fn check_config(cfg: &TrainConfig) -> Result<(), TasksError> {
     let bad = |m: String| Err(TasksError::InvalidConfig(m));
@@ -156,21 +98,29 @@ fn check_config(cfg: &TrainConfig) -> Result<(), TasksError> {
     Ok(())
 }
 
-/// Checks that a task's data fits the model: dimension, indices in range,
-/// labels below the head's class count.
-fn check_task_data(spec: &ModelSpec, td: &TaskData<'_>) -> Result<usize, TasksError> {
-    let classes = spec
-        .task(td.task)
-        .ok_or_else(|| TasksError::UnknownTask(td.task.to_string()))?
-        .classes;
+/// The model's task `task`.
+pub(crate) fn task_spec(model: &dyn Model, task: &str) -> Result<TaskSpec, TasksError> {
+    model
+        .task(task)
+        .cloned()
+        .ok_or_else(|| TasksError::UnknownTask(task.to_string()))
+}
+
+/// Checks that a task's data fits a head of `classes` on a model of `dim`
+/// inputs: dimension, indices in range, labels below the class count.
+fn check_task_data(
+    model: &dyn Model,
+    classes: usize,
+    td: &TaskData<'_>,
+) -> Result<(), TasksError> {
     let d = td.data;
-    if d.dim != spec.input_dim() {
+    let dim = model.input_dim();
+    if d.dim != dim {
         return Err(TasksError::DataMismatch(format!(
-            "data set `{}` has {} features per sample, backbone {} takes {}",
+            "data set `{}` has {} features per sample, model `{}` takes {dim}",
             d.name,
             d.dim,
-            spec.backbone,
-            spec.input_dim()
+            model.name(),
         )));
     }
     if d.features.len() != d.labels.len() * d.dim {
@@ -194,19 +144,18 @@ fn check_task_data(spec: &ModelSpec, td: &TaskData<'_>) -> Result<usize, TasksEr
             )));
         }
     }
-    Ok(classes)
+    Ok(())
 }
 
-/// Trains `spec`'s model from `start` on the node's tasks (see the module
-/// docs for the details). `start` must match `spec.layout()` exactly.
-pub fn train(
-    spec: &ModelSpec,
-    start: &ParamGroups,
+/// Everything a backend checks before it trains: the config, each task
+/// once, each task's data. Returns each task's class count, in `data`
+/// order.
+pub(crate) fn check_inputs(
+    model: &dyn Model,
     data: &[TaskData<'_>],
     cfg: &TrainConfig,
-) -> Result<TrainOutcome, TasksError> {
+) -> Result<Vec<usize>, TasksError> {
     check_config(cfg)?;
-    let mut model = Model::from_groups(spec, start)?;
     let mut classes = Vec::with_capacity(data.len());
     for (i, td) in data.iter().enumerate() {
         if data[..i].iter().any(|o| o.task == td.task) {
@@ -215,33 +164,40 @@ pub fn train(
                 td.task
             )));
         }
-        classes.push(check_task_data(spec, td)?);
+        let c = task_spec(model, td.task)?.classes;
+        check_task_data(model, c, td)?;
+        classes.push(c);
     }
-    let frozen = |g: &str| cfg.frozen.iter().any(|f| f == g);
-    let backbone_frozen = frozen(BACKBONE);
-    let head_frozen: Vec<bool> = data.iter().map(|td| frozen(&head_group(td.task))).collect();
+    Ok(classes)
+}
 
+/// What a backend does with one batch: forward, backward, optimizer step.
+pub(crate) trait Stepper {
+    /// Where the next batch's `n` rows of inputs go.
+    fn input(&mut self, n: usize) -> &mut [f32];
+    /// One step on the batch just written to [`Stepper::input`], of the
+    /// `t`-th task of `data`; returns the sum of the batch's losses.
+    fn step(&mut self, t: usize, labels: &[u32]) -> Result<f64, TasksError>;
+}
+
+/// The schedule of the module docs: epochs of shuffled, interleaved
+/// single-task batches, at most `cfg.max_steps` steps. Returns the metrics
+/// per task.
+pub(crate) fn run_schedule(
+    data: &[TaskData<'_>],
+    cfg: &TrainConfig,
+    dim: usize,
+    stepper: &mut dyn Stepper,
+) -> Result<Vec<TaskMetrics>, TasksError> {
     let bs = cfg.batch_size as usize;
-    let max_classes = classes.iter().copied().max().unwrap_or(2);
-    let mut ws = Workspace::with_classes(&model.arch, bs, true, max_classes);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-
-    let mut bb_state = OptState::default();
-    let mut head_states: Vec<OptState> = data.iter().map(|_| OptState::default()).collect();
-    let bb_start = model.backbone.clone();
-    let head_starts: Vec<Vec<f32>> = data
-        .iter()
-        .map(|td| model.heads.get(td.task).cloned().unwrap_or_default())
-        .collect();
-
     let mut orders: Vec<Vec<usize>> = data.iter().map(|td| td.indices.to_vec()).collect();
     let mut schedule: Vec<(usize, usize)> = Vec::new();
     let mut steps = vec![0u64; data.len()];
     let mut last_loss = vec![0.0f32; data.len()];
-    let mut labels_buf: Vec<u32> = Vec::with_capacity(bs);
+    let mut labels: Vec<u32> = Vec::with_capacity(bs);
     let max_steps = cfg.max_steps.unwrap_or(u64::MAX);
     let mut total_steps = 0u64;
-    let dim = spec.input_dim();
 
     'epochs: for _ in 0..cfg.epochs {
         schedule.clear();
@@ -260,49 +216,22 @@ pub fn train(
             }
             let td = &data[t];
             let idx = &orders[t][b * bs..((b + 1) * bs).min(orders[t].len())];
-            let n = idx.len();
-            labels_buf.clear();
+            let x = stepper.input(idx.len());
+            labels.clear();
             for (r, &i) in idx.iter().enumerate() {
-                ws.acts[0][r * dim..(r + 1) * dim]
-                    .copy_from_slice(&td.data.features[i * dim..(i + 1) * dim]);
-                labels_buf.push(td.data.labels[i]);
+                x[r * dim..(r + 1) * dim].copy_from_slice(&td.data.features[i * dim..(i + 1) * dim]);
+                labels.push(td.data.labels[i]);
             }
-            model.forward(&mut ws, n, td.task)?;
-            let c = classes[t];
-            let (loss, _) = softmax_xent(
-                &ws.logits[..n * c],
-                &labels_buf,
-                c,
-                Some(&mut ws.dlogits[..n * c]),
-            );
+            let loss = stepper.step(t, &labels)?;
             epoch_loss[t].0 += loss;
-            epoch_loss[t].1 += n as u64;
-            let train_head = !head_frozen[t];
-            if train_head || !backbone_frozen {
-                model.backward(&mut ws, n, td.task, !backbone_frozen);
-                if train_head {
-                    if let Some(h) = model.heads.get_mut(td.task) {
-                        let g = &mut ws.grad_head[..h.len()];
-                        apply_step(h, g, &head_starts[t], &mut head_states[t], cfg);
-                    }
-                }
-                if !backbone_frozen {
-                    apply_step(
-                        &mut model.backbone,
-                        &mut ws.grad_backbone,
-                        &bb_start,
-                        &mut bb_state,
-                        cfg,
-                    );
-                }
-            }
+            epoch_loss[t].1 += idx.len() as u64;
             steps[t] += 1;
             total_steps += 1;
         }
         record(&mut last_loss, &epoch_loss);
     }
 
-    let metrics = data
+    Ok(data
         .iter()
         .enumerate()
         .map(|(t, td)| TaskMetrics {
@@ -311,11 +240,7 @@ pub fn train(
             samples: td.indices.len() as u64,
             steps: steps[t],
         })
-        .collect();
-    Ok(TrainOutcome {
-        params: model.to_groups(),
-        metrics,
-    })
+        .collect())
 }
 
 fn record(last: &mut [f32], epoch: &[(f64, u64)]) {
@@ -336,19 +261,8 @@ pub struct EvalMetrics {
     pub samples: u64,
 }
 
-/// Accuracy and loss of `task` on `data` (all samples, or `indices`).
-///
-/// `params` needs only the `backbone` and `head/<task>` groups of `spec`'s
-/// layout (other groups are ignored), so a node can evaluate the global
-/// backbone with its own personalized head by passing those groups.
-pub fn evaluate(
-    spec: &ModelSpec,
-    params: &ParamGroups,
-    task: &str,
-    data: &Dataset,
-    indices: Option<&[usize]>,
-) -> Result<EvalMetrics, TasksError> {
-    let sub = spec.subset(&[task])?;
+/// The `backbone` and `head/<task>` groups of `params`.
+pub(crate) fn eval_groups(params: &ParamGroups, task: &str) -> Result<ParamGroups, TasksError> {
     let head = head_group(task);
     let mut groups = ParamGroups::new();
     for g in [BACKBONE, head.as_str()] {
@@ -359,7 +273,22 @@ pub fn evaluate(
         })?;
         groups.insert(g, v.to_vec());
     }
-    let model = Model::from_groups(&sub, &groups)?;
+    Ok(groups)
+}
+
+/// Rows per forward pass in evaluation.
+pub(crate) const EVAL_BATCH: usize = 256;
+
+/// Accuracy and loss of `task` on `data` (all samples, or `indices`), with
+/// `logits(x, n)` giving the `n x classes` scores of the `n` rows in `x`.
+pub(crate) fn eval_loop(
+    model: &dyn Model,
+    task: &str,
+    data: &Dataset,
+    indices: Option<&[usize]>,
+    mut logits: impl FnMut(&[f32], usize) -> Result<Vec<f32>, TasksError>,
+) -> Result<EvalMetrics, TasksError> {
+    let classes = task_spec(model, task)?.classes;
     let all: Vec<usize>;
     let idx = match indices {
         Some(i) => i,
@@ -373,21 +302,19 @@ pub fn evaluate(
         data,
         indices: idx,
     };
-    let classes = check_task_data(&sub, &td)?;
-    let dim = sub.input_dim();
-    const EVAL_BATCH: usize = 256;
-    let mut ws = Workspace::with_classes(&model.arch, EVAL_BATCH, false, classes);
+    check_task_data(model, classes, &td)?;
+    let dim = model.input_dim();
+    let mut x = vec![0.0; EVAL_BATCH.min(idx.len().max(1)) * dim];
     let mut labels = Vec::with_capacity(EVAL_BATCH);
     let (mut loss, mut correct) = (0.0f64, 0u64);
     for chunk in idx.chunks(EVAL_BATCH) {
         labels.clear();
         for (r, &i) in chunk.iter().enumerate() {
-            ws.acts[0][r * dim..(r + 1) * dim]
-                .copy_from_slice(&data.features[i * dim..(i + 1) * dim]);
+            x[r * dim..(r + 1) * dim].copy_from_slice(&data.features[i * dim..(i + 1) * dim]);
             labels.push(data.labels[i]);
         }
-        model.forward(&mut ws, chunk.len(), task)?;
-        let (l, c) = softmax_xent(&ws.logits[..chunk.len() * classes], &labels, classes, None);
+        let scores = logits(&x[..chunk.len() * dim], chunk.len())?;
+        let (l, c) = softmax_xent(&scores, &labels, classes, None);
         loss += l;
         correct += c;
     }
@@ -406,3 +333,44 @@ pub fn evaluate(
         samples: n,
     })
 }
+
+/// Mean softmax cross-entropy of `b` rows of `classes` scores; writes
+/// `(softmax - onehot) / b` to `dlogits` if given. Returns (sum of losses,
+/// number correct).
+pub(crate) fn softmax_xent(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    mut dlogits: Option<&mut [f32]>,
+) -> (f64, u64) {
+    let b = labels.len();
+    let mut loss = 0.0f64;
+    let mut correct = 0u64;
+    for (i, &y) in labels.iter().enumerate() {
+        let row = &logits[i * classes..(i + 1) * classes];
+        let mut max = f32::NEG_INFINITY;
+        let mut arg = 0usize;
+        for (j, v) in row.iter().enumerate() {
+            if *v > max {
+                max = *v;
+                arg = j;
+            }
+        }
+        if arg == y as usize {
+            correct += 1;
+        }
+        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        let lse = max + sum.ln();
+        loss += f64::from(lse - row[y as usize]);
+        if let Some(d) = dlogits.as_deref_mut() {
+            let drow = &mut d[i * classes..(i + 1) * classes];
+            let inv_b = 1.0 / b as f32;
+            for (j, (dv, v)) in drow.iter_mut().zip(row).enumerate() {
+                let p = (v - lse).exp();
+                *dv = (p - if j == y as usize { 1.0 } else { 0.0 }) * inv_b;
+            }
+        }
+    }
+    (loss, correct)
+}
+

@@ -6,20 +6,14 @@
 //! cargo run --release -p cohort-protocol --example compression_table -- /tmp/delta.f32
 
 use cohort_protocol::messages::TrainConfig;
-use cohort_tasks::{BackboneKind, ModelSpec, TaskData, TaskSpec};
+use cohort_tasks::TaskData;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "delta.f32".into());
     let split = cohort_tasks::builtin("mnist5k")?;
-    let spec = ModelSpec {
-        backbone: BackboneKind::Mlp28,
-        tasks: vec![TaskSpec {
-            name: "digits".into(),
-            classes: 10,
-        }],
-    };
+    let spec = cohort_tests::builtin_model("mlp28", &[("digits", 10)]);
     let start = spec.init(1);
     let all: Vec<usize> = (0..split.train.len()).collect();
     let cfg = TrainConfig {
@@ -29,8 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed: 1,
         ..TrainConfig::default()
     };
-    let trained = cohort_tasks::train(
-        &spec,
+    let trained = spec.train(
         &start,
         &[TaskData {
             task: "digits",

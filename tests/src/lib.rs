@@ -3,7 +3,7 @@
 use cohort_aggregator::StrategyConfig;
 use cohort_simulator::config::{ClientData, TaskConfig};
 use cohort_simulator::ExperimentConfig;
-use cohort_tasks::{BackboneKind, Partitioner};
+use cohort_tasks::{Backend, ModelRegistry, Partitioner, SharedModel, TaskSpec};
 
 /// FedAvg on the 8x8 digits: `clients` clients, all of them every round.
 pub fn digits(clients: usize, partitioner: Partitioner, rounds: u64) -> ExperimentConfig {
@@ -11,7 +11,7 @@ pub fn digits(clients: usize, partitioner: Partitioner, rounds: u64) -> Experime
         name: "digits".into(),
         seed: 3,
         rounds,
-        backbone: BackboneKind::Mlp8x8,
+        backbone: "mlp8x8".into(),
         tasks: vec![TaskConfig {
             name: "digits".into(),
             dataset: "digits8x8".into(),
@@ -29,6 +29,17 @@ pub fn digits(clients: usize, partitioner: Partitioner, rounds: u64) -> Experime
     cfg.engine.train.lr = 0.2;
     cfg.engine.codec.bits = 32;
     cfg
+}
+
+/// The built-in model `name` (on `auto`) with the given tasks.
+pub fn builtin_model(name: &str, tasks: &[(&str, usize)]) -> SharedModel {
+    ModelRegistry::default()
+        .build(
+            name,
+            Backend::Auto,
+            tasks.iter().map(|(t, c)| TaskSpec::new(*t, *c)).collect(),
+        )
+        .expect("built-in model")
 }
 
 /// Central accuracy of `task` after the last round, in percent.

@@ -10,7 +10,6 @@ use cohort_protocol::messages::{
 };
 use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
 use cohort_protocol::transport::{build_swarm, event_loop, Client, NetConfig};
-use cohort_tasks::{BackboneKind, ModelSpec, TaskSpec};
 use cohort_tests::net::{read, Aggregator, TestDir};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
@@ -71,13 +70,7 @@ async fn every_bad_request_is_refused_and_the_aggregator_keeps_serving() {
     tokio::spawn(lp.run());
     client.add_address(aggregator, addr).await;
 
-    let spec = ModelSpec::new(
-        BackboneKind::Mlp8x8,
-        vec![TaskSpec {
-            name: "digits".into(),
-            classes: 10,
-        }],
-    );
+    let spec = cohort_tests::builtin_model("mlp8x8", &[("digits", 10)]);
     let hello = |node: &str| Hello {
         node: node.into(),
         tasks: vec![TaskSamples {
@@ -100,7 +93,7 @@ async fn every_bad_request_is_refused_and_the_aggregator_keeps_serving() {
     assert_eq!(refused(&r), Some(RefusalCode::Malformed));
     // A hello with another model.
     let mut wrong = hello(&me);
-    wrong.layout = ModelSpec::new(BackboneKind::MlpTab4, spec.tasks.clone())
+    wrong.layout = cohort_tests::builtin_model("mlp_tab4", &[("digits", 10)])
         .layout()
         .fingerprint();
     let r = ask(&mut client, aggregator, &fed, Request::Hello(wrong)).await;
@@ -188,7 +181,7 @@ async fn every_bad_request_is_refused_and_the_aggregator_keeps_serving() {
         Response::Model(p) => {
             assert_eq!(p.version, 0);
             let w = p.to_groups(&spec.layout()).expect("weights");
-            assert_eq!(w.get("backbone"), spec.init(3 ^ 0x1417).get("backbone"));
+            assert_eq!(w.get("backbone"), spec.init(cohort_aggregator::experiment::init_seed(3)).get("backbone"));
         }
         other => panic!("{other:?}"),
     }

@@ -6,19 +6,13 @@ use cohort_protocol::messages::TrainConfig;
 use cohort_protocol::{head_group, BACKBONE};
 use cohort_simulator::config::Sharing;
 use cohort_simulator::{run_experiment, ExperimentConfig, Simulation};
-use cohort_tasks::{BackboneKind, ModelSpec, TaskData, TaskSpec};
+use cohort_tasks::TaskData;
 use cohort_tests::pct;
 
 /// Accuracy of a model trained centrally on all of a task's training data.
 fn centralized(dataset: &str, task: &str, epochs: u32) -> f32 {
     let split = cohort_tasks::builtin(dataset).expect("built-in data set");
-    let spec = ModelSpec {
-        backbone: BackboneKind::Mlp28,
-        tasks: vec![TaskSpec {
-            name: task.into(),
-            classes: 10,
-        }],
-    };
+    let spec = cohort_tests::builtin_model("mlp28", &[(task, 10)]);
     let all: Vec<usize> = (0..split.train.len()).collect();
     let cfg = TrainConfig {
         epochs,
@@ -27,8 +21,8 @@ fn centralized(dataset: &str, task: &str, epochs: u32) -> f32 {
         seed: 5,
         ..TrainConfig::default()
     };
-    let out = cohort_tasks::train(
-        &spec,
+    let out = spec
+        .train(
         &spec.init(5),
         &[TaskData {
             task,
@@ -39,7 +33,8 @@ fn centralized(dataset: &str, task: &str, epochs: u32) -> f32 {
     )
     .expect("trains");
     100.0
-        * cohort_tasks::evaluate(&spec, &out.params, task, &split.test, None)
+        * spec
+            .evaluate(&out.params, task, &split.test, None)
             .expect("evaluates")
             .accuracy
 }

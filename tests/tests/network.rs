@@ -281,13 +281,7 @@ fn local_heads_stay_on_their_nodes_and_are_evaluated_there() {
 
     // The aggregator's head of `digits` never moves: in its last checkpoint
     // it is still the initialization, bit for bit, while the backbone moved.
-    let spec = cohort_tasks::ModelSpec::new(
-        cohort_tasks::BackboneKind::Mlp8x8,
-        vec![cohort_tasks::TaskSpec {
-            name: "digits".into(),
-            classes: 10,
-        }],
-    );
+    let spec = cohort_tests::builtin_model("mlp8x8", &[("digits", 10)]);
     let bytes = std::fs::read(
         root.path()
             .join("agg/checkpoints/round-000006")
@@ -296,8 +290,8 @@ fn local_heads_stay_on_their_nodes_and_are_evaluated_there() {
     .expect("checkpoint of round 6");
     let saved = cohort_aggregator::checkpoint::weights_from_safetensors(&spec.layout(), &bytes)
         .expect("checkpoint weights");
-    // The aggregator's initialization (see cohort-aggregator's main.rs).
-    let init = spec.init(3 ^ 0x1417);
+    // The aggregator's initialization (the one derivation of cohort-sim too).
+    let init = spec.init(cohort_aggregator::experiment::init_seed(3));
     assert_eq!(
         saved.get("head/digits"),
         init.get("head/digits"),

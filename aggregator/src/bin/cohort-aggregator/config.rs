@@ -6,10 +6,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, GroupPolicy, StrategyConfig};
-use cohort_protocol::head_group;
+use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, Federation, GroupPolicy, StrategyConfig};
 use cohort_protocol::transport::NetConfig;
-use cohort_tasks::BackboneKind;
+use cohort_tasks::Backend;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
@@ -23,7 +22,11 @@ pub struct FederationConfig {
     pub name: String,
     pub seed: u64,
     pub rounds: u64,
-    pub backbone: BackboneKind,
+    /// The model's architecture (a name of the model registry).
+    pub backbone: String,
+    /// Which code evaluates it centrally: `auto`, `dfdx` or `gemm` (both
+    /// give the same layout, so nodes may train on either).
+    pub backend: Backend,
     pub tasks: Vec<TaskConfig>,
     pub clients: Clients,
     /// `global`: heads are aggregated; `local`: they stay on their nodes.
@@ -104,7 +107,8 @@ impl Default for FederationConfig {
             name: "w0".into(),
             seed: 42,
             rounds: 40,
-            backbone: BackboneKind::Mlp28,
+            backbone: "mlp28".into(),
+            backend: Backend::Auto,
             tasks: vec![
                 TaskConfig {
                     name: "digits".into(),
@@ -164,24 +168,24 @@ impl FederationConfig {
         Ok(())
     }
 
-    /// The engine settings, derived as `cohort-sim` derives them: seed and
-    /// rounds from the top level, sampling from `clients`, local heads from
-    /// `heads`.
-    pub fn engine_config(&self) -> EngineConfig {
-        let mut e = self.engine.clone();
-        e.seed = self.seed;
-        e.rounds = self.rounds;
-        e.train.seed = self.seed ^ 0x7EA1;
-        e.sampling.fraction = self.clients.per_round as f64 / self.clients.count as f64;
-        e.sampling.min_per_round = self.clients.per_round;
-        e.sampling.min_available = e.sampling.min_available.max(1);
-        if self.heads == GroupPolicy::Local {
-            for t in &self.tasks {
-                e.group_policy
-                    .insert(head_group(&t.name), GroupPolicy::Local);
-            }
+    /// The top-level settings the engine and the initial weights depend
+    /// on, derived as `cohort-sim` derives them from the same file.
+    pub fn federation(&self) -> Federation {
+        Federation {
+            seed: self.seed,
+            rounds: self.rounds,
+            clients: self.clients.count,
+            per_round: self.clients.per_round,
+            local_heads: match self.heads {
+                GroupPolicy::Local => self.tasks.iter().map(|t| t.name.clone()).collect(),
+                GroupPolicy::Global => Vec::new(),
+            },
         }
-        e
+    }
+
+    /// The engine settings (see [`Federation::engine_config`]).
+    pub fn engine_config(&self) -> EngineConfig {
+        self.federation().engine_config(&self.engine)
     }
 }
 

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use cohort_aggregator::{strategy_from_config, Engine};
+use cohort_aggregator::{checkpoint, strategy_from_config, Engine};
 use cohort_protocol::seal::SealKeyPair;
 use cohort_protocol::transport::{build_swarm, event_loop, load_or_create_identity};
-use cohort_tasks::{load_dataset, ModelSpec, TaskSpec};
+use cohort_tasks::{load_dataset, Dataset, ModelRegistry, SharedModel, TaskSpec};
 use libp2p::Multiaddr;
 use tracing::info;
 
@@ -79,6 +79,11 @@ struct Args {
     /// Print the effective settings and exit.
     #[arg(long)]
     print_config: bool,
+    /// Write the initial global weights (safetensors, as checkpoints are)
+    /// to FILE and exit: the weights `cohort-sim` starts from for the same
+    /// experiment file.
+    #[arg(long, value_name = "FILE")]
+    export_initial: Option<PathBuf>,
 }
 
 fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)> {
@@ -130,6 +135,32 @@ fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)>
     Ok((cfg, fed))
 }
 
+/// The experiment's model (`backbone` on `backend`, a head per task) and
+/// the central test sets of the tasks that name a data set.
+fn build_model(
+    fed: &FederationConfig,
+    models: &ModelRegistry,
+) -> anyhow::Result<(SharedModel, Vec<(String, Dataset)>)> {
+    let mut tasks = Vec::new();
+    let mut tests = Vec::new();
+    for t in &fed.tasks {
+        let classes = match &t.dataset {
+            Some(name) => {
+                let split = load_dataset(name).with_context(|| format!("task `{}`", t.name))?;
+                let classes = split.test.classes;
+                tests.push((t.name.clone(), split.test));
+                classes
+            }
+            None => t.classes.unwrap_or(0),
+        };
+        tasks.push(TaskSpec::new(t.name.clone(), t.classes.unwrap_or(classes)));
+    }
+    let model = models
+        .build(&fed.backbone, fed.backend, tasks)
+        .with_context(|| format!("the experiment's model `{}`", fed.backbone))?;
+    Ok((model, tests))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -145,59 +176,50 @@ fn main() -> anyhow::Result<()> {
         println!("# federation\n{}", toml::to_string_pretty(&fed)?);
         return Ok(());
     }
+    let (model, tests) = build_model(&fed, &ModelRegistry::default())?;
+    let layout = model.layout();
+    if let Some(path) = &args.export_initial {
+        let bytes = checkpoint::weights_to_safetensors(&layout, &model.init(fed.federation().init_seed()))?;
+        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        return Ok(());
+    }
     let allow = allowlist(&cfg)?;
     if allow.as_ref().is_some_and(|a| a.is_empty()) {
         bail!("nobody may join: give --allow <peer id>, --allow-file <file>, or --open");
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-
-    // The model and the central test sets.
-    let mut tasks = Vec::new();
-    let mut tests = Vec::new();
-    for t in &fed.tasks {
-        let classes = match &t.dataset {
-            Some(name) => {
-                let split = load_dataset(name).with_context(|| format!("task `{}`", t.name))?;
-                let classes = split.test.classes;
-                tests.push((t.name.clone(), split.test));
-                classes
-            }
-            None => t.classes.unwrap_or(0),
-        };
-        tasks.push(TaskSpec {
-            name: t.name.clone(),
-            classes: t.classes.unwrap_or(classes),
-        });
-    }
-    let spec = ModelSpec::new(fed.backbone, tasks);
-    spec.validate()?;
-    let layout = spec.layout();
     let engine_cfg = fed.engine_config();
     let checkpoints = cfg.data_dir.join("checkpoints");
-    let strategy = strategy_from_config(&fed.strategy);
-    let engine =
-        match Engine::resume(&checkpoints, engine_cfg.clone(), strategy).with_context(|| {
+    let resumed = Engine::resume(&checkpoints, engine_cfg.clone(), strategy_from_config(&fed.strategy))
+        .with_context(|| {
             format!(
                 "resuming from {} (a different experiment needs another --data-dir)",
                 checkpoints.display()
             )
-        })? {
-            Some(e) => {
-                info!(
-                    round = e.round(),
-                    version = e.version(),
-                    "resumed from checkpoint"
-                );
-                e
-            }
-            None => Engine::new(
-                engine_cfg,
-                layout,
-                spec.init(fed.seed ^ 0x1417),
-                strategy_from_config(&fed.strategy),
-            )?,
-        };
+        })?;
+    let engine = match resumed {
+        Some(e) => {
+            e.check_layout(&layout).map_err(|e| {
+                anyhow::Error::new(e).context(format!(
+                    "the checkpoints in {} are of another model: use another --data-dir, or the experiment they were written for",
+                    checkpoints.display()
+                ))
+            })?;
+            info!(
+                round = e.round(),
+                version = e.version(),
+                "resumed from checkpoint"
+            );
+            e
+        }
+        None => Engine::new(
+            engine_cfg,
+            layout,
+            model.init(fed.federation().init_seed()),
+            strategy_from_config(&fed.strategy),
+        )?,
+    };
 
     let identity = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
     let keys = SealKeyPair::load_or_create(&cfg.data_dir.join("seal.key"))?;
@@ -216,7 +238,7 @@ fn main() -> anyhow::Result<()> {
         let parts = Parts {
             engine,
             fed,
-            spec,
+            model,
             tests,
             keys,
             allow,

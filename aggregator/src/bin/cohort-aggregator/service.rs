@@ -19,7 +19,7 @@ use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
 use cohort_protocol::transport::{Client, NetEvent};
 use cohort_protocol::PROTOCOL_VERSION;
 use cohort_protocol::{model_delta, ParamGroups};
-use cohort_tasks::{Dataset, ModelSpec};
+use cohort_tasks::{Dataset, SharedModel};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use libp2p::request_response::ResponseChannel;
@@ -47,7 +47,7 @@ struct Parked {
 pub struct Service {
     engine: Engine,
     fed: FederationConfig,
-    spec: ModelSpec,
+    model: SharedModel,
     tests: Vec<(String, Dataset)>,
     keys: SealKeyPair,
     allow: Option<BTreeSet<PeerId>>,
@@ -142,7 +142,7 @@ fn request_kind(r: &Request) -> &'static str {
 pub struct Parts {
     pub engine: Engine,
     pub fed: FederationConfig,
-    pub spec: ModelSpec,
+    pub model: SharedModel,
     /// Central test sets, per task that has one.
     pub tests: Vec<(String, Dataset)>,
     pub keys: SealKeyPair,
@@ -157,7 +157,7 @@ impl Service {
         let Parts {
             engine,
             fed,
-            spec,
+            model,
             tests,
             keys,
             allow,
@@ -194,7 +194,7 @@ impl Service {
         Ok(Service {
             engine,
             fed,
-            spec,
+            model,
             tests,
             keys,
             allow,
@@ -664,7 +664,7 @@ impl Service {
                 || self.engine.is_finished());
         if eval_now {
             for (task, test) in &self.tests {
-                let m = cohort_tasks::evaluate(&self.spec, global, task, test, None)?;
+                let m = self.model.evaluate(global, task, test, None)?;
                 central.push(Score {
                     task: task.clone(),
                     accuracy: m.accuracy,

@@ -121,7 +121,7 @@ pub fn load_state(path: &std::path::Path, runtime: &NodeRuntime) -> anyhow::Resu
             path.display()
         )
     })?;
-    let layout = runtime.spec.layout();
+    let layout = runtime.model.layout();
     for (name, values) in state.local.iter() {
         match layout.group(name) {
             Some(g) if g.len() == values.len() as u64 => {}
@@ -162,7 +162,7 @@ impl Agent {
                     samples: t.train.len() as u64,
                 })
                 .collect(),
-            layout: runtime.spec.layout().fingerprint(),
+            layout: runtime.model.layout().fingerprint(),
             version: PROTOCOL_VERSION,
         };
         Agent {
@@ -298,7 +298,7 @@ impl Agent {
     /// every group it holds, except local groups it has trained already.
     async fn model(&mut self, version: u64) -> Result<ParamGroups, StepError> {
         let rt = self.runtime()?;
-        let layout = rt.spec.layout();
+        let layout = rt.model.layout();
         let groups: Vec<String> = layout
             .group_names()
             .filter(|g| rt.state.local.get(g).is_none())
@@ -400,7 +400,7 @@ impl Agent {
         }
         let mut metrics = Vec::new();
         for t in self.tasks.iter().filter(|t| !t.test.is_empty()) {
-            let m = cohort_tasks::evaluate(&rt.spec, &params, &t.name, &t.data, Some(&t.test))
+            let m = rt.model.evaluate(&params, &t.name, &t.data, Some(&t.test))
                 .map_err(|e| StepError::Fatal(anyhow!("evaluation: {e}")))?;
             println!(
                 "evaluation of version {version}: {} {:.1}% on {} local samples",

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use cohort_protocol::transport::NetConfig;
-use cohort_tasks::{BackboneKind, Partitioner};
+use cohort_tasks::{Backend, Partitioner};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,8 +22,13 @@ pub struct NodeConfig {
     pub federation: String,
     /// Identity, persisted state (local heads, error-feedback residuals).
     pub data_dir: PathBuf,
-    /// Must match the aggregator's experiment.
-    pub backbone: BackboneKind,
+    /// The model's architecture (a name of the model registry); must match
+    /// the aggregator's experiment.
+    pub backbone: String,
+    /// Which code trains it here: `auto` (gemm where it has the
+    /// architecture, else dfdx), `dfdx` or `gemm`. Both backends of an
+    /// architecture have the same layout.
+    pub backend: Backend,
     pub tasks: Vec<NodeTask>,
     /// Fraction of the node's samples kept aside as its local test split.
     pub holdout: f64,
@@ -94,7 +99,8 @@ impl Default for NodeConfig {
             connect_file: None,
             federation: "w0".into(),
             data_dir: PathBuf::from("cohort-node-data"),
-            backbone: BackboneKind::Mlp28,
+            backbone: "mlp28".into(),
+            backend: Backend::Auto,
             tasks: vec![NodeTask::default()],
             holdout: 0.2,
             seed: 0,

@@ -10,7 +10,7 @@ use clap::Parser;
 use cohort_node::NodeRuntime;
 use cohort_protocol::seal::SealPublicKey;
 use cohort_protocol::transport::{build_swarm, event_loop, load_or_create_identity};
-use cohort_tasks::{load_dataset, partition, ModelSpec, TaskSpec};
+use cohort_tasks::{load_dataset, partition, ModelRegistry, TaskSpec};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use rand::seq::SliceRandom;
@@ -34,7 +34,11 @@ use config::NodeConfig;
         with its own heads on its local test split and reports. It reconnects with backoff when the \
         connection is lost. Its identity and its state (local heads, error-feedback residuals) live \
         in --data-dir and survive restarts.\n\n\
-        Data and tasks come from the --config file ([[tasks]] with name, dataset and optional shard).\n\n\
+        Data and tasks come from the --config file ([[tasks]] with name, dataset and optional shard); \
+        so does the model (backbone, e.g. mlp28) and its training backend (--backend: dfdx, dfdx 0.13's \
+        autodiff, for every architecture but the CNN; gemm, the hand-written executor of the built-in \
+        architectures, faster on the MLPs and the only one for cnn28; auto, the default, picks gemm where \
+        it can).\n\n\
         The aggregator admits only allowed peer ids: send its operator the output of \
         `cohort-node --data-dir <dir> --print-peer-id`.\n\n\
         Exit codes: 0 when the federation has finished, 3 when the aggregator refuses this node \
@@ -59,6 +63,11 @@ struct Args {
     /// Folder for the identity and the persisted state.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Training backend: auto (gemm where it has the architecture, else
+    /// dfdx), dfdx, gemm. Both backends of an architecture share its
+    /// layout, so the aggregator does not care which one a node uses.
+    #[arg(long)]
+    backend: Option<cohort_tasks::Backend>,
     /// Print this node's peer id (creating its identity if needed) and exit.
     #[arg(long)]
     print_peer_id: bool,
@@ -113,6 +122,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(a) = &args.aggregator {
         cfg.aggregator = Some(a.clone());
     }
+    if let Some(b) = args.backend {
+        cfg.backend = b;
+    }
     if let Some(k) = &args.aggregator_key {
         cfg.aggregator_key = Some(k.clone());
     }
@@ -151,17 +163,16 @@ fn main() -> anyhow::Result<()> {
         .with_context(|| format!("`{key}` is not a sealing key"))?;
 
     let tasks = load_tasks(&cfg)?;
-    let spec = ModelSpec::new(
-        cfg.backbone,
-        tasks
-            .iter()
-            .map(|t| TaskSpec {
-                name: t.name.clone(),
-                classes: t.data.classes,
-            })
-            .collect(),
-    );
-    spec.validate()?;
+    let spec = ModelRegistry::default()
+        .build(
+            &cfg.backbone,
+            cfg.backend,
+            tasks
+                .iter()
+                .map(|t| TaskSpec::new(t.name.clone(), t.data.classes))
+                .collect(),
+        )
+        .with_context(|| format!("the model `{}`", cfg.backbone))?;
     let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), spec, key);
     let state_path = cfg.data_dir.join("state.bin");
     runtime.state = load_state(&state_path, &runtime)?;
