@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use cohort_tasks::dfdx::prelude::{Cpu, DeviceBuildExt, SeedableRng};
+use cohort_tasks::dfdx::prelude::{Cpu, DeviceBuildExt};
 use cohort_tasks::dfdx_backend::builtin::ResMlp28;
 use cohort_tasks::*;
 
