@@ -1,11 +1,18 @@
 //! Local training throughput, samples per second on one thread: the MLP
 //! (784-256-128 + 10-class head) and the CNN at batch 32 and 64, SGD with
-//! momentum 0.9, on the embedded Fashion-MNIST 6k training set.
+//! momentum 0.9, on the embedded Fashion-MNIST 6k training set, on the gemm
+//! executor; side by side, the same workload on the dfdx backend for the
+//! MLP (same architecture, same start) and for `resmlp28` (dfdx only), with
+//! the dfdx/gemm ratio.
 //!
 //! `cargo bench -p cohort-tasks --bench train_throughput` (optionally with a
-//! filter argument, e.g. `mlp28`). Runs inside a 1-thread rayon pool (the
-//! kernel is single-threaded anyway), one warm-up epoch, then 9 timed
-//! epochs of 6000 samples: best and median.
+//! filter argument: a model `mlp28`, a backend `dfdx`, a batch `b64`, or
+//! several joined by `/` such as `mlp28/dfdx/b64`; or `round`). Runs inside a 1-thread rayon pool (the gemm kernel is
+//! single-threaded anyway; dfdx's matmul uses the calling pool, so this
+//! holds it to one thread too), one warm-up epoch, then 9 timed epochs of
+//! 6000 samples: best and median. The models compared with each other
+//! (gemm and dfdx `mlp28` at one batch size) alternate epoch by epoch, so a
+//! neighbour's load hits both alike.
 
 use std::time::Instant;
 
@@ -15,26 +22,82 @@ use cohort_tasks::*;
 /// is the least disturbed one).
 const REPEATS: usize = 9;
 
+/// Best and median epoch times (seconds).
+#[derive(Clone, Copy, Debug)]
+struct Timing {
+    best: f64,
+    median: f64,
+}
+
+impl Timing {
+    fn of(mut times: Vec<f64>) -> Timing {
+        times.sort_by(f64::total_cmp);
+        Timing {
+            best: times[0],
+            median: times[times.len() / 2],
+        }
+    }
+}
+
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let split = builtin("fashion6k").expect("fashion6k");
     let idx: Vec<usize> = (0..split.train.len()).collect();
+    let n = idx.len() as f64;
+    let registry = ModelRegistry::default();
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
         .expect("pool");
+    let data = [TaskData {
+        task: "fashion",
+        data: &split.train,
+        indices: &idx,
+    }];
+    let tasks = vec![TaskSpec::new("fashion", 10)];
     println!(
-        "{:<8} {:>6} {:>16} {:>18}",
-        "model", "batch", "best samples/s", "median samples/s"
+        "{:<9} {:<7} {:>6} {:>16} {:>18} {:>17} {:>19}",
+        "model",
+        "backend",
+        "batch",
+        "best samples/s",
+        "median samples/s",
+        "best dfdx/gemm",
+        "median dfdx/gemm"
     );
-    for kind in [BackboneKind::Mlp28, BackboneKind::Cnn28] {
+    // Each group is timed together, epochs interleaved; a dfdx row is
+    // compared with the gemm row of the same architecture and batch.
+    let groups: [&[(&str, Backend)]; 3] = [
+        &[("mlp28", Backend::Gemm), ("mlp28", Backend::Dfdx)],
+        &[("cnn28", Backend::Gemm)],
+        &[("resmlp28", Backend::Dfdx)],
+    ];
+    for group in groups {
         for batch in [32u32, 64] {
-            let label = format!("{kind}/b{batch}");
-            if filter.as_ref().is_some_and(|f| !label.contains(f.as_str())) {
+            let chosen: Vec<(&str, Backend)> = group
+                .iter()
+                .copied()
+                .filter(|(name, backend)| {
+                    // Every `/`-part of the filter names the model, the
+                    // backend or the batch (`mlp28/b64`, `dfdx`, ...).
+                    let parts = [name.to_string(), backend.to_string(), format!("b{batch}")];
+                    filter
+                        .as_ref()
+                        .is_none_or(|f| f.split('/').all(|p| parts.iter().any(|q| q == p)))
+                })
+                .collect();
+            if chosen.is_empty() {
                 continue;
             }
-            let spec = ModelSpec::new(kind, vec![TaskSpec::new("fashion", 10)]);
-            let start = spec.init(0);
+            let models: Vec<SharedModel> = chosen
+                .iter()
+                .map(|(name, backend)| {
+                    registry
+                        .build(name, *backend, tasks.clone())
+                        .expect("build")
+                })
+                .collect();
+            let starts: Vec<ParamGroups> = models.iter().map(|m| m.init(0)).collect();
             let cfg = TrainConfig {
                 epochs: 1,
                 batch_size: batch,
@@ -45,39 +108,52 @@ fn main() {
                 },
                 ..TrainConfig::default()
             };
-            let data = [TaskData {
-                task: "fashion",
-                data: &split.train,
-                indices: &idx,
-            }];
-            let mut times: Vec<f64> = pool.install(|| {
-                train(&spec, &start, &data, &cfg).expect("warm-up");
-                (0..REPEATS)
-                    .map(|_| {
-                        let t = Instant::now();
-                        let out = train(&spec, &start, &data, &cfg).expect("train");
+            let mut times: Vec<Vec<f64>> = vec![Vec::with_capacity(REPEATS); models.len()];
+            pool.install(|| {
+                for (m, s) in models.iter().zip(&starts) {
+                    m.train(s, &data, &cfg).expect("warm-up");
+                }
+                for _ in 0..REPEATS {
+                    for ((m, s), t) in models.iter().zip(&starts).zip(times.iter_mut()) {
+                        let t0 = Instant::now();
+                        let out = m.train(s, &data, &cfg).expect("train");
                         std::hint::black_box(&out);
-                        t.elapsed().as_secs_f64()
-                    })
-                    .collect()
+                        t.push(t0.elapsed().as_secs_f64());
+                    }
+                }
             });
-            times.sort_by(f64::total_cmp);
-            let (best, median) = (times[0], times[times.len() / 2]);
-            let n = idx.len() as f64;
-            println!(
-                "{:<8} {:>6} {:>16.0} {:>18.0}",
-                kind.name(),
-                batch,
-                n / best,
-                n / median
-            );
+            let timings: Vec<Timing> = times.into_iter().map(Timing::of).collect();
+            let gemm = chosen
+                .iter()
+                .zip(&timings)
+                .find(|((_, b), _)| *b == Backend::Gemm)
+                .map(|(_, t)| *t);
+            for ((name, backend), t) in chosen.iter().zip(&timings) {
+                let ratio = match (backend, gemm) {
+                    (Backend::Dfdx, Some(g)) => (
+                        format!("{:.2}", g.best / t.best),
+                        format!("{:.2}", g.median / t.median),
+                    ),
+                    _ => ("-".to_string(), "-".to_string()),
+                };
+                println!(
+                    "{:<9} {:<7} {:>6} {:>16.0} {:>18.0} {:>17} {:>19}",
+                    name,
+                    backend.to_string(),
+                    batch,
+                    n / t.best,
+                    n / t.median,
+                    ratio.0,
+                    ratio.1
+                );
+            }
         }
     }
     // A W1-like round: 10 clients x 600 Fashion samples, MLP, plain SGD lr
     // 0.05, batch 32, one epoch, one client per worker of a 2-thread pool.
     if filter.as_ref().is_none_or(|f| "round".contains(f.as_str())) {
         use rayon::prelude::*;
-        let spec = ModelSpec::new(BackboneKind::Mlp28, vec![TaskSpec::new("fashion", 10)]);
+        let spec = GemmModel::new(BackboneKind::Mlp28, tasks.clone()).expect("valid");
         let start = spec.init(0);
         let parts: Vec<Vec<usize>> = (0..10)
             .map(|c| (c * 600..(c + 1) * 600).collect())
@@ -86,7 +162,7 @@ fn main() {
             .num_threads(2)
             .build()
             .expect("pool");
-        let mut times: Vec<f64> = (0..=REPEATS)
+        let times: Vec<f64> = (0..=REPEATS)
             .map(|r| {
                 let t = Instant::now();
                 let outs: Vec<TrainOutcome> = pool2.install(|| {
@@ -103,7 +179,7 @@ fn main() {
                                 data: &split.train,
                                 indices: idx,
                             }];
-                            train(&spec, &start, &data, &cfg).expect("train")
+                            spec.train(&start, &data, &cfg).expect("train")
                         })
                         .collect()
                 });
@@ -112,11 +188,10 @@ fn main() {
             })
             .skip(1)
             .collect();
-        times.sort_by(f64::total_cmp);
+        let t = Timing::of(times);
         println!(
-            "round of 10 clients x 600 samples (mlp28, sgd, batch 32, 2 threads): best {:.3} s, median {:.3} s",
-            times[0],
-            times[times.len() / 2]
+            "round of 10 clients x 600 samples (mlp28, gemm, sgd, batch 32, 2 threads): best {:.3} s, median {:.3} s",
+            t.best, t.median
         );
     }
 }

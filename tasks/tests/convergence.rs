@@ -1,5 +1,6 @@
 //! Centralized training on the embedded real data sets reaches the accuracy
-//! the issue asks for, on held-out data.
+//! the issue asks for, on held-out data (the small MLPs on both backends,
+//! the 28x28 models on the gemm executor).
 
 mod common;
 use cohort_tasks::*;
@@ -7,8 +8,10 @@ use common::*;
 
 #[test]
 fn digits8x8_mlp_reaches_95_percent() {
-    let acc = central(BackboneKind::Mlp8x8, "digits8x8", &momentum(30, 0.05, 3));
-    assert!(acc >= 0.95, "accuracy {acc}");
+    for backend in BACKENDS {
+        let acc = central_on("mlp8x8", backend, "digits8x8", &momentum(30, 0.05, 3));
+        assert!(acc >= 0.95, "{backend}: accuracy {acc}");
+    }
 }
 
 #[test]
@@ -27,12 +30,15 @@ fn fashion6k_mlp_reaches_80_percent() {
 
 #[test]
 fn penguins_species_is_learned() {
-    let acc = central(
-        BackboneKind::MlpTab4,
-        "penguins/species",
-        &momentum(60, 0.05, 3),
-    );
-    assert!(acc >= 0.95, "accuracy {acc}");
+    for backend in BACKENDS {
+        let acc = central_on(
+            "mlp_tab4",
+            backend,
+            "penguins/species",
+            &momentum(60, 0.05, 3),
+        );
+        assert!(acc >= 0.95, "{backend}: accuracy {acc}");
+    }
 }
 
 /// One 28x28 backbone with heads `digits` (MNIST 5k) and `fashion`
@@ -42,10 +48,11 @@ fn multi_task_matches_single_task_within_two_points() {
     let mnist = builtin("mnist5k").expect("mnist");
     let fashion = builtin("fashion6k").expect("fashion");
     let cfg = momentum(8, 0.01, 5);
-    let spec = ModelSpec::new(
+    let spec = GemmModel::new(
         BackboneKind::Mlp28,
         vec![TaskSpec::new("digits", 10), TaskSpec::new("fashion", 10)],
-    );
+    )
+    .expect("valid tasks");
     let (mi, fi) = (all(&mnist.train), all(&fashion.train));
     let data = [
         TaskData {
@@ -59,15 +66,19 @@ fn multi_task_matches_single_task_within_two_points() {
             indices: &fi,
         },
     ];
-    let out = train(&spec, &spec.init(1), &data, &cfg).expect("multi-task train");
+    let out = spec
+        .train(&spec.init(1), &data, &cfg)
+        .expect("multi-task train");
     assert_eq!(out.metrics[0].samples, 4000);
     assert_eq!(out.metrics[1].samples, 6000);
     assert_eq!(out.metrics[0].steps, 8 * 125);
     assert_eq!(out.metrics[1].steps, 8 * 188);
-    let multi_d = evaluate(&spec, &out.params, "digits", &mnist.test, None)
+    let multi_d = spec
+        .evaluate(&out.params, "digits", &mnist.test, None)
         .expect("eval")
         .accuracy;
-    let multi_f = evaluate(&spec, &out.params, "fashion", &fashion.test, None)
+    let multi_f = spec
+        .evaluate(&out.params, "fashion", &fashion.test, None)
         .expect("eval")
         .accuracy;
     let single_d = central(BackboneKind::Mlp28, "mnist5k", &cfg);

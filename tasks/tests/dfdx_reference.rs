@@ -1,10 +1,11 @@
 //! Cross-check against dfdx 0.13's autodiff and optimizer: the same weights,
 //! data and SGD-with-momentum steps give the same model (to f32 rounding)
-//! with `cohort_tasks::train` and with a dfdx `Linear`/`ReLU` network.
+//! with `Model::train` and with a plain dfdx `Linear`/`ReLU` network trained
+//! by dfdx's own `Sgd`. Checked for the gemm executor (hand-written
+//! gradients) and for the dfdx backend (runtime heads, our optimizer
+//! plumbing around dfdx's kernels).
 
-use cohort_tasks::{
-    builtin, train, BackboneKind, ModelSpec, TaskData, TaskSpec, TrainConfig, BACKBONE,
-};
+use cohort_tasks::{builtin, Backend, ModelRegistry, TaskData, TaskSpec, TrainConfig, BACKBONE};
 use dfdx::optim::{Momentum, Optimizer as _, Sgd, SgdConfig};
 use dfdx::prelude::*;
 
@@ -15,8 +16,12 @@ fn two_momentum_steps_match_dfdx() {
     let split = builtin("penguins/species").expect("penguins");
     let data = &split.train;
     let n = data.len();
-    let spec = ModelSpec::new(BackboneKind::MlpTab4, vec![TaskSpec::new("species", 3)]);
-    let start = spec.init(17);
+    let registry = ModelRegistry::default();
+    let tasks = vec![TaskSpec::new("species", 3)];
+    let start = registry
+        .build("mlp_tab4", Backend::Gemm, tasks.clone())
+        .expect("mlp_tab4")
+        .init(17);
     let bb = start.get(BACKBONE).expect("backbone");
     let head = start.get("head/species").expect("head");
 
@@ -65,19 +70,36 @@ fn two_momentum_steps_match_dfdx() {
         },
         ..TrainConfig::default()
     };
-    let out = train(
-        &spec,
-        &start,
-        &[TaskData {
-            task: "species",
-            data,
-            indices: &idx,
-        }],
-        &cfg,
-    )
-    .expect("train");
-    let ours_bb = out.params.get(BACKBONE).expect("backbone");
-    let ours_head = out.params.get("head/species").expect("head");
+    for backend in [Backend::Gemm, Backend::Dfdx] {
+        let spec = registry
+            .build("mlp_tab4", backend, tasks.clone())
+            .expect("mlp_tab4");
+        assert_eq!(spec.init(17), start, "{backend}: the same start");
+        let out = spec
+            .train(
+                &start,
+                &[TaskData {
+                    task: "species",
+                    data,
+                    indices: &idx,
+                }],
+                &cfg,
+            )
+            .expect("train");
+        check_against_dfdx(&net, &out.params, bb, backend);
+    }
+}
+
+/// The trained `params` equal the reference `net`'s weights to f32
+/// rounding, and moved away from the start `bb`.
+fn check_against_dfdx(
+    net: &<Net as BuildOnDevice<Cpu, f32>>::Built,
+    params: &cohort_tasks::ParamGroups,
+    bb: &[f32],
+    backend: Backend,
+) {
+    let ours_bb = params.get(BACKBONE).expect("backbone");
+    let ours_head = params.get("head/species").expect("head");
 
     let theirs: Vec<(Vec<f32>, &[f32])> = vec![
         (net.0.weight.as_vec(), &ours_bb[0..128]),
@@ -92,7 +114,7 @@ fn two_momentum_steps_match_dfdx() {
         for (i, (a, b)) in t.iter().zip(o.iter()).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-5 + 1e-4 * a.abs(),
-                "tensor {k}[{i}]: dfdx {a} vs ours {b}"
+                "{backend}: tensor {k}[{i}]: dfdx {a} vs ours {b}"
             );
         }
     }
@@ -101,6 +123,6 @@ fn two_momentum_steps_match_dfdx() {
     }
     assert!(
         moved > 1e-3,
-        "the two steps must change the weights ({moved})"
+        "{backend}: the two steps must change the weights ({moved})"
     );
 }

@@ -3,11 +3,12 @@
 
 use cohort_tasks::*;
 
-fn spec2() -> ModelSpec {
-    ModelSpec::new(
-        BackboneKind::Mlp28,
-        vec![TaskSpec::new("fashion", 10), TaskSpec::new("digits", 10)],
-    )
+fn tasks2() -> Vec<TaskSpec> {
+    vec![TaskSpec::new("fashion", 10), TaskSpec::new("digits", 10)]
+}
+
+fn spec2() -> GemmModel {
+    GemmModel::new(BackboneKind::Mlp28, tasks2()).expect("valid tasks")
 }
 
 #[test]
@@ -24,19 +25,63 @@ fn names_parse_display_and_serde() {
     }
     assert!(matches!(
         "resnet".parse::<BackboneKind>(),
-        Err(TasksError::UnknownBackbone(_))
+        Err(TasksError::UnknownModel { .. })
     ));
+    for (b, n) in [
+        (Backend::Auto, "auto"),
+        (Backend::Dfdx, "dfdx"),
+        (Backend::Gemm, "gemm"),
+    ] {
+        assert_eq!(b.to_string(), n);
+        assert_eq!(n.parse::<Backend>().expect("parse"), b);
+        assert_eq!(serde_json::to_string(&b).expect("json"), format!("\"{n}\""));
+    }
+    assert!("cuda".parse::<Backend>().is_err());
+    // A model travels as its name and tasks: the tasks round-trip through
+    // serde and rebuild the same model.
     let spec = spec2();
-    let back: ModelSpec =
-        serde_json::from_str(&serde_json::to_string(&spec).expect("json")).expect("parse");
-    assert_eq!(back, spec);
+    let back: Vec<TaskSpec> =
+        serde_json::from_str(&serde_json::to_string(spec.tasks()).expect("json")).expect("parse");
+    assert_eq!(back, spec.tasks());
+    let kind: BackboneKind = spec.name().parse().expect("name");
+    assert_eq!(GemmModel::new(kind, back).expect("valid"), spec);
+    // The registry knows every built-in on the backends that run it.
+    let r = ModelRegistry::default();
+    for (name, backends) in [
+        ("mlp28", &[Backend::Dfdx, Backend::Gemm][..]),
+        ("cnn28", &[Backend::Gemm]),
+        ("mlp8x8", &[Backend::Dfdx, Backend::Gemm]),
+        ("mlp_tab4", &[Backend::Dfdx, Backend::Gemm]),
+        ("resmlp28", &[Backend::Dfdx]),
+    ] {
+        for b in [Backend::Dfdx, Backend::Gemm] {
+            let m = r.build(name, b, tasks2());
+            if backends.contains(&b) {
+                let m = m.expect("builds");
+                assert_eq!((m.name(), m.backend()), (name, b));
+            } else {
+                assert!(
+                    matches!(m, Err(TasksError::BackendUnavailable { .. })),
+                    "{name} on {b}"
+                );
+            }
+        }
+        // Auto: gemm where it has the architecture.
+        let auto = r.build(name, Backend::Auto, tasks2()).expect("auto");
+        assert_eq!(auto.backend(), *backends.last().expect("a backend"));
+    }
+    assert!(matches!(
+        r.build("resnet", Backend::Auto, tasks2()),
+        Err(TasksError::UnknownModel { .. })
+    ));
 }
 
 #[test]
 fn layout_is_deterministic_and_ordered() {
     let a = spec2();
-    let mut b = a.clone();
-    b.tasks.reverse();
+    let mut reversed = tasks2();
+    reversed.reverse();
+    let b = GemmModel::new(BackboneKind::Mlp28, reversed).expect("valid");
     assert_eq!(a.layout(), b.layout());
     assert_eq!(a.layout().fingerprint(), b.layout().fingerprint());
     let names: Vec<&str> = a
@@ -54,10 +99,11 @@ fn layout_is_deterministic_and_ordered() {
     assert_eq!(head.tensors[0].shape, vec![10, 128]);
     assert_eq!(head.tensors[1].offset, 1280);
     // Another backbone or class count changes the fingerprint.
-    let c = ModelSpec::new(BackboneKind::Cnn28, a.tasks.clone());
+    let c = GemmModel::new(BackboneKind::Cnn28, a.tasks().to_vec()).expect("valid");
     assert_ne!(c.layout().fingerprint(), a.layout().fingerprint());
-    let mut d = a.clone();
-    d.tasks[0].classes = 9;
+    let mut nine = a.tasks().to_vec();
+    nine[0].classes = 9;
+    let d = GemmModel::new(BackboneKind::Mlp28, nine).expect("valid");
     assert_ne!(d.layout().fingerprint(), a.layout().fingerprint());
     // The subset's layout is the protocol's subset of the full layout.
     let s = a.subset(&["digits"]).expect("subset");
@@ -75,15 +121,36 @@ fn layout_is_deterministic_and_ordered() {
 
 #[test]
 fn invalid_specs_are_refused() {
-    let dup = ModelSpec::new(
-        BackboneKind::Mlp28,
+    let r = ModelRegistry::default();
+    for tasks in [
         vec![TaskSpec::new("a", 10), TaskSpec::new("a", 3)],
-    );
-    assert!(matches!(dup.try_layout(), Err(TasksError::InvalidSpec(_))));
-    let one = ModelSpec::new(BackboneKind::Mlp28, vec![TaskSpec::new("a", 1)]);
-    assert!(one.validate().is_err());
-    let slash = ModelSpec::new(BackboneKind::Mlp28, vec![TaskSpec::new("a/b", 3)]);
-    assert!(slash.validate().is_err());
+        vec![TaskSpec::new("a", 1)],
+        vec![TaskSpec::new("a/b", 3)],
+        vec![TaskSpec::new("", 3)],
+        vec![TaskSpec::new("a", MAX_CLASSES + 1)],
+    ] {
+        assert!(
+            matches!(
+                GemmModel::new(BackboneKind::Mlp28, tasks.clone()),
+                Err(TasksError::InvalidSpec(_))
+            ),
+            "{tasks:?}"
+        );
+        // Every way of building a model refuses them alike.
+        for backend in [Backend::Gemm, Backend::Dfdx] {
+            assert!(
+                matches!(
+                    r.build("mlp28", backend, tasks.clone()),
+                    Err(TasksError::InvalidSpec(_))
+                ),
+                "{tasks:?} on {backend}"
+            );
+        }
+        assert!(matches!(
+            spec2().with_tasks(tasks.clone()),
+            Err(TasksError::InvalidSpec(_))
+        ));
+    }
 }
 
 #[test]
@@ -102,6 +169,15 @@ fn init_is_deterministic_and_heads_do_not_depend_on_other_tasks() {
     assert!(p1.get(BACKBONE).expect("backbone")[..784 * 256]
         .iter()
         .all(|v| v.abs() <= bound));
+    // The MLPs have the same layout and the same start on both backends,
+    // so that a backend switch changes neither.
+    for name in ["mlp28", "mlp8x8", "mlp_tab4"] {
+        let r = ModelRegistry::default();
+        let g = r.build(name, Backend::Gemm, tasks2()).expect("gemm");
+        let d = r.build(name, Backend::Dfdx, tasks2()).expect("dfdx");
+        assert_eq!(g.layout(), d.layout(), "{name}");
+        assert_eq!(g.init(42), d.init(42), "{name}");
+    }
 }
 
 #[test]
@@ -112,14 +188,15 @@ fn flatten_load_round_trip_is_bit_exact() {
         BackboneKind::Mlp8x8,
         BackboneKind::MlpTab4,
     ] {
-        let spec = ModelSpec::new(kind, vec![TaskSpec::new("x", 3), TaskSpec::new("y", 7)]);
+        let spec = GemmModel::new(kind, vec![TaskSpec::new("x", 3), TaskSpec::new("y", 7)])
+            .expect("valid");
         let mut p = spec.init(9);
         // Awkward values survive too: signed zero, subnormals, NaN payloads.
         let bb = p.get_mut(BACKBONE).expect("backbone");
         bb[0] = -0.0;
         bb[1] = f32::from_bits(1);
         bb[2] = f32::from_bits(0x7fc0_1234);
-        let m = Model::from_groups(&spec, &p).expect("load");
+        let m = GemmNet::from_groups(&spec, &p).expect("load");
         let q = m.to_groups();
         for (name, v) in p.iter() {
             let w = q.get(name).expect("group");
@@ -137,34 +214,44 @@ fn wrong_layouts_are_typed_errors() {
     let mut p = spec.init(0);
     p.get_mut("head/digits").expect("head").pop();
     assert!(matches!(
-        Model::from_groups(&spec, &p),
+        GemmNet::from_groups(&spec, &p),
         Err(TasksError::Layout(_))
     ));
     let mut p = spec.init(0);
     p.remove("head/fashion");
     assert!(matches!(
-        Model::from_groups(&spec, &p),
+        GemmNet::from_groups(&spec, &p),
         Err(TasksError::Layout(_))
     ));
     let mut p = spec.init(0);
     p.insert("head/cifar", vec![0.0; 1290]);
     assert!(matches!(
-        Model::from_groups(&spec, &p),
+        GemmNet::from_groups(&spec, &p),
         Err(TasksError::Layout(_))
     ));
     // A CNN vector into an MLP: refused, no panic.
-    let cnn = ModelSpec::new(BackboneKind::Cnn28, spec.tasks.clone()).init(0);
+    let cnn = GemmModel::new(BackboneKind::Cnn28, spec.tasks().to_vec())
+        .expect("valid")
+        .init(0);
     assert!(matches!(
-        Model::from_groups(&spec, &cnn),
+        GemmNet::from_groups(&spec, &cnn),
         Err(TasksError::Layout(_))
     ));
     let cfg = TrainConfig::default();
     assert!(matches!(
-        train(&spec, &cnn, &[], &cfg),
+        spec.train(&cnn, &[], &cfg),
+        Err(TasksError::Layout(_))
+    ));
+    // The dfdx backend of the same architecture refuses it alike.
+    let dfdx = ModelRegistry::default()
+        .build("mlp28", Backend::Dfdx, spec.tasks().to_vec())
+        .expect("dfdx mlp28");
+    assert!(matches!(
+        dfdx.train(&cnn, &[], &cfg),
         Err(TasksError::Layout(_))
     ));
     // Partial loads: a new backbone keeps the heads; a bad group changes nothing.
-    let mut m = Model::init(&spec, 1);
+    let mut m = GemmNet::from_groups(&spec, &spec.init(1)).expect("init fits");
     let before = m.to_groups();
     let mut bad = ParamGroups::new();
     bad.insert(BACKBONE, vec![1.0; before.get(BACKBONE).expect("bb").len()]);

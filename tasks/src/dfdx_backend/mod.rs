@@ -54,8 +54,9 @@ type Vector = Tensor<(usize,), f32, Cpu>;
 /// and `F` features: be walkable (names, load, flatten, optimizer), run
 /// forward without a tape (evaluation) and with one (training; `ModuleMut`,
 /// so that dropout is active). Every dfdx module built from `Linear`,
-/// `ReLU`/`GeLU`/`Tanh`..., `LayerNorm1D`, `Dropout`, `Residual` and tuples
-/// of them qualifies; implemented automatically.
+/// `ReLU`/`GeLU`/`Tanh`..., `LayerNorm1D`, `DropoutOneIn<N>` (drops 1 in
+/// `N`; the `Dropout` builder is always p = 0.5, a type cannot carry its
+/// `p`), `Residual` and tuples of them qualifies; implemented automatically.
 pub trait DfdxBackbone<const IN: usize, const F: usize>:
     TensorCollection<f32, Cpu>
     + Module<Rows<IN>, Output = Rows<F>>
@@ -324,7 +325,10 @@ where
 
 impl ModelRegistry {
     /// Registers the dfdx module type `B` (a builder tuple) under `name`
-    /// on the dfdx backend, initialized by dfdx's own rules.
+    /// on the dfdx backend, initialized by dfdx's own rules. `IN` and `F`
+    /// are its input and feature widths (checked at compile time). A name
+    /// registered before (a built-in one too) is replaced on the dfdx
+    /// backend.
     pub fn register_dfdx<B, const IN: usize, const F: usize>(&mut self, name: &str, description: &str)
     where
         B: BuildOnDevice<Cpu, f32> + 'static,
@@ -333,7 +337,8 @@ impl ModelRegistry {
         self.register_dfdx_with::<B, IN, F>(name, description, DfdxInit::Module);
     }
 
-    pub(crate) fn register_dfdx_with<B, const IN: usize, const F: usize>(
+    /// [`ModelRegistry::register_dfdx`] with another initialization rule.
+    pub fn register_dfdx_with<B, const IN: usize, const F: usize>(
         &mut self,
         name: &str,
         description: &str,

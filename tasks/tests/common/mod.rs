@@ -3,6 +3,20 @@
 
 use cohort_tasks::*;
 
+/// Both concrete backends, for tests of training semantics that must hold
+/// whichever code trains the model.
+pub const BACKENDS: [Backend; 2] = [Backend::Gemm, Backend::Dfdx];
+
+/// Built-in model `name` on `backend` (never `Auto`) with `tasks`, from the
+/// default registry.
+pub fn build(name: &str, backend: Backend, tasks: Vec<TaskSpec>) -> SharedModel {
+    let m = ModelRegistry::default()
+        .build(name, backend, tasks)
+        .unwrap_or_else(|e| panic!("build {name} on {backend}: {e}"));
+    assert_eq!(m.backend(), backend, "{name}");
+    m
+}
+
 pub fn momentum(epochs: u32, lr: f32, seed: u64) -> TrainConfig {
     TrainConfig {
         epochs,
@@ -21,27 +35,38 @@ pub fn all(d: &Dataset) -> Vec<usize> {
     (0..d.len()).collect()
 }
 
-/// Trains `backbone` + one head `task` centrally on a built-in split and
-/// returns the held-out accuracy.
+/// Trains built-in model `name` on the gemm executor + one head `task`
+/// centrally on a built-in split and returns the held-out accuracy.
 pub fn central(backbone: BackboneKind, name: &str, cfg: &TrainConfig) -> f32 {
+    central_on(backbone.name(), Backend::Gemm, name, cfg)
+}
+
+/// [`central`] for registry model `model` on `backend`.
+pub fn central_on(model: &str, backend: Backend, name: &str, cfg: &TrainConfig) -> f32 {
     let split = builtin(name).expect("builtin");
-    let spec = ModelSpec::new(backbone, vec![TaskSpec::new("t", split.train.classes)]);
+    let spec = build(
+        model,
+        backend,
+        vec![TaskSpec::new("t", split.train.classes)],
+    );
     let start = spec.init(1);
     let idx = all(&split.train);
-    let out = train(
-        &spec,
-        &start,
-        &[TaskData {
-            task: "t",
-            data: &split.train,
-            indices: &idx,
-        }],
-        cfg,
-    )
-    .expect("train");
-    let m = evaluate(&spec, &out.params, "t", &split.test, None).expect("eval");
+    let out = spec
+        .train(
+            &start,
+            &[TaskData {
+                task: "t",
+                data: &split.train,
+                indices: &idx,
+            }],
+            cfg,
+        )
+        .expect("train");
+    let m = spec
+        .evaluate(&out.params, "t", &split.test, None)
+        .expect("eval");
     eprintln!(
-        "{backbone} on {name}: accuracy {:.4}, loss {:.4}, train loss {:.4}",
+        "{model} ({backend}) on {name}: accuracy {:.4}, loss {:.4}, train loss {:.4}",
         m.accuracy, m.loss, out.metrics[0].loss
     );
     m.accuracy
