@@ -151,6 +151,8 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // One aggregator per data folder: held until the process ends.
+    let _lock = cohort_aggregator::checkpoint::lock_dir(&cfg.data_dir)?;
 
     // The model and the central test sets.
     let mut tasks = Vec::new();
