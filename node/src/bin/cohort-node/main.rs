@@ -163,6 +163,7 @@ fn main() -> anyhow::Result<()> {
     );
     spec.validate()?;
     let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), spec, key);
+    runtime.limits = cfg.limits.clone();
     let state_path = cfg.data_dir.join("state.bin");
     runtime.state = load_state(&state_path, &runtime)?;
     println!(
