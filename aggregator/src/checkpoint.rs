@@ -102,9 +102,9 @@ pub fn lock_dir(dir: &Path) -> Result<DirLock, AggError> {
         Err(fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
     }
     // Best effort: who holds it.
-    let _ = file.set_len(0).and_then(|()| {
-        file.write_all(format!("{}\n", std::process::id()).as_bytes())
-    });
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()));
     Ok(DirLock { _file: file, path })
 }
 
@@ -364,7 +364,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Checks `bytes` (the file `name` of a checkpoint) against `sums`.
-fn verify(sums: Option<&BTreeMap<String, String>>, name: &str, bytes: &[u8]) -> Result<(), AggError> {
+fn verify(
+    sums: Option<&BTreeMap<String, String>>,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), AggError> {
     let Some(sums) = sums else {
         return Ok(());
     };
@@ -407,9 +411,12 @@ impl Engine {
                 "refusing to save a non-finite model: `{g}`[{i}]"
             )));
         }
-        if let Some((t, i)) =
-            first_non_finite(strategy.tensors.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
-        {
+        if let Some((t, i)) = first_non_finite(
+            strategy
+                .tensors
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice())),
+        ) {
             return Err(AggError::Checkpoint(format!(
                 "refusing to save a non-finite strategy state: `{t}`[{i}]"
             )));
@@ -576,11 +583,11 @@ impl Engine {
         match (state.format, &sums) {
             (FORMAT, Some(_)) => {}
             (FORMAT, None) => {
-                return Err(AggError::Checkpoint(format!(
-                    "{CHECKSUMS_FILE} is missing"
-                )))
+                return Err(AggError::Checkpoint(format!("{CHECKSUMS_FILE} is missing")))
             }
-            (1, _) => warn!(path = %path.display(), "checkpoint of format 1: no checksums to verify"),
+            (1, _) => {
+                warn!(path = %path.display(), "checkpoint of format 1: no checksums to verify")
+            }
             (f, _) => {
                 return Err(AggError::Checkpoint(format!(
                     "unknown checkpoint format {f}"

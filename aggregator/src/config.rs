@@ -259,7 +259,10 @@ impl EngineConfig {
 pub fn validate_train(t: &TrainConfig) -> Result<(), AggError> {
     let bad = |m: String| Err(AggError::Config(m));
     if t.epochs == 0 || t.epochs > MAX_EPOCHS {
-        return bad(format!("train.epochs = {} (allowed 1..={MAX_EPOCHS})", t.epochs));
+        return bad(format!(
+            "train.epochs = {} (allowed 1..={MAX_EPOCHS})",
+            t.epochs
+        ));
     }
     if t.batch_size == 0 || t.batch_size > MAX_BATCH_SIZE {
         return bad(format!(
@@ -306,7 +309,9 @@ pub fn validate_train(t: &TrainConfig) -> Result<(), AggError> {
                 return bad(format!("train.optimizer.beta2 = {beta2} (allowed [0, 1))"));
             }
             if !(eps.is_finite() && eps > 0.0) {
-                return bad(format!("train.optimizer.eps = {eps} (must be finite and > 0)"));
+                return bad(format!(
+                    "train.optimizer.eps = {eps} (must be finite and > 0)"
+                ));
             }
         }
     }

@@ -1008,10 +1008,13 @@ impl Engine {
                         });
                         None
                     } else {
-                        let lightest = held
-                            .iter()
-                            .enumerate()
-                            .fold(0, |best, (i, h)| if h.weight < held[best].weight { i } else { best });
+                        let lightest = held.iter().enumerate().fold(0, |best, (i, h)| {
+                            if h.weight < held[best].weight {
+                                i
+                            } else {
+                                best
+                            }
+                        });
                         if w > held[lightest].weight {
                             Some(std::mem::replace(
                                 &mut held[lightest],
@@ -1343,7 +1346,11 @@ fn capped_mean(sum: Vec<f32>, streamed: f64, held: &[Held], share: f64) -> Optio
         return None;
     }
     if held.is_empty() {
-        return Some(sum.into_iter().map(|s| (f64::from(s) / total) as f32).collect());
+        return Some(
+            sum.into_iter()
+                .map(|s| (f64::from(s) / total) as f32)
+                .collect(),
+        );
     }
     if let Some(c) = cap {
         debug!(cap = c, "weight share capped");

@@ -37,9 +37,10 @@ fn fedavgm_lr100() -> StrategyConfig {
 }
 
 fn all_finite(e: &Engine) -> bool {
-    e.global().iter().all(|(_, v)| v.iter().all(|x| x.is_finite()))
-        && e
-            .strategy()
+    e.global()
+        .iter()
+        .all(|(_, v)| v.iter().all(|x| x.is_finite()))
+        && e.strategy()
             .state()
             .tensors
             .values()
@@ -123,7 +124,11 @@ fn a_step_that_goes_non_finite_is_rolled_back() {
         assert_eq!(r.version, 0);
         assert_eq!(e.version(), 0);
         assert_eq!(e.global(), &before, "{s:?}: model unchanged");
-        assert_eq!(e.strategy().state(), state_before, "{s:?}: moments unchanged");
+        assert_eq!(
+            e.strategy().state(),
+            state_before,
+            "{s:?}: moments unchanged"
+        );
         assert_eq!(e.strategy().state().steps, 0);
         assert!(all_finite(&e));
         // The next honest round moves the model (a Yogi with v = inf would
@@ -193,7 +198,8 @@ fn a_hello_claiming_10_to_the_12_samples_cannot_outweigh_the_rest() {
     let run = |cfg: EngineConfig| -> f32 {
         let mut e = engine(cfg, &fedavg());
         for i in 0..3 {
-            e.register(node(&format!("h{i}"), &[("a", 100)])).expect("reg");
+            e.register(node(&format!("h{i}"), &[("a", 100)]))
+                .expect("reg");
         }
         e.register(node("liar", &[("a", BIG)]))
             .expect("registered (its weight is capped, not refused)");
@@ -261,7 +267,8 @@ fn share_cap_matches_water_filling() {
         cfg.quorum = 1.0;
         let mut e = engine(cfg, &fedavg());
         for (i, &w) in weights.iter().enumerate() {
-            e.register(node(&format!("n{i}"), &[("a", w)])).expect("reg");
+            e.register(node(&format!("n{i}"), &[("a", w)]))
+                .expect("reg");
         }
         let plans = e.start_round(0).expect("start");
         assert_eq!(plans.len(), 8);
@@ -296,9 +303,14 @@ fn validate_names_the_bad_train_or_codec_field() {
         f(&mut c);
         let err = c.validate().expect_err(field).to_string();
         assert!(err.contains(field), "{field}: {err}");
-        let err = Engine::new(c, layout(), initial(), cohort_aggregator::strategy_from_config(&fedavg()))
-            .expect_err(field)
-            .to_string();
+        let err = Engine::new(
+            c,
+            layout(),
+            initial(),
+            cohort_aggregator::strategy_from_config(&fedavg()),
+        )
+        .expect_err(field)
+        .to_string();
         assert!(err.contains(field), "{field}: {err}");
     };
     check(&|c| c.train.batch_size = 0, "train.batch_size");
@@ -311,7 +323,10 @@ fn validate_names_the_bad_train_or_codec_field() {
     check(&|c| c.train.epochs = u32::MAX, "train.epochs");
     check(&|c| c.train.max_steps = Some(0), "train.max_steps");
     check(&|c| c.train.prox_mu = -1.0, "train.prox_mu");
-    check(&|c| c.train.weight_decay = f32::INFINITY, "train.weight_decay");
+    check(
+        &|c| c.train.weight_decay = f32::INFINITY,
+        "train.weight_decay",
+    );
     check(
         &|c| {
             c.train.optimizer = cohort_protocol::messages::Optimizer::Momentum {
@@ -323,9 +338,14 @@ fn validate_names_the_bad_train_or_codec_field() {
     );
     let mut c = defended();
     c.train.frozen = vec!["nope".into()];
-    let err = Engine::new(c, layout(), initial(), cohort_aggregator::strategy_from_config(&fedavg()))
-        .expect_err("unknown frozen group")
-        .to_string();
+    let err = Engine::new(
+        c,
+        layout(),
+        initial(),
+        cohort_aggregator::strategy_from_config(&fedavg()),
+    )
+    .expect_err("unknown frozen group")
+    .to_string();
     assert!(err.contains("train.frozen"), "{err}");
     check(&|c| c.max_weight_share = 0.0, "max_weight_share");
     check(&|c| c.max_samples_per_node = 0, "max_samples_per_node");

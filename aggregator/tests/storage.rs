@@ -32,7 +32,10 @@ fn wait_for_lock_holder(dir: &Path, pid: u32) {
         if text.trim() == pid.to_string() {
             return;
         }
-        assert!(Instant::now() < deadline, "the first aggregator never took the lock");
+        assert!(
+            Instant::now() < deadline,
+            "the first aggregator never took the lock"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
