@@ -8,7 +8,17 @@
 //! - `strategy.safetensors`: the strategy's tensors (e.g. `m/backbone`,
 //!   `v/backbone` for FedAdam), bit-exact;
 //! - `state.json`: round, version, strategy name and steps, the sampling RNG
-//!   (seed, stream, word position), the layout and a SHA-256 of the config.
+//!   (seed, stream, word position), the layout and a SHA-256 of the config;
+//! - `checksums.json` (written last): the SHA-256 of each of the three
+//!   files above.
+//!
+//! Integrity: nothing non-finite is saved (a model or optimizer state with a
+//! NaN or an infinity is refused at save), and at load every file must
+//! match its checksum and every weight and moment must be finite.
+//! [`Engine::resume`] tries the checkpoints newest first: a damaged one is
+//! skipped with an `ERROR` log line naming it and the reason, and the
+//! previous good one is used (the error of the newest is returned when none
+//! is good).
 //!
 //! It is written into a temporary folder and renamed into place, so a crash
 //! leaves either the old set of checkpoints or the new one. Not saved: the
@@ -30,7 +40,7 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{error, info, warn};
 
 use crate::strategy::{Strategy, StrategyState};
 use crate::{AggError, Engine, EngineConfig};
@@ -38,11 +48,65 @@ use crate::{AggError, Engine, EngineConfig};
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 pub const STRATEGY_FILE: &str = "strategy.safetensors";
 pub const STATE_FILE: &str = "state.json";
-const FORMAT: u32 = 1;
+pub const CHECKSUMS_FILE: &str = "checksums.json";
+/// 2: with `checksums.json`. Format 1 (no checksums) is still read, with a
+/// warning.
+const FORMAT: u32 = 2;
+/// Bound on `checksums.json`.
+const MAX_CHECKSUMS_BYTES: u64 = 4096;
 /// Bound on `state.json` (the layout is the only large part).
 const MAX_STATE_BYTES: u64 = 64 << 20;
 /// Slack for safetensors headers above the tensor bytes.
 const HEADER_SLACK: u64 = 16 << 20;
+
+/// The lock file of a data folder (see [`lock_dir`]).
+pub const LOCK_FILE: &str = "aggregator.lock";
+
+/// An exclusive lock on a data folder, held as long as this value lives
+/// (and released by the OS if the process dies).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: fs::File,
+    path: PathBuf,
+}
+
+impl DirLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Takes the exclusive lock of `dir` (creating it and its `aggregator.lock`
+/// file), or fails at once with [`AggError::Locked`] if another process (or
+/// another `DirLock` of this one) holds it: two aggregators never write the
+/// same checkpoints. The lock is advisory (`flock`) and the file records the
+/// holder's pid for the operator.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, AggError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(AggError::Locked {
+                path: dir.to_path_buf(),
+            })
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+    }
+    // Best effort: who holds it.
+    let _ = file
+        .set_len(0)
+        .and_then(|()| file.write_all(format!("{}\n", std::process::id()).as_bytes()));
+    Ok(DirLock { _file: file, path })
+}
 
 /// `state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -258,9 +322,15 @@ fn checked_params(layout: &Layout) -> Result<u64, AggError> {
 
 /// The newest complete checkpoint folder in `dir`, if any.
 pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>, AggError> {
+    Ok(all(dir)?.into_iter().next())
+}
+
+/// Every complete checkpoint folder in `dir` (one with a `state.json`),
+/// newest first.
+pub fn all(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AggError> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => {
             return Err(AggError::Io {
                 path: dir.to_path_buf(),
@@ -268,7 +338,7 @@ pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>, AggError> {
             })
         }
     };
-    let mut best: Option<(u64, PathBuf)> = None;
+    let mut found: Vec<(u64, PathBuf)> = Vec::new();
     for entry in entries {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
@@ -283,11 +353,47 @@ pub fn latest(dir: &Path) -> Result<Option<(u64, PathBuf)>, AggError> {
         if !path.join(STATE_FILE).is_file() {
             continue;
         }
-        if best.as_ref().is_none_or(|(b, _)| round > *b) {
-            best = Some((round, path));
+        found.push((round, path));
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
+    Ok(found)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// Checks `bytes` (the file `name` of a checkpoint) against `sums`.
+fn verify(
+    sums: Option<&BTreeMap<String, String>>,
+    name: &str,
+    bytes: &[u8],
+) -> Result<(), AggError> {
+    let Some(sums) = sums else {
+        return Ok(());
+    };
+    let want = sums
+        .get(name)
+        .ok_or_else(|| AggError::Checkpoint(format!("{CHECKSUMS_FILE} has no entry for {name}")))?;
+    let got = sha256_hex(bytes);
+    if &got != want {
+        return Err(AggError::Checkpoint(format!(
+            "{name} is damaged: SHA-256 {got}, the checkpoint recorded {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// The first non-finite value of named tensors, if any.
+fn first_non_finite<'a>(
+    tensors: impl Iterator<Item = (&'a str, &'a [f32])>,
+) -> Option<(String, usize)> {
+    for (name, t) in tensors {
+        if let Some(i) = t.iter().position(|v| !v.is_finite()) {
+            return Some((name.to_string(), i));
         }
     }
-    Ok(best)
+    None
 }
 
 impl Engine {
@@ -298,6 +404,23 @@ impl Engine {
         if self.round_open() {
             return Err(AggError::RoundOpen(self.round));
         }
+        let strategy = self.strategy.state();
+        // Never save a model or optimizer state that a resume would refuse.
+        if let Some((g, i)) = first_non_finite(self.global.iter()) {
+            return Err(AggError::Checkpoint(format!(
+                "refusing to save a non-finite model: `{g}`[{i}]"
+            )));
+        }
+        if let Some((t, i)) = first_non_finite(
+            strategy
+                .tensors
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice())),
+        ) {
+            return Err(AggError::Checkpoint(format!(
+                "refusing to save a non-finite strategy state: `{t}`[{i}]"
+            )));
+        }
         fs::create_dir_all(dir).map_err(io(dir))?;
         let name = round_dir_name(self.round);
         let tmp = dir.join(format!(".tmp-{name}"));
@@ -305,7 +428,6 @@ impl Engine {
             fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let strategy = self.strategy.state();
         let state = SavedState {
             format: FORMAT,
             federation: self.cfg.federation.clone(),
@@ -318,17 +440,28 @@ impl Engine {
             config_hash: config_hash(&self.cfg)?,
             layout: self.layout.clone(),
         };
-        write_synced(
-            &tmp.join(WEIGHTS_FILE),
-            &weights_to_safetensors(&self.layout, &self.global)?,
-        )?;
-        write_synced(
-            &tmp.join(STRATEGY_FILE),
-            &tensors_to_safetensors(&strategy.tensors)?,
-        )?;
+        let weights = weights_to_safetensors(&self.layout, &self.global)?;
+        write_synced(&tmp.join(WEIGHTS_FILE), &weights)?;
+        let strat = tensors_to_safetensors(&strategy.tensors)?;
+        write_synced(&tmp.join(STRATEGY_FILE), &strat)?;
         let json = serde_json::to_vec_pretty(&state)
             .map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
         write_synced(&tmp.join(STATE_FILE), &json)?;
+        let sums: BTreeMap<String, String> = [
+            (WEIGHTS_FILE, &weights[..]),
+            (STRATEGY_FILE, &strat[..]),
+            (STATE_FILE, &json[..]),
+        ]
+        .into_iter()
+        .map(|(n, b)| (n.to_string(), sha256_hex(b)))
+        .collect();
+        let sums = serde_json::to_vec_pretty(&sums)
+            .map_err(|e| AggError::Checkpoint(format!("checksums: {e}")))?;
+        write_synced(&tmp.join(CHECKSUMS_FILE), &sums)?;
+        // The folder's entries themselves.
+        if let Ok(d) = fs::File::open(&tmp) {
+            let _ = d.sync_all();
+        }
         let dest = dir.join(&name);
         if dest.exists() {
             // Same round saved twice: move the old one aside first (rename
@@ -351,37 +484,117 @@ impl Engine {
         Ok(dest)
     }
 
-    /// Resumes from the newest checkpoint in `dir` (`None` if there is
-    /// none). The config must hash like the one that wrote it (`rounds`
+    /// Resumes from the newest good checkpoint in `dir` (`None` if there
+    /// is none). The config must hash like the one that wrote it (`rounds`
     /// may differ) and `strategy` must be the same kind. Nodes must
-    /// register again.
+    /// register again. A checkpoint that fails its checks (damaged file,
+    /// non-finite value, ...) is skipped with an error line, and the
+    /// previous one is tried; when none is good, the error of the newest is
+    /// returned.
     pub fn resume(
         dir: &Path,
         cfg: EngineConfig,
         strategy: Box<dyn Strategy>,
     ) -> Result<Option<Self>, AggError> {
-        let Some((_, path)) = latest(dir)? else {
-            return Ok(None);
-        };
-        Self::resume_from(&path, cfg, strategy).map(Some)
+        let found = all(dir)?;
+        let mut strategy = strategy;
+        // The state the strategy was handed in with, to undo a partial
+        // restore before the next attempt.
+        let blank = strategy.state();
+        let mut newest_error = None;
+        for (round, path) in &found {
+            match Self::load_checked(path, &cfg, strategy.as_mut()) {
+                Ok((global, state, rng)) => {
+                    if newest_error.is_some() {
+                        error!(
+                            round,
+                            path = %path.display(),
+                            "RESUMED FROM AN OLDER CHECKPOINT: the newer ones are damaged (see above)"
+                        );
+                    }
+                    return Self::assemble(path, cfg, strategy, global, state, rng).map(Some);
+                }
+                Err(e) => {
+                    error!(
+                        round,
+                        path = %path.display(),
+                        error = %e,
+                        "CHECKPOINT DAMAGED OR UNUSABLE: skipped, trying the previous one"
+                    );
+                    strategy.restore(blank.clone())?;
+                    newest_error.get_or_insert(e);
+                }
+            }
+        }
+        match newest_error {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
-    /// Resumes from one checkpoint folder.
+    /// Resumes from one checkpoint folder (no fallback).
     pub fn resume_from(
         path: &Path,
         cfg: EngineConfig,
         mut strategy: Box<dyn Strategy>,
     ) -> Result<Self, AggError> {
+        let (global, state, rng) = Self::load_checked(path, &cfg, strategy.as_mut())?;
+        Self::assemble(path, cfg, strategy, global, state, rng)
+    }
+
+    fn assemble(
+        path: &Path,
+        cfg: EngineConfig,
+        strategy: Box<dyn Strategy>,
+        global: ParamGroups,
+        state: SavedState,
+        rng: ChaCha8Rng,
+    ) -> Result<Self, AggError> {
+        let mut engine = Engine::new(cfg, state.layout, global.clone(), strategy)?;
+        engine.restore_parts(global, state.round, state.version, rng);
+        info!(round = state.round, version = state.version, path = %path.display(), "resumed");
+        Ok(engine)
+    }
+
+    /// Reads and checks one checkpoint folder, restoring the strategy's
+    /// state into `strategy`.
+    fn load_checked(
+        path: &Path,
+        cfg: &EngineConfig,
+        strategy: &mut dyn Strategy,
+    ) -> Result<(ParamGroups, SavedState, ChaCha8Rng), AggError> {
+        let sums: Option<BTreeMap<String, String>> =
+            match read_bounded(&path.join(CHECKSUMS_FILE), MAX_CHECKSUMS_BYTES) {
+                Ok(b) => Some(
+                    serde_json::from_slice(&b)
+                        .map_err(|e| AggError::Checkpoint(format!("{CHECKSUMS_FILE}: {e}")))?,
+                ),
+                Err(AggError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
+            };
         let state_bytes = read_bounded(&path.join(STATE_FILE), MAX_STATE_BYTES)?;
+        verify(sums.as_ref(), STATE_FILE, &state_bytes)?;
         let state: SavedState = serde_json::from_slice(&state_bytes)
             .map_err(|e| AggError::Checkpoint(format!("state.json: {e}")))?;
-        if state.format != FORMAT {
-            return Err(AggError::Checkpoint(format!(
-                "unknown checkpoint format {}",
-                state.format
-            )));
+        match (state.format, &sums) {
+            (FORMAT, Some(_)) => {}
+            (FORMAT, None) => {
+                return Err(AggError::Checkpoint(format!("{CHECKSUMS_FILE} is missing")))
+            }
+            (1, _) => {
+                warn!(path = %path.display(), "checkpoint of format 1: no checksums to verify")
+            }
+            (f, _) => {
+                return Err(AggError::Checkpoint(format!(
+                    "unknown checkpoint format {f}"
+                )))
+            }
         }
-        if state.config_hash != config_hash(&cfg)? {
+        if state.config_hash != config_hash(cfg)? {
             return Err(AggError::Checkpoint(
                 "the config differs from the one that wrote the checkpoint".into(),
             ));
@@ -400,13 +613,30 @@ impl Engine {
                 weight_bytes.len()
             )));
         }
+        verify(sums.as_ref(), WEIGHTS_FILE, &weight_bytes)?;
         let global = weights_from_safetensors(&state.layout, &weight_bytes)?;
+        if let Some((g, i)) = first_non_finite(global.iter()) {
+            return Err(AggError::Checkpoint(format!(
+                "{WEIGHTS_FILE}: `{g}`[{i}] is not finite"
+            )));
+        }
         let strat_bytes = read_bounded(
             &path.join(STRATEGY_FILE),
             params.saturating_mul(8).saturating_add(HEADER_SLACK),
         )?;
+        verify(sums.as_ref(), STRATEGY_FILE, &strat_bytes)?;
         let mut strat_state = state.strategy.clone();
         strat_state.tensors = tensors_from_safetensors(&strat_bytes)?;
+        if let Some((t, i)) = first_non_finite(
+            strat_state
+                .tensors
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice())),
+        ) {
+            return Err(AggError::Checkpoint(format!(
+                "{STRATEGY_FILE}: `{t}`[{i}] is not finite"
+            )));
+        }
         for (name, t) in &strat_state.tensors {
             let group = name.split_once('/').map(|(_, g)| g).unwrap_or("");
             let expected = state.layout.group(group).map(|g| g.len());
@@ -426,9 +656,6 @@ impl Engine {
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(state.rng_stream);
         rng.set_word_pos(word_pos);
-        let mut engine = Engine::new(cfg, state.layout, global.clone(), strategy)?;
-        engine.restore_parts(global, state.round, state.version, rng);
-        info!(round = state.round, version = state.version, path = %path.display(), "resumed");
-        Ok(engine)
+        Ok((global, state, rng))
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use cohort_protocol::codec::CodecConfig;
-use cohort_protocol::messages::TrainConfig;
+use cohort_protocol::messages::{Optimizer, TrainConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::AggError;
@@ -112,6 +112,32 @@ pub enum GroupPolicy {
     Local,
 }
 
+/// Default of [`EngineConfig::max_samples_per_node`].
+pub const DEFAULT_MAX_SAMPLES_PER_NODE: u64 = 1_000_000;
+/// Default of [`EngineConfig::max_weight_share`]: no node carries more than
+/// half of a group's weight.
+pub const DEFAULT_MAX_WEIGHT_SHARE: f64 = 0.5;
+/// Bounds on the local training settings a plan may carry (checked at start
+/// by [`EngineConfig::validate`]; nodes enforce their own as well).
+pub const MAX_EPOCHS: u32 = 1_000;
+pub const MAX_BATCH_SIZE: u32 = 8_192;
+pub const MAX_LOCAL_STEPS: u64 = 10_000_000;
+/// Largest local learning rate (any optimizer).
+pub const MAX_LR: f32 = 10.0;
+pub const MAX_PROX_MU: f32 = 1_000.0;
+/// Longest round deadline: a week.
+pub const MAX_DEADLINE_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The default bound on an update's L2 norm for `layout`: `sqrt(P)` for
+/// `P` parameters, i.e. the norm of a delta that moves every parameter by 1
+/// on average (an honest round of local SGD moves them by orders of
+/// magnitude less), and at least 1. It keeps every accepted value and sum
+/// far from the f32 range (a 1e37 update is refused), whatever the model.
+pub fn default_max_update_norm(layout: &cohort_protocol::Layout) -> f32 {
+    let params: u64 = layout.groups.iter().map(|g| g.len()).sum();
+    ((params as f64).sqrt() as f32).max(1.0)
+}
+
 /// Everything the engine needs to know, apart from the layout, the initial
 /// weights and the strategy.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -131,8 +157,20 @@ pub struct EngineConfig {
     pub codec: CodecConfig,
     /// Policy per group name; groups not listed are `global`.
     pub group_policy: BTreeMap<String, GroupPolicy>,
-    /// Updates whose L2 norm (all groups together) is above this are refused.
+    /// Updates whose L2 norm (all groups together) is above this are
+    /// refused. None: the default derived from the model,
+    /// [`default_max_update_norm`] (`sqrt(parameters)`, the norm of a delta
+    /// that moves every parameter by 1 on average).
     pub max_update_norm: Option<f32>,
+    /// Cap on the example weight of one node in one group (its claimed
+    /// samples beyond it count as this many): the operator's bound on what a
+    /// hello may claim.
+    pub max_samples_per_node: u64,
+    /// Largest share of a group's total weight one update may carry in a
+    /// weighted mean, in (0, 1]; heavier updates are capped (water-filling)
+    /// so that no single node outweighs the rest. 1 disables the cap; with
+    /// fewer than `1 / share` contributors the mean is unweighted.
+    pub max_weight_share: f64,
     /// Rounds (sync) or model steps (async) to run; 0 = no limit.
     pub rounds: u64,
     /// Cap on decoded deltas kept in memory by strategies that must retain
@@ -154,6 +192,8 @@ impl Default for EngineConfig {
             codec: CodecConfig::default(),
             group_policy: BTreeMap::new(),
             max_update_norm: None,
+            max_samples_per_node: DEFAULT_MAX_SAMPLES_PER_NODE,
+            max_weight_share: DEFAULT_MAX_WEIGHT_SHARE,
             rounds: 0,
             max_retained_bytes: 1 << 30,
         }
@@ -165,8 +205,28 @@ impl EngineConfig {
         self.group_policy.get(group).copied().unwrap_or_default()
     }
 
+    /// Checks every setting, naming the field of the first bad one. The
+    /// train and codec settings go into every plan: a bad one must stop the
+    /// aggregator at start, not every node at its first round.
     pub fn validate(&self) -> Result<(), AggError> {
         let bad = |m: &str| Err(AggError::Config(m.to_string()));
+        if self.deadline_ms == 0 || self.deadline_ms > MAX_DEADLINE_MS {
+            return Err(AggError::Config(format!(
+                "deadline_ms = {} (allowed 1..={MAX_DEADLINE_MS})",
+                self.deadline_ms
+            )));
+        }
+        if self.max_samples_per_node == 0 {
+            return bad("max_samples_per_node must be at least 1");
+        }
+        if !(self.max_weight_share.is_finite()
+            && self.max_weight_share > 0.0
+            && self.max_weight_share <= 1.0)
+        {
+            return bad("max_weight_share must be in (0, 1]");
+        }
+        validate_train(&self.train)?;
+        validate_codec(&self.codec)?;
         if !(self.sampling.fraction.is_finite()
             && self.sampling.fraction >= 0.0
             && self.sampling.fraction <= 1.0)
@@ -193,6 +253,85 @@ impl EngineConfig {
         }
         Ok(())
     }
+}
+
+/// Checks the local training settings of a plan (`train.*` fields).
+pub fn validate_train(t: &TrainConfig) -> Result<(), AggError> {
+    let bad = |m: String| Err(AggError::Config(m));
+    if t.epochs == 0 || t.epochs > MAX_EPOCHS {
+        return bad(format!(
+            "train.epochs = {} (allowed 1..={MAX_EPOCHS})",
+            t.epochs
+        ));
+    }
+    if t.batch_size == 0 || t.batch_size > MAX_BATCH_SIZE {
+        return bad(format!(
+            "train.batch_size = {} (allowed 1..={MAX_BATCH_SIZE})",
+            t.batch_size
+        ));
+    }
+    if !(t.lr.is_finite() && t.lr > 0.0 && t.lr <= MAX_LR) {
+        return bad(format!("train.lr = {} (allowed (0, {MAX_LR}])", t.lr));
+    }
+    if !(t.weight_decay.is_finite() && (0.0..1.0).contains(&t.weight_decay)) {
+        return bad(format!(
+            "train.weight_decay = {} (allowed [0, 1))",
+            t.weight_decay
+        ));
+    }
+    if !(t.prox_mu.is_finite() && (0.0..=MAX_PROX_MU).contains(&t.prox_mu)) {
+        return bad(format!(
+            "train.prox_mu = {} (allowed [0, {MAX_PROX_MU}])",
+            t.prox_mu
+        ));
+    }
+    if let Some(s) = t.max_steps {
+        if s == 0 || s > MAX_LOCAL_STEPS {
+            return bad(format!(
+                "train.max_steps = {s} (allowed 1..={MAX_LOCAL_STEPS})"
+            ));
+        }
+    }
+    match t.optimizer {
+        Optimizer::Sgd => {}
+        Optimizer::Momentum { momentum, .. } => {
+            if !(momentum.is_finite() && (0.0..1.0).contains(&momentum)) {
+                return bad(format!(
+                    "train.optimizer.momentum = {momentum} (allowed [0, 1))"
+                ));
+            }
+        }
+        Optimizer::Adam { beta1, beta2, eps } => {
+            if !(beta1.is_finite() && (0.0..1.0).contains(&beta1)) {
+                return bad(format!("train.optimizer.beta1 = {beta1} (allowed [0, 1))"));
+            }
+            if !(beta2.is_finite() && (0.0..1.0).contains(&beta2)) {
+                return bad(format!("train.optimizer.beta2 = {beta2} (allowed [0, 1))"));
+            }
+            if !(eps.is_finite() && eps > 0.0) {
+                return bad(format!(
+                    "train.optimizer.eps = {eps} (must be finite and > 0)"
+                ));
+            }
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(g) = t.frozen.iter().find(|g| !seen.insert(g.as_str())) {
+        return bad(format!("train.frozen names `{g}` twice"));
+    }
+    Ok(())
+}
+
+/// Checks the codec settings of a plan (`codec.*` fields).
+pub fn validate_codec(c: &CodecConfig) -> Result<(), AggError> {
+    if !matches!(c.bits, 1 | 2 | 4 | 8 | 16 | 32) {
+        return Err(AggError::Config(format!(
+            "codec.bits = {} (use 32, 16, 8, 4, 2 or 1)",
+            c.bits
+        )));
+    }
+    c.validate()
+        .map_err(|e| AggError::Config(format!("codec: {e}")))
 }
 
 /// The engine settings of the embedded default workload W0 (`cohort-sim`

@@ -113,6 +113,11 @@ pub struct RoundReport {
     pub mean_staleness: f64,
     /// Groups whose combined delta was not finite and were skipped.
     pub skipped_groups: Vec<String>,
+    /// The server step made a weight or an optimizer moment non-finite: it
+    /// was undone (model and strategy state as before the round) and the
+    /// round failed.
+    #[serde(default)]
+    pub rolled_back: bool,
     pub eval: Option<Metrics>,
     pub closed_at_ms: u64,
 }
@@ -129,13 +134,30 @@ pub(crate) struct NodeEntry {
     pub(crate) samples: BTreeMap<String, u64>,
 }
 
+/// An update held out of a streamed sum: one of the heaviest of its group,
+/// whose weight the share cap may still lower when the round closes.
+#[derive(Debug)]
+struct Held {
+    weight: f64,
+    /// The delta, already scaled (clipping, staleness discount).
+    delta: Vec<f32>,
+}
+
 /// Collected updates of one group.
 #[derive(Debug)]
 enum GroupAcc {
     Stream {
+        /// Weighted sum of the updates not in `held`.
         sum: Vec<f32>,
+        /// Their total weight.
         weight: f64,
         count: u32,
+        /// The `ceil(1 / max_weight_share)` heaviest updates (empty when the
+        /// share is not capped). Only they can need capping: an update
+        /// lighter than all of them is at most `1 / (m + 1)` of the total
+        /// even after they are capped. Memory stays O(model), whatever the
+        /// number of contributors.
+        held: Vec<Held>,
     },
     Retain {
         deltas: Vec<Vec<f32>>,
@@ -204,6 +226,8 @@ pub struct Engine {
     /// Decoded values of the update being checked: O(model), reused.
     scratch: Vec<f32>,
     evaluator: Option<Evaluator>,
+    /// The effective bound on an update's L2 norm.
+    norm_bound: f32,
 }
 
 impl fmt::Debug for Engine {
@@ -229,6 +253,13 @@ impl Engine {
         cfg.validate()?;
         layout.validate()?;
         layout.check(&initial)?;
+        for (g, w) in initial.iter() {
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(AggError::Config(format!(
+                    "initial weights: `{g}`[{i}] is not finite"
+                )));
+            }
+        }
         for name in cfg.group_policy.keys() {
             if layout.group(name).is_none() {
                 return Err(AggError::Config(format!(
@@ -236,6 +267,16 @@ impl Engine {
                 )));
             }
         }
+        for name in &cfg.train.frozen {
+            if layout.group(name).is_none() {
+                return Err(AggError::Config(format!(
+                    "train.frozen names unknown group `{name}`"
+                )));
+            }
+        }
+        let norm_bound = cfg
+            .max_update_norm
+            .unwrap_or_else(|| crate::config::default_max_update_norm(&layout));
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         Ok(Engine {
             cfg,
@@ -253,6 +294,7 @@ impl Engine {
             reports: VecDeque::new(),
             scratch: Vec::new(),
             evaluator: None,
+            norm_bound,
         })
     }
 
@@ -307,6 +349,11 @@ impl Engine {
     pub fn retained_bytes(&self) -> u64 {
         self.collecting.retained_bytes
     }
+    /// The bound on an update's L2 norm in force (configured, or derived
+    /// from the layout).
+    pub fn max_update_norm(&self) -> f32 {
+        self.norm_bound
+    }
 
     /// Bytes held by the accumulators: the running sums of streaming
     /// strategies (O(model), whatever the contributors) plus retained deltas.
@@ -315,7 +362,9 @@ impl Engine {
             .groups
             .values()
             .map(|a| match a {
-                GroupAcc::Stream { sum, .. } => 4 * sum.len() as u64,
+                GroupAcc::Stream { sum, held, .. } => {
+                    4 * (sum.len() + held.iter().map(|h| h.delta.len()).sum::<usize>()) as u64
+                }
                 GroupAcc::Retain { deltas, .. } => deltas.iter().map(|d| 4 * d.len() as u64).sum(),
             })
             .sum()
@@ -328,11 +377,22 @@ impl Engine {
         for (g, acc) in &self.collecting.groups {
             ctx.update(g.as_bytes());
             match acc {
-                GroupAcc::Stream { sum, weight, count } => {
+                GroupAcc::Stream {
+                    sum,
+                    weight,
+                    count,
+                    held,
+                } => {
                     ctx.update(&weight.to_le_bytes());
                     ctx.update(&count.to_le_bytes());
                     for v in sum {
                         ctx.update(&v.to_le_bytes());
+                    }
+                    for h in held {
+                        ctx.update(&h.weight.to_le_bytes());
+                        for v in &h.delta {
+                            ctx.update(&v.to_le_bytes());
+                        }
                     }
                 }
                 GroupAcc::Retain { deltas, weights } => {
@@ -376,6 +436,15 @@ impl Engine {
         }
         let mut samples = BTreeMap::new();
         for (task, n) in &node.tasks {
+            if *n > self.cfg.max_samples_per_node {
+                warn!(
+                    node = %node.id,
+                    task = %task,
+                    claimed = n,
+                    cap = self.cfg.max_samples_per_node,
+                    "hello claims more samples than max_samples_per_node; its weight is capped"
+                );
+            }
             if self.layout.group(&head_group(task)).is_none() {
                 return Err(refuse(format!("unknown task `{task}`")));
             }
@@ -822,7 +891,8 @@ impl Engine {
                     format!("`{g}`: {claimed} examples claimed, {registered} registered x {epochs} epochs"),
                 ));
             }
-            weights.push(claimed as f64);
+            // The operator's cap: a claim beyond it weighs as the cap.
+            weights.push(claimed.min(self.cfg.max_samples_per_node) as f64);
         }
         let collect = self.strategy.collect();
         if collect == Collect::Retain {
@@ -865,13 +935,12 @@ impl Engine {
             offset += len;
         }
         let norm = sq.sqrt();
-        if let Some(bound) = self.cfg.max_update_norm {
-            if norm > f64::from(bound) {
-                return Err(Refusal::new(
-                    C::NormTooLarge,
-                    format!("L2 norm {norm:.6e} over the bound {bound:.6e}"),
-                ));
-            }
+        let bound = self.norm_bound;
+        if norm > f64::from(bound) {
+            return Err(Refusal::new(
+                C::NormTooLarge,
+                format!("L2 norm {norm:.6e} over the bound {bound:.6e}"),
+            ));
         }
         let clip = match self.strategy.clip_norm() {
             Some(c) if norm > f64::from(c) && norm > 0.0 => f64::from(c) / norm,
@@ -884,6 +953,7 @@ impl Engine {
         // Accepted: commit.
         let round = plan.round;
         let bytes: u64 = encoded.iter().map(|b| b.len() as u64).sum();
+        let hold = held_capacity(self.cfg.max_weight_share);
         let mut offset = 0;
         for ((g, &len), &w) in h.groups.iter().zip(&lens).zip(&weights) {
             let part = &self.scratch[offset..offset + len];
@@ -897,6 +967,7 @@ impl Engine {
                         sum: vec![0.0; len],
                         weight: 0.0,
                         count: 0,
+                        held: Vec::new(),
                     },
                     Collect::Retain => GroupAcc::Retain {
                         deltas: Vec::new(),
@@ -904,13 +975,68 @@ impl Engine {
                     },
                 });
             match acc {
-                GroupAcc::Stream { sum, weight, count } => {
-                    let m = (w * scale) as f32;
-                    for (a, x) in sum.iter_mut().zip(part) {
-                        *a += m * x;
-                    }
-                    *weight += w;
+                GroupAcc::Stream {
+                    sum,
+                    weight,
+                    count,
+                    held,
+                } => {
                     *count += 1;
+                    if hold == 0 {
+                        let m = (w * scale) as f32;
+                        for (a, x) in sum.iter_mut().zip(part) {
+                            *a += m * x;
+                        }
+                        *weight += w;
+                        continue;
+                    }
+                    let c = scale as f32;
+                    let scaled = || -> Vec<f32> {
+                        if scale == 1.0 {
+                            part.to_vec()
+                        } else {
+                            part.iter().map(|x| x * c).collect()
+                        }
+                    };
+                    // Keep the `hold` heaviest out of the sum; the lightest
+                    // held (the first of equals) goes in when a heavier one
+                    // comes.
+                    let into_sum = if held.len() < hold {
+                        held.push(Held {
+                            weight: w,
+                            delta: scaled(),
+                        });
+                        None
+                    } else {
+                        let lightest = held.iter().enumerate().fold(0, |best, (i, h)| {
+                            if h.weight < held[best].weight {
+                                i
+                            } else {
+                                best
+                            }
+                        });
+                        if w > held[lightest].weight {
+                            Some(std::mem::replace(
+                                &mut held[lightest],
+                                Held {
+                                    weight: w,
+                                    delta: scaled(),
+                                },
+                            ))
+                        } else {
+                            Some(Held {
+                                weight: w,
+                                delta: scaled(),
+                            })
+                        }
+                    };
+                    if let Some(h) = into_sum {
+                        let m = h.weight as f32;
+                        for (a, x) in sum.iter_mut().zip(&h.delta) {
+                            *a += m * x;
+                        }
+                        *weight += h.weight;
+                    }
                 }
                 GroupAcc::Retain { deltas, weights } => {
                     let c = scale as f32;
@@ -986,16 +1112,17 @@ impl Engine {
         let mut combined = BTreeMap::new();
         for (g, acc) in collecting.groups {
             let (delta, count) = match acc {
-                GroupAcc::Stream { sum, weight, count } => {
-                    if weight.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) {
+                GroupAcc::Stream {
+                    sum,
+                    weight,
+                    count,
+                    held,
+                } => {
+                    let Some(delta) = capped_mean(sum, weight, &held, self.cfg.max_weight_share)
+                    else {
                         continue;
-                    }
-                    (
-                        sum.into_iter()
-                            .map(|s| (f64::from(s) / weight) as f32)
-                            .collect::<Vec<f32>>(),
-                        count,
-                    )
+                    };
+                    (delta, count)
                 }
                 GroupAcc::Retain { deltas, weights } => {
                     match self.strategy.combine(&g, &deltas, &weights) {
@@ -1019,11 +1146,46 @@ impl Engine {
         if combined.is_empty() {
             return report;
         }
+        // What the step may change, to undo it if it goes non-finite.
+        let saved_weights: Vec<(String, Vec<f32>)> = combined
+            .keys()
+            .filter_map(|g| self.global.get(g).map(|w| (g.clone(), w.to_vec())))
+            .collect();
+        let saved_strategy = self.strategy.state();
+        let restore = |engine: &mut Engine| -> Result<(), AggError> {
+            for (g, w) in &saved_weights {
+                engine.global.insert(g, w.clone());
+            }
+            engine.strategy.restore(saved_strategy.clone())
+        };
         if let Err(e) =
             self.strategy
                 .aggregate(round, &combined, &mut self.global, &report.failures)
         {
             warn!(error = %e, round, "strategy failed to aggregate; model unchanged this round");
+            if let Err(e) = restore(self) {
+                warn!(error = %e, round, "could not restore the strategy state");
+            }
+            report.skipped_groups.extend(combined.into_keys());
+            report.contributors.clear();
+            return report;
+        }
+        let weights_finite = combined.keys().all(|g| {
+            self.global
+                .get(g)
+                .is_some_and(|w| w.iter().all(|v| v.is_finite()))
+        });
+        if !weights_finite || !self.strategy.is_finite() {
+            warn!(
+                round,
+                weights_finite,
+                "SERVER STEP ROLLED BACK: the step made the model or the optimizer state \
+                 non-finite; model and strategy state restored, the round fails"
+            );
+            if let Err(e) = restore(self) {
+                warn!(error = %e, round, "could not restore the strategy state");
+            }
+            report.rolled_back = true;
             report.skipped_groups.extend(combined.into_keys());
             report.contributors.clear();
             return report;
@@ -1127,6 +1289,84 @@ impl Engine {
         self.version = version;
         self.rng = rng;
     }
+}
+
+/// Updates kept out of a streamed sum so that the share cap can still lower
+/// their weight: `ceil(1 / share)`, none when the share is not capped.
+fn held_capacity(share: f64) -> usize {
+    if !(share > 0.0 && share < 1.0) {
+        return 0;
+    }
+    (1.0 / share).ceil().min(1024.0) as usize
+}
+
+/// The weight cap `c` such that no update weighs more than `share` of the
+/// capped total: `c = share * (streamed + sum(min(h_i, c)))` (water-filling
+/// over the held weights), or None when no update is over its share.
+/// Updates in the streamed sum never need capping (see [`GroupAcc`]). When
+/// the cap cannot be met (fewer than `1 / share` contributors), all held
+/// updates weigh the same.
+fn weight_cap(streamed: f64, held: &[f64], share: f64) -> Option<f64> {
+    let total: f64 = streamed + held.iter().sum::<f64>();
+    let max = held.iter().copied().fold(0.0f64, f64::max);
+    if held.is_empty() || max <= share * total {
+        return None;
+    }
+    let mut desc: Vec<f64> = held.to_vec();
+    desc.sort_unstable_by(|a, b| b.total_cmp(a));
+    let mut rest = total;
+    for j in 1..=desc.len() {
+        rest -= desc[j - 1];
+        let denom = 1.0 - j as f64 * share;
+        if denom <= 0.0 {
+            break;
+        }
+        let c = share * rest.max(0.0) / denom;
+        let next = desc.get(j).copied().unwrap_or(0.0);
+        if c > 0.0 && c <= desc[j - 1] && c >= next {
+            return Some(c);
+        }
+    }
+    // Infeasible: equal weights for the held updates (then the streamed
+    // sum is empty, as every update is held).
+    desc.last().copied().filter(|c| *c > 0.0)
+}
+
+/// The weighted mean of a streamed group with the share cap applied to its
+/// held updates; None when the total weight is not positive.
+fn capped_mean(sum: Vec<f32>, streamed: f64, held: &[Held], share: f64) -> Option<Vec<f32>> {
+    let weights: Vec<f64> = held.iter().map(|h| h.weight).collect();
+    let cap = weight_cap(streamed, &weights, share);
+    let capped: Vec<f64> = weights
+        .iter()
+        .map(|&w| cap.map_or(w, |c| w.min(c)))
+        .collect();
+    let total = streamed + capped.iter().sum::<f64>();
+    if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
+        return None;
+    }
+    if held.is_empty() {
+        return Some(
+            sum.into_iter()
+                .map(|s| (f64::from(s) / total) as f32)
+                .collect(),
+        );
+    }
+    if let Some(c) = cap {
+        debug!(cap = c, "weight share capped");
+    }
+    Some(
+        sum.iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let mut acc = f64::from(s);
+                for (h, &w) in held.iter().zip(&capped) {
+                    acc += w * f64::from(h.delta.get(i).copied().unwrap_or(0.0));
+                }
+                (acc / total) as f32
+            })
+            .collect(),
+    )
 }
 
 /// Sum of squares in f64, in 8 independent lanes so that the compiler can

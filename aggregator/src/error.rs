@@ -3,6 +3,8 @@
 
 use thiserror::Error;
 
+use crate::checkpoint::LOCK_FILE;
+
 /// What can go wrong in the engine, its strategies and its checkpoints.
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -33,6 +35,12 @@ pub enum AggError {
     Checkpoint(String),
     #[error("the checkpoint holds another model than the experiment's\n  checkpoint: {checkpoint}\n  experiment: {model}")]
     ModelChanged { checkpoint: String, model: String },
+    #[error(
+        "{} is in use by another aggregator (its lock file {LOCK_FILE} is held); \
+         stop it or use another data folder",
+        path.display()
+    )]
+    Locked { path: std::path::PathBuf },
     #[error("checkpoint I/O on {path}: {source}")]
     Io {
         path: std::path::PathBuf,

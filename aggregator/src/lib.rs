@@ -25,6 +25,17 @@
 //!   samples of task `t` in `header.metrics`; each claim must be positive and
 //!   at most the samples the node registered times the plan's epochs.
 //!   A group is aggregated over the updates that carry it only.
+//!   A claim counts for at most `EngineConfig::max_samples_per_node`, and in
+//!   a weighted mean no update carries more than `max_weight_share` (default
+//!   1/2) of a group's weight: the heaviest `ceil(1/share)` updates of a
+//!   group are held beside the streamed sum and capped by water-filling when
+//!   the round closes.
+//! - Norm bound: `max_update_norm`, by default `sqrt(parameters)` (see
+//!   [`default_max_update_norm`]).
+//! - After every server step the touched weights and the strategy's state
+//!   (momentum, moments) must be finite; otherwise the step is undone (model
+//!   and strategy state as before), the round fails (`rolled_back`), and the
+//!   version does not move.
 //! - Group policy `local`: never in a plan's `upload`, refused if sent, never
 //!   changed on the aggregator.
 //! - Checks, in order, before anything counts: federation, registered node,
@@ -60,7 +71,8 @@ pub mod strategy;
 /// Refusal codes are the wire's: the engine's refusals go to nodes as they are.
 pub use cohort_protocol::messages::RefusalCode;
 pub use config::{
-    w0_engine, w0_strategy, Discount, EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling,
+    default_max_update_norm, validate_codec, validate_train, w0_engine, w0_strategy, Discount,
+    EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling,
 };
 pub use engine::{
     Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RoundReport, SubmitOutcome,

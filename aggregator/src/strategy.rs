@@ -138,6 +138,16 @@ pub trait Strategy: Send + fmt::Debug {
     fn state(&self) -> StrategyState;
 
     fn restore(&mut self, state: StrategyState) -> Result<(), AggError>;
+
+    /// Every tensor of the strategy's state (momentum, moments) is finite.
+    /// The engine checks it after every server step and undoes a step that
+    /// breaks it. The default looks at [`Strategy::state`].
+    fn is_finite(&self) -> bool {
+        self.state()
+            .tensors
+            .values()
+            .all(|t| t.iter().all(|v| v.is_finite()))
+    }
 }
 
 /// How the deltas of one group are combined.
@@ -396,6 +406,13 @@ impl Strategy for ServerStrategy {
             steps: self.steps,
             tensors,
         }
+    }
+
+    fn is_finite(&self) -> bool {
+        self.m
+            .values()
+            .chain(self.v.values())
+            .all(|t| t.iter().all(|v| v.is_finite()))
     }
 
     fn restore(&mut self, state: StrategyState) -> Result<(), AggError> {

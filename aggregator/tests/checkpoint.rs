@@ -3,7 +3,10 @@
 
 mod common;
 
-use cohort_aggregator::checkpoint::{latest, weights_from_safetensors, STATE_FILE, WEIGHTS_FILE};
+use cohort_aggregator::checkpoint::{
+    latest, weights_from_safetensors, weights_to_safetensors, CHECKSUMS_FILE, STATE_FILE,
+    WEIGHTS_FILE,
+};
 use cohort_aggregator::strategy::AdaptiveParams;
 use cohort_aggregator::{
     strategy_from_config, AggError, Engine, EngineConfig, Sampling, StrategyConfig, StrategyKind,
@@ -190,8 +193,12 @@ fn resume_refuses_other_configs_and_damaged_files() {
     let spath = path.join(STATE_FILE);
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&spath).expect("read")).expect("json");
+    // A file written as format 1 (no checksums), so that the size checks
+    // behind the checksum are reached.
+    std::fs::remove_file(path.join(CHECKSUMS_FILE)).expect("rm checksums");
     let with_shape = |group: usize, shape: serde_json::Value| {
         let mut v = state.clone();
+        v["format"] = serde_json::json!(1);
         v["layout"]["groups"][group]["tensors"][0]["shape"] = shape;
         serde_json::to_vec(&v).expect("json")
     };
@@ -231,4 +238,139 @@ fn no_checkpoint_while_a_round_is_open() {
         a.save_checkpoint(dir.path()),
         Err(AggError::RoundOpen(1))
     ));
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, b)
+        .as_ref()
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Rounds 1 and 2 saved; returns the engine and the weights of round 1.
+fn two_checkpoints(dir: &std::path::Path) -> (Engine, Vec<(String, Vec<u32>)>) {
+    let mut a = engine(cfg(), &adam());
+    register_all(&mut a);
+    run_round(&mut a, 0);
+    a.save_checkpoint(dir).expect("save 1");
+    let at1 = bits(&a);
+    run_round(&mut a, 1000);
+    a.save_checkpoint(dir).expect("save 2");
+    (a, at1)
+}
+
+/// Before: no checksum, a flipped bit in a weight loaded silently, and a
+/// damaged newest checkpoint stopped the resume. After: it is detected and
+/// the previous good checkpoint is used.
+#[test]
+fn damaged_newest_checkpoint_falls_back_to_the_previous_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (a, at1) = two_checkpoints(dir.path());
+    let newest = dir.path().join("round-000002");
+    assert!(newest.join(CHECKSUMS_FILE).is_file());
+    // Intact: round 2.
+    let b = Engine::resume(dir.path(), cfg(), strategy_from_config(&adam()))
+        .expect("resume")
+        .expect("found");
+    assert_eq!(b.round(), 2);
+    assert_eq!(bits(&b), bits(&a));
+    // One bit of one weight flipped: still valid safetensors.
+    let wpath = newest.join(WEIGHTS_FILE);
+    let good = std::fs::read(&wpath).expect("read");
+    let mut bad = good.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    std::fs::write(&wpath, &bad).expect("write");
+    assert!(
+        weights_from_safetensors(&layout(), &bad).is_ok(),
+        "the damage is invisible to the format"
+    );
+    assert!(matches!(
+        Engine::resume_from(&newest, cfg(), strategy_from_config(&adam())),
+        Err(AggError::Checkpoint(m)) if m.contains("damaged")
+    ));
+    let b = Engine::resume(dir.path(), cfg(), strategy_from_config(&adam()))
+        .expect("falls back")
+        .expect("found");
+    assert_eq!((b.round(), b.version()), (1, 1));
+    assert_eq!(bits(&b), at1);
+    // A truncated state file: same.
+    std::fs::write(&wpath, &good).expect("restore");
+    let spath = newest.join(STATE_FILE);
+    let state = std::fs::read(&spath).expect("read");
+    std::fs::write(&spath, &state[..state.len() / 2]).expect("write");
+    let b = Engine::resume(dir.path(), cfg(), strategy_from_config(&adam()))
+        .expect("falls back")
+        .expect("found");
+    assert_eq!(b.round(), 1);
+    // Every checkpoint damaged: an error, not a fresh start.
+    let old = dir.path().join("round-000001").join(WEIGHTS_FILE);
+    std::fs::write(&old, b"garbage").expect("write");
+    assert!(matches!(
+        Engine::resume(dir.path(), cfg(), strategy_from_config(&adam())),
+        Err(AggError::Checkpoint(_))
+    ));
+}
+
+/// Before: a NaN model loaded (and a NaN state was saved). After: a
+/// checkpoint with a non-finite weight, even with valid checksums, is
+/// refused at load (and resume falls back), and none is written.
+#[test]
+fn non_finite_checkpoints_are_neither_loaded_nor_saved() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_a, at1) = two_checkpoints(dir.path());
+    let newest = dir.path().join("round-000002");
+    let mut nan = initial();
+    nan.get_mut(BACKBONE).expect("bb")[3] = f32::NAN;
+    let bytes = weights_to_safetensors(&layout(), &nan).expect("st");
+    std::fs::write(newest.join(WEIGHTS_FILE), &bytes).expect("write");
+    let sums_path = newest.join(CHECKSUMS_FILE);
+    let mut sums: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sums_path).expect("read")).expect("json");
+    sums[WEIGHTS_FILE] = serde_json::json!(sha256_hex(&bytes));
+    std::fs::write(&sums_path, serde_json::to_vec(&sums).expect("json")).expect("write");
+    let err = Engine::resume_from(&newest, cfg(), strategy_from_config(&adam()))
+        .expect_err("NaN refused");
+    assert!(err.to_string().contains("not finite"), "{err}");
+    let b = Engine::resume(dir.path(), cfg(), strategy_from_config(&adam()))
+        .expect("falls back")
+        .expect("found");
+    assert_eq!(bits(&b), at1);
+
+    // Save: a strategy whose state holds a NaN is not written.
+    #[derive(Debug)]
+    struct NanState;
+    impl cohort_aggregator::Strategy for NanState {
+        fn name(&self) -> &str {
+            "nan"
+        }
+        fn aggregate(
+            &mut self,
+            _: u64,
+            _: &std::collections::BTreeMap<String, Vec<f32>>,
+            _: &mut cohort_protocol::ParamGroups,
+            _: &[(String, cohort_aggregator::FailureReason)],
+        ) -> Result<(), AggError> {
+            Ok(())
+        }
+        fn state(&self) -> cohort_aggregator::StrategyState {
+            let mut s = cohort_aggregator::StrategyState {
+                name: "nan".into(),
+                ..Default::default()
+            };
+            s.tensors.insert("m/backbone".into(), vec![f32::NAN; 6]);
+            s
+        }
+        fn restore(&mut self, _: cohort_aggregator::StrategyState) -> Result<(), AggError> {
+            Ok(())
+        }
+    }
+    let e = Engine::new(cfg(), layout(), initial(), Box::new(NanState)).expect("engine");
+    let other = tempfile::tempdir().expect("tmp");
+    let err = e.save_checkpoint(other.path()).expect_err("not saved");
+    assert!(err.to_string().contains("non-finite"), "{err}");
+    assert!(latest(other.path()).expect("ls").is_none());
+    // A non-finite initial model is refused at the start.
+    assert!(Engine::new(cfg(), layout(), nan, strategy_from_config(&adam())).is_err());
 }

@@ -12,8 +12,37 @@ pub enum NodeError {
     MissingWeights(String),
     #[error("node has no training data for any of its tasks")]
     NoData,
+    /// The plan breaks this node's limits or makes no sense (the field is
+    /// named). A refusal: the node backs off and asks again.
+    #[error("plan refused: {0}")]
+    BadPlan(String),
+    /// The global weights sent do not fit the model or are not finite.
+    #[error("weights refused: {0}")]
+    BadWeights(String),
+    /// Local training produced a non-finite or out-of-range delta; nothing
+    /// is sent and the node's state is unchanged.
+    #[error("training diverged: {0}")]
+    Diverged(String),
     #[error(transparent)]
     Tasks(#[from] cohort_tasks::TasksError),
     #[error(transparent)]
     Protocol(#[from] cohort_protocol::ProtocolError),
+}
+
+impl NodeError {
+    /// The error comes from what the aggregator sent (plan, weights) or
+    /// from training on it, not from this node's own setup: the round is
+    /// refused, and the node should back off and try again rather than
+    /// stop. `NoData` and a data set that does not fit the model are the
+    /// node's own problems.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            NodeError::NoData => false,
+            NodeError::Tasks(e) => matches!(
+                e,
+                cohort_tasks::TasksError::InvalidConfig(_) | cohort_tasks::TasksError::Layout(_)
+            ),
+            _ => true,
+        }
+    }
 }

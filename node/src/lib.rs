@@ -15,4 +15,4 @@ mod error;
 mod runtime;
 
 pub use error::NodeError;
-pub use runtime::{mix_seed, NodeRuntime, NodeState, RoundOutput};
+pub use runtime::{mix_seed, NodeLimits, NodeRuntime, NodeState, RoundOutput};

@@ -1,4 +1,5 @@
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use cohort_protocol::codec::{CodecConfig, ErrorFeedback};
 use cohort_protocol::messages::{pack_groups, RoundPlan, TaskMetrics, Update, UpdateHeader};
@@ -31,8 +32,52 @@ impl NodeState {
     }
 }
 
+/// What this node accepts of a plan, whatever the aggregator says. The
+/// aggregator's plan is an input from a peer: a plan outside these limits is
+/// refused ([`NodeError::BadPlan`]), or cut down where doing less is safe
+/// (steps).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NodeLimits {
+    /// Optimizer steps per round at most: a plan asking for more (by its
+    /// epochs or its `max_steps`) trains this many, which bounds the CPU
+    /// time of a round (with `max_batch_size`).
+    pub max_steps: u64,
+    /// Wall-clock budget of local training, enforced as a step cap from the
+    /// step rate this node measured in its previous rounds (the first round
+    /// is bounded by `max_steps` only; training itself is not interrupted).
+    /// None: no time budget (and rounds stay deterministic).
+    pub max_train_ms: Option<u64>,
+    /// Plans with more epochs are refused.
+    pub max_epochs: u32,
+    /// Plans with smaller batches are refused (small batches leak more
+    /// about single samples).
+    pub min_batch_size: u32,
+    pub max_batch_size: u32,
+    /// Plans with a larger (or a negative, or non-finite) learning rate are
+    /// refused.
+    pub max_lr: f32,
+    /// Groups that never leave this node whatever the plan says: trained,
+    /// kept in the node's state, never uploaded.
+    pub local_groups: BTreeSet<String>,
+}
+
+impl Default for NodeLimits {
+    fn default() -> Self {
+        NodeLimits {
+            max_steps: 100_000,
+            max_train_ms: None,
+            max_epochs: 1_000,
+            min_batch_size: 1,
+            max_batch_size: 8_192,
+            max_lr: 10.0,
+            local_groups: BTreeSet::new(),
+        }
+    }
+}
+
 /// One node: its identity, its model (the backbone and the heads of its
-/// tasks), the aggregator's sealing key, and its state.
+/// tasks), the aggregator's sealing key, its limits and its state.
 #[derive(Debug)]
 pub struct NodeRuntime {
     pub id: String,
@@ -40,6 +85,10 @@ pub struct NodeRuntime {
     pub model: SharedModel,
     pub aggregator_key: SealPublicKey,
     pub state: NodeState,
+    pub limits: NodeLimits,
+    /// Measured cost of one optimizer step, in nanoseconds (for
+    /// `limits.max_train_ms`).
+    step_ns: Option<f64>,
 }
 
 /// The result of a round on a node.
@@ -72,7 +121,114 @@ impl NodeRuntime {
             model,
             aggregator_key,
             state: NodeState::default(),
+            limits: NodeLimits::default(),
+            step_ns: None,
         }
+    }
+
+    /// The same node with other limits.
+    pub fn with_limits(mut self, limits: NodeLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Checks a plan against this node's limits and returns the groups it
+    /// will upload (the plan's, minus the node's local groups) and the
+    /// step cap of the round.
+    pub fn check_plan(&self, plan: &RoundPlan) -> Result<(Vec<String>, u64), NodeError> {
+        let bad = |m: String| Err(NodeError::BadPlan(m));
+        if plan.federation != self.federation {
+            return Err(NodeError::WrongFederation {
+                expected: self.federation.clone(),
+                got: plan.federation.clone(),
+            });
+        }
+        let layout = self.model.layout();
+        let mut seen = BTreeSet::new();
+        for g in &plan.upload {
+            if layout.group(g).is_none() {
+                return Err(NodeError::UnknownGroup(g.clone()));
+            }
+            if !seen.insert(g.as_str()) {
+                return bad(format!("upload names `{g}` twice"));
+            }
+        }
+        let l = &self.limits;
+        let t = &plan.train;
+        if t.epochs == 0 || t.epochs > l.max_epochs {
+            return bad(format!(
+                "train.epochs = {} (this node allows 1..={})",
+                t.epochs, l.max_epochs
+            ));
+        }
+        if t.batch_size < l.min_batch_size.max(1) || t.batch_size > l.max_batch_size {
+            return bad(format!(
+                "train.batch_size = {} (this node allows {}..={})",
+                t.batch_size,
+                l.min_batch_size.max(1),
+                l.max_batch_size
+            ));
+        }
+        if !(t.lr.is_finite() && t.lr >= 0.0 && t.lr <= l.max_lr) {
+            return bad(format!(
+                "train.lr = {} (this node allows [0, {}])",
+                t.lr, l.max_lr
+            ));
+        }
+        if t.max_steps == Some(0) {
+            return bad("train.max_steps = 0".into());
+        }
+        plan.codec
+            .validate()
+            .map_err(|e| NodeError::BadPlan(format!("codec: {e}")))?;
+        let upload: Vec<String> = plan
+            .upload
+            .iter()
+            .filter(|g| !l.local_groups.contains(*g))
+            .cloned()
+            .collect();
+        if upload.len() < plan.upload.len() {
+            tracing::warn!(
+                asked = ?plan.upload,
+                kept_local = ?l.local_groups,
+                "the plan asks for groups this node keeps local: they are not uploaded"
+            );
+        }
+        if upload.is_empty() {
+            return bad("nothing this node may upload".into());
+        }
+        let mut steps = t.max_steps.unwrap_or(u64::MAX).min(l.max_steps);
+        if let (Some(ms), Some(ns)) = (l.max_train_ms, self.step_ns) {
+            let by_time = (ms as f64 * 1.0e6 / ns.max(1.0)).floor().max(1.0) as u64;
+            steps = steps.min(by_time);
+        }
+        Ok((upload, steps))
+    }
+
+    /// Checks the weights a round starts from: every group of the model,
+    /// of its length, every value finite.
+    fn check_weights(&self, start: &ParamGroups) -> Result<(), NodeError> {
+        let layout = self.model.layout();
+        for g in &layout.groups {
+            let w = start
+                .get(&g.name)
+                .ok_or_else(|| NodeError::MissingWeights(g.name.clone()))?;
+            if w.len() as u64 != g.len() {
+                return Err(NodeError::BadWeights(format!(
+                    "`{}` has {} values, the model {}",
+                    g.name,
+                    w.len(),
+                    g.len()
+                )));
+            }
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(NodeError::BadWeights(format!(
+                    "`{}`[{i}] is not finite",
+                    g.name
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// The names of the groups this node holds.
@@ -94,7 +250,8 @@ impl NodeRuntime {
     ) -> Result<ParamGroups, NodeError> {
         let mut start = ParamGroups::new();
         for name in self.model.layout().group_names() {
-            let uploaded = plan.upload.iter().any(|g| g == name);
+            let uploaded =
+                plan.upload.iter().any(|g| g == name) && !self.limits.local_groups.contains(name);
             let w = if uploaded {
                 global.get(name)
             } else {
@@ -130,43 +287,66 @@ impl NodeRuntime {
     where
         F: FnMut(&str, &mut Vec<f32>),
     {
-        if plan.federation != self.federation {
-            return Err(NodeError::WrongFederation {
-                expected: self.federation.clone(),
-                got: plan.federation.clone(),
-            });
-        }
+        let (upload, max_steps) = self.check_plan(plan)?;
         let layout = self.model.layout();
-        if let Some(g) = plan.upload.iter().find(|g| layout.group(g).is_none()) {
-            return Err(NodeError::UnknownGroup(g.clone()));
-        }
         if data.iter().all(|d| d.indices.is_empty()) {
             return Err(NodeError::NoData);
         }
         let start = self.start_weights(plan, global)?;
+        self.check_weights(&start)?;
         let node_seed = mix_seed(mix_seed(plan.train.seed, str_seed(&self.id)), plan.round);
         let mut train_cfg = plan.train.clone();
         train_cfg.seed = node_seed;
+        train_cfg.max_steps = Some(max_steps);
+        let started = Instant::now();
         let outcome = self.model.train(&start, data, &train_cfg)?;
+        let steps: u64 = outcome.metrics.iter().map(|m| m.steps).sum();
+        if steps > 0 {
+            let ns = started.elapsed().as_nanos() as f64 / steps as f64;
+            self.step_ns = Some(match self.step_ns {
+                Some(old) => 0.5 * old + 0.5 * ns,
+                None => ns,
+            });
+        }
 
-        let mut encoded = Vec::with_capacity(plan.upload.len());
-        for (i, name) in plan.upload.iter().enumerate() {
+        // Every delta is computed and checked before anything is encoded,
+        // so that a refusal leaves the residuals and local groups as they
+        // were.
+        let mut deltas = Vec::with_capacity(upload.len());
+        for name in &upload {
             let (Some(new), Some(old)) = (outcome.params.get(name), start.get(name)) else {
                 return Err(NodeError::MissingWeights(name.clone()));
             };
             let mut delta: Vec<f32> = new.iter().zip(old).map(|(n, o)| n - o).collect();
             tamper(name, &mut delta);
-            let seed = mix_seed(node_seed, i as u64 + 1);
-            encoded.push(self.encode_group(name, &delta, &plan.codec, seed)?);
+            if let Some(i) = delta
+                .iter()
+                .position(|v| !(v.is_finite() && v.abs() <= codec::MAX_SCALE))
+            {
+                return Err(NodeError::Diverged(format!(
+                    "delta of `{name}`[{i}] = {}",
+                    delta[i]
+                )));
+            }
+            deltas.push(delta);
         }
-        for name in layout.group_names() {
-            if !plan.upload.iter().any(|g| g == name) {
-                if let Some(w) = outcome.params.get(name) {
-                    self.state.local.insert(name, w.to_vec());
+        for (name, w) in outcome.params.iter() {
+            if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                return Err(NodeError::Diverged(format!("`{name}`[{i}] = {}", w[i])));
+            }
+        }
+        let saved_residuals = self.state.residuals.clone();
+        let mut encoded = Vec::with_capacity(upload.len());
+        for (i, (name, delta)) in upload.iter().zip(&deltas).enumerate() {
+            let seed = mix_seed(node_seed, i as u64 + 1);
+            match self.encode_group(name, delta, &plan.codec, seed) {
+                Ok(e) => encoded.push(e),
+                Err(e) => {
+                    self.state.residuals = saved_residuals;
+                    return Err(e);
                 }
             }
         }
-
         let encoded_bytes = encoded.iter().map(|e| e.len() as u64).sum();
         // The aggregator weights each head by the task's local data size.
         let metrics: Vec<TaskMetrics> = outcome
@@ -190,15 +370,29 @@ impl NodeRuntime {
             round: plan.round,
             base_version: plan.base_version,
             node: self.id.clone(),
-            groups: plan.upload.clone(),
+            groups: upload.clone(),
             metrics,
             num_examples,
         };
-        let sealed = seal(
+        let sealed = match seal(
             &self.aggregator_key,
             &SealContext::of_update(&header),
             &pack_groups(&encoded),
-        )?;
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                self.state.residuals = saved_residuals;
+                return Err(e.into());
+            }
+        };
+        // Committed: local groups keep their trained weights.
+        for name in layout.group_names() {
+            if !upload.iter().any(|g| g == name) {
+                if let Some(w) = outcome.params.get(name) {
+                    self.state.local.insert(name, w.to_vec());
+                }
+            }
+        }
         Ok(RoundOutput {
             update: Update { header, sealed },
             trained: outcome.params,

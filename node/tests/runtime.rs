@@ -158,3 +158,180 @@ fn refuses_plans_it_cannot_follow() {
         .expect_err("missing weights");
     assert!(matches!(err, NodeError::MissingWeights(_)));
 }
+
+/// The node's own limits (issue 13, item 6). Before: there were none; a
+/// plan was trained as sent, and every error was fatal to the agent.
+fn digits_data(split: &cohort_tasks::Split, n: usize) -> (Vec<usize>, &cohort_tasks::Dataset) {
+    ((0..n).collect(), &split.train)
+}
+
+#[test]
+fn plans_outside_the_node_limits_are_refusals() {
+    use cohort_node::NodeLimits;
+    let (spec, split, keys) = setup();
+    let global = spec.init(1);
+    let (idx, ds) = digits_data(&split, 64);
+    let data = [TaskData {
+        task: "digits",
+        data: ds,
+        indices: &idx,
+    }];
+    let limits = NodeLimits {
+        min_batch_size: 8,
+        ..NodeLimits::default()
+    };
+    let mut node = NodeRuntime::new("node-4", "fed", spec, keys.public()).with_limits(limits);
+    let up = vec![BACKBONE.to_string()];
+    let refused = |node: &mut NodeRuntime, p: RoundPlan, field: &str| {
+        let before = node.state.bytes();
+        let err = node.run_round(&p, &global, &data).expect_err(field);
+        assert!(matches!(err, NodeError::BadPlan(_)), "{field}: {err}");
+        assert!(err.to_string().contains(field), "{field}: {err}");
+        assert!(err.is_refusal(), "{field}: a refusal, not fatal");
+        assert_eq!(node.state.bytes(), before, "{field}: state unchanged");
+    };
+    let mut p = plan(up.clone(), 8);
+    p.train.batch_size = 4; // below this node's minimum of 8
+    refused(&mut node, p, "train.batch_size");
+    let mut p = plan(up.clone(), 8);
+    p.train.batch_size = 0;
+    refused(&mut node, p, "train.batch_size");
+    let mut p = plan(up.clone(), 8);
+    p.train.lr = 1.0e30; // huge but finite
+    refused(&mut node, p, "train.lr");
+    let mut p = plan(up.clone(), 8);
+    p.train.epochs = 1_000_000_000;
+    refused(&mut node, p, "train.epochs");
+    let mut p = plan(up.clone(), 3);
+    p.codec.bits = 3;
+    refused(&mut node, p, "codec");
+    let p = plan(vec![BACKBONE.to_string(), BACKBONE.to_string()], 8);
+    refused(&mut node, p, "twice");
+    // Within the limits: trains.
+    node.run_round(&plan(up, 8), &global, &data)
+        .expect("good plan");
+}
+
+#[test]
+fn local_steps_are_capped_by_the_node() {
+    use cohort_node::NodeLimits;
+    let (spec, split, keys) = setup();
+    let global = spec.init(1);
+    let (idx, ds) = digits_data(&split, 64);
+    let data = [TaskData {
+        task: "digits",
+        data: ds,
+        indices: &idx,
+    }];
+    let limits = NodeLimits {
+        max_steps: 5,
+        ..NodeLimits::default()
+    };
+    let mut node = NodeRuntime::new("node-5", "fed", spec, keys.public()).with_limits(limits);
+    // 500 epochs of 4 batches = 2000 steps asked; 5 done.
+    let mut p = plan(vec![BACKBONE.to_string()], 8);
+    p.train.epochs = 500;
+    let out = node.run_round(&p, &global, &data).expect("round");
+    let steps: u64 = out.update.header.metrics.iter().map(|m| m.steps).sum();
+    assert_eq!(steps, 5);
+    // Time budget: from the rate measured in that round, a budget of 0 ms
+    // leaves one step.
+    node.limits.max_train_ms = Some(0);
+    let out = node.run_round(&p, &global, &data).expect("round");
+    let steps: u64 = out.update.header.metrics.iter().map(|m| m.steps).sum();
+    assert_eq!(steps, 1);
+}
+
+#[test]
+fn local_groups_are_never_uploaded_whatever_the_plan_says() {
+    use cohort_node::NodeLimits;
+    let (spec, split, keys) = setup();
+    let global = spec.init(1);
+    let (idx, ds) = digits_data(&split, 64);
+    let data = [TaskData {
+        task: "digits",
+        data: ds,
+        indices: &idx,
+    }];
+    let head = head_group("digits");
+    let limits = NodeLimits {
+        local_groups: [head.clone()].into_iter().collect(),
+        ..NodeLimits::default()
+    };
+    let mut node = NodeRuntime::new("node-6", "fed", spec, keys.public()).with_limits(limits);
+    let out = node
+        .run_round(
+            &plan(vec![BACKBONE.to_string(), head.clone()], 32),
+            &global,
+            &data,
+        )
+        .expect("round");
+    assert_eq!(out.update.header.groups, vec![BACKBONE.to_string()]);
+    let plain = keys
+        .open(
+            &SealContext::of_update(&out.update.header),
+            &out.update.sealed,
+        )
+        .expect("opens");
+    assert_eq!(unpack_groups(&plain, 1).expect("one group").len(), 1);
+    assert_eq!(node.state.local.get(&head), out.trained.get(&head));
+    // Next round: the head starts from the node's copy, not the global one.
+    let start = node
+        .start_weights(&plan(vec![BACKBONE.to_string(), head.clone()], 32), &global)
+        .expect("start");
+    assert_eq!(start.get(&head), node.state.local.get(&head));
+    // A plan asking only for the local group: nothing to upload, refused.
+    let err = node
+        .run_round(&plan(vec![head], 32), &global, &data)
+        .expect_err("nothing to upload");
+    assert!(
+        matches!(err, NodeError::BadPlan(_)) && err.is_refusal(),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_weights_and_divergence_are_refusals_that_change_nothing() {
+    let (spec, split, keys) = setup();
+    let global = spec.init(1);
+    let (idx, ds) = digits_data(&split, 64);
+    let data = [TaskData {
+        task: "digits",
+        data: ds,
+        indices: &idx,
+    }];
+    let mut node = NodeRuntime::new("node-7", "fed", spec, keys.public());
+    // One 8-bit round so that a residual exists.
+    let up = vec![BACKBONE.to_string()];
+    node.run_round(&plan(up.clone(), 8), &global, &data)
+        .expect("round");
+    let residuals = node.state.residuals.clone();
+    let local = node.state.local.clone();
+    let mut nan = global.clone();
+    nan.get_mut(BACKBONE).expect("bb")[0] = f32::NAN;
+    let err = node
+        .run_round(&plan(up.clone(), 8), &nan, &data)
+        .expect_err("NaN weights");
+    assert!(
+        matches!(err, NodeError::BadWeights(_)) && err.is_refusal(),
+        "{err}"
+    );
+    let mut short = global.clone();
+    short.get_mut(BACKBONE).expect("bb").pop();
+    let err = node
+        .run_round(&plan(up.clone(), 8), &short, &data)
+        .expect_err("short weights");
+    assert!(matches!(err, NodeError::BadWeights(_)), "{err}");
+    // Finite but huge weights: training overflows.
+    let mut huge = global.clone();
+    for v in huge.get_mut(BACKBONE).expect("bb").iter_mut() {
+        *v = 3.0e37;
+    }
+    let mut p = plan(up, 8);
+    p.train.lr = 10.0;
+    let err = node.run_round(&p, &huge, &data).expect_err("diverges");
+    assert!(err.is_refusal(), "{err}");
+    assert!(matches!(err, NodeError::Diverged(_)), "not sent: {err}");
+    assert_eq!(node.state.residuals, residuals, "residuals unchanged");
+    assert_eq!(node.state.local, local, "local groups unchanged");
+}

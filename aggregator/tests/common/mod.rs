@@ -64,7 +64,20 @@ pub fn raw32() -> CodecConfig {
     }
 }
 
+/// The plain arithmetic of the engine: the defences that change it (the
+/// default norm bound of this 10-parameter layout is sqrt(10), and the
+/// weight share cap) are opted out of; `tests/integrity.rs` tests them with
+/// the defaults of [`defended`].
 pub fn config() -> EngineConfig {
+    EngineConfig {
+        max_update_norm: Some(1.0e6),
+        max_weight_share: 1.0,
+        ..defended()
+    }
+}
+
+/// The test federation with the engine's default defences.
+pub fn defended() -> EngineConfig {
     EngineConfig {
         federation: "test".into(),
         seed: 7,

@@ -165,6 +165,12 @@ impl FederationConfig {
         if self.rounds == 0 {
             bail!("rounds must be at least 1");
         }
+        // The engine settings as the engine will get them: bad train or
+        // codec settings stop the aggregator here, naming the field, instead
+        // of failing every node at its first round.
+        self.engine_config()
+            .validate()
+            .context("in the [engine] section of the experiment")?;
         Ok(())
     }
 

@@ -189,6 +189,8 @@ fn main() -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
+    // One aggregator per data folder: held until the process ends.
+    let _lock = cohort_aggregator::checkpoint::lock_dir(&cfg.data_dir)?;
     let engine_cfg = fed.engine_config();
     let checkpoints = cfg.data_dir.join("checkpoints");
     let resumed = Engine::resume(&checkpoints, engine_cfg.clone(), strategy_from_config(&fed.strategy))

@@ -657,6 +657,12 @@ impl Service {
     }
 
     fn on_round_closed(&mut self, report: RoundReport) -> anyhow::Result<()> {
+        // The checkpoint first: before the evaluation (whose failure must
+        // not lose the round), the metrics line and the next round. A crash
+        // loses at most the round in progress, and every round in
+        // metrics.jsonl has its checkpoint.
+        self.engine.save_checkpoint(&self.checkpoints)?;
+        self.prune_checkpoints();
         let global = self.engine.global();
         let mut central = Vec::new();
         let eval_now = self.fed.eval.central
@@ -664,7 +670,13 @@ impl Service {
                 || self.engine.is_finished());
         if eval_now {
             for (task, test) in &self.tests {
-                let m = self.model.evaluate(global, task, test, None)?;
+                let m = match self.model.evaluate(global, task, test, None) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(round = report.round, task = %task, error = %e, "central evaluation failed; the round is kept");
+                        continue;
+                    }
+                };
                 central.push(Score {
                     task: task.clone(),
                     accuracy: m.accuracy,
@@ -720,11 +732,6 @@ impl Service {
                 .unwrap_or(0),
             closed_at_ms: report.closed_at_ms,
         };
-        // The checkpoint before the metrics line and before the next round
-        // starts: a crash loses at most the round in progress, and every
-        // round in metrics.jsonl has its checkpoint.
-        self.engine.save_checkpoint(&self.checkpoints)?;
-        self.prune_checkpoints();
         self.write_line(&line)?;
         self.sent = (0, 0);
         // A node that let the deadline pass leaves the pool (later rounds

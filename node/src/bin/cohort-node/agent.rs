@@ -134,12 +134,41 @@ pub fn load_state(path: &std::path::Path, runtime: &NodeRuntime) -> anyhow::Resu
     Ok(state)
 }
 
-fn save_state(path: &std::path::Path, state: &NodeState) -> anyhow::Result<()> {
+/// Writes the state atomically and durably: a temporary file created with
+/// mode 0600 (local heads are private), fsynced, renamed over the old one,
+/// then the folder fsynced.
+pub fn save_state(path: &std::path::Path, state: &NodeState) -> anyhow::Result<()> {
+    use std::io::Write;
     let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
         .map_err(|e| anyhow!("encoding the node state: {e}"))?;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    #[cfg(unix)]
+    {
+        // A temporary file left by an older version may have other bits.
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod {}", tmp.display()))?;
+    }
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
     Ok(())
 }
 
@@ -374,9 +403,17 @@ impl Agent {
         })
         .await
         .map_err(|e| StepError::Fatal(anyhow!("training thread: {e}")))?;
-        let output = result.map_err(|e| StepError::Fatal(anyhow!("training: {e}")))?;
-        save_state(&self.state_path, &runtime.state)?;
         self.runtime = Some(runtime);
+        // A plan or weights that break this node's limits, or training that
+        // diverged on them: a refusal (back off, ask again), not an exit.
+        let output = match result {
+            Ok(o) => o,
+            Err(e) if e.is_refusal() => {
+                return Err(StepError::BadAnswer(format!("round {}: {e}", plan.round)))
+            }
+            Err(e) => return Err(StepError::Fatal(anyhow!("training: {e}"))),
+        };
+        save_state(&self.state_path, &self.runtime()?.state)?;
         let bytes = output.update.sealed.len();
         match self.ask(Request::Submit(output.update)).await {
             Ok(Response::Ack) => {
@@ -428,5 +465,40 @@ impl Agent {
                 kind(&other)
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod state_file_tests {
+    use super::*;
+
+    /// Before: `std::fs::write` (mode from the umask, usually 0644, no
+    /// fsync). After: 0600, also over an existing world-readable file.
+    #[cfg(unix)]
+    #[test]
+    fn state_file_is_private_and_complete() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("cohort-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("state.bin");
+        std::fs::write(&path, b"old").expect("old");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        std::fs::write(path.with_extension("tmp"), b"stale").expect("stale tmp");
+        std::fs::set_permissions(
+            path.with_extension("tmp"),
+            std::fs::Permissions::from_mode(0o666),
+        )
+        .expect("chmod");
+        let mut state = NodeState::default();
+        state.local.insert("head/x", vec![1.0, 2.0]);
+        save_state(&path, &state).expect("save");
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode {mode:o}");
+        assert!(!path.with_extension("tmp").exists());
+        let bytes = std::fs::read(&path).expect("read");
+        let (back, _): (NodeState, usize) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decode");
+        assert_eq!(back.local, state.local);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

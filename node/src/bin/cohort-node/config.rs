@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use cohort_node::NodeLimits;
 use cohort_protocol::transport::NetConfig;
 use cohort_tasks::{Backend, Partitioner};
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,10 @@ pub struct NodeConfig {
     pub seed: u64,
     pub backoff: Backoff,
     pub net: NetConfig,
+    /// What this node accepts of a plan (`[limits]`: max_steps,
+    /// max_train_ms, max_epochs, min_batch_size, max_batch_size, max_lr,
+    /// local_groups), whatever the aggregator asks.
+    pub limits: NodeLimits,
 }
 
 /// One task the node holds and where its data is.
@@ -106,6 +111,7 @@ impl Default for NodeConfig {
             seed: 0,
             backoff: Backoff::default(),
             net: NetConfig::default(),
+            limits: NodeLimits::default(),
         }
     }
 }

@@ -174,6 +174,7 @@ fn main() -> anyhow::Result<()> {
         )
         .with_context(|| format!("the model `{}`", cfg.backbone))?;
     let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), spec, key);
+    runtime.limits = cfg.limits.clone();
     let state_path = cfg.data_dir.join("state.bin");
     runtime.state = load_state(&state_path, &runtime)?;
     println!(
