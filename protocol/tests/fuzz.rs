@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use cohort_protocol::codec::{decode_accumulate, encode, CodecConfig, Rounding, TopK};
 use cohort_protocol::framing::{frame, unframe};
 use cohort_protocol::messages::*;
+use cohort_protocol::model_delta;
 use cohort_protocol::seal::{seal, SealContext, SealKeyPair};
 use cohort_protocol::{
     Fingerprint, GroupLayout, Layout, ParamGroups, TensorSpec, PROTOCOL_VERSION,
@@ -170,7 +171,37 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
         let b = encode_envelope(&Envelope::new("fed", r)).expect("encode");
         out.push((Kind::Response, b));
     }
+    // Model downloads as a delta from the held version: a small step, a
+    // large one, a delta of a 1000x larger model (a deflate bomb against
+    // this base) and one of a smaller model.
+    let base = delta_base();
+    let small: Vec<f32> = base.iter().map(|w| w + 1e-3 * w.abs()).collect();
+    let large: Vec<f32> = x.iter().map(|v| v * 3.0).collect();
+    out.push((
+        Kind::ModelDelta,
+        model_delta::encode(&base, &small).expect("encode"),
+    ));
+    out.push((
+        Kind::ModelDelta,
+        model_delta::encode(&base, &large).expect("encode"),
+    ));
+    let bomb = vec![0.5f32; 1000 * ACC_LEN];
+    out.push((
+        Kind::ModelDelta,
+        model_delta::encode(&bomb, &bomb).expect("encode"),
+    ));
+    out.push((
+        Kind::ModelDelta,
+        model_delta::encode(&base[..10], &small[..10]).expect("encode"),
+    ));
     out
+}
+
+/// The version a node holds, which a model delta applies to.
+fn delta_base() -> Vec<f32> {
+    (0..ACC_LEN)
+        .map(|i| ((i as f32) * 0.37).sin() * 0.1)
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -181,15 +212,17 @@ enum Kind {
     Request,
     Response,
     Frame,
+    ModelDelta,
 }
 
-const KINDS: [Kind; 6] = [
+const KINDS: [Kind; 7] = [
     Kind::Codec,
     Kind::Packed,
     Kind::Sealed,
     Kind::Request,
     Kind::Response,
     Kind::Frame,
+    Kind::ModelDelta,
 ];
 
 fn mutate(rng: &mut ChaCha8Rng, b: &mut Vec<u8>) {
@@ -235,7 +268,7 @@ fn mutate(rng: &mut ChaCha8Rng, b: &mut Vec<u8>) {
 }
 
 /// Runs the decoder of `kind` on `b`; must return (Ok or a typed error).
-fn run(kind: Kind, b: &[u8], keys: &SealKeyPair, acc: &mut [f32]) {
+fn run(kind: Kind, b: &[u8], keys: &SealKeyPair, acc: &mut [f32], base: &[f32]) {
     let limits = Limits {
         max_request: 1 << 20,
         max_response: 1 << 20,
@@ -265,6 +298,20 @@ fn run(kind: Kind, b: &[u8], keys: &SealKeyPair, acc: &mut [f32]) {
                 let _ = decode_request(p, &limits, None);
             }
         }
+        Kind::ModelDelta => {
+            // What it promises when it accepts: the base's length, finite.
+            if let Ok(w) = model_delta::decode(base, b) {
+                assert_eq!(
+                    w.len(),
+                    base.len(),
+                    "model delta of another length accepted"
+                );
+                assert!(
+                    w.iter().all(|v| v.is_finite()),
+                    "non-finite weight accepted"
+                );
+            }
+        }
     }
 }
 
@@ -274,7 +321,8 @@ fn fuzz(inputs: u64) {
     let mut rng = ChaCha8Rng::seed_from_u64(0xf022);
     let mut acc = vec![0.0f32; ACC_LEN];
     let mut worst = (0usize, 0usize, Kind::Codec);
-    let mut per_kind = [0u64; 6];
+    let mut per_kind = [0u64; KINDS.len()];
+    let base = delta_base();
     for i in 0..inputs {
         let (kind, b) = if i % 4 == 0 {
             // Random bytes, sometimes behind a valid-looking prefix.
@@ -286,6 +334,8 @@ fn fuzz(inputs: u64) {
                     Kind::Codec => b"CQ\x01",
                     Kind::Sealed => b"CSL1",
                     Kind::Request | Kind::Response => &[1, 0, 3, b'f', b'e', b'd'],
+                    // A raw deflate block header (stored, fixed, dynamic).
+                    Kind::ModelDelta => [&[0x01u8][..], &[0x03], &[0x05]][rng.gen_range(0..3)],
                     _ => &[],
                 };
                 b.splice(0..0, prefix.iter().copied());
@@ -298,7 +348,7 @@ fn fuzz(inputs: u64) {
             (*kind, b)
         };
         per_kind[KINDS.iter().position(|k| *k == kind).unwrap_or(0)] += 1;
-        let peak = peak_of(|| run(kind, &b, &keys, &mut acc));
+        let peak = peak_of(|| run(kind, &b, &keys, &mut acc, &base));
         // Bound: 1 MiB (serde preallocates a sequence up to 1 MiB, whatever
         // length it claims), or 64 times the input (bincode's claim limit),
         // or the accumulator (sparse decoding buffers one chunk of it).
@@ -316,6 +366,27 @@ fn fuzz(inputs: u64) {
         "fuzz: {inputs} inputs (per kind {:?} = {per_kind:?}), no panic; largest single allocation {} bytes ({:?}, input of {} bytes)",
         KINDS, worst.0, worst.2, worst.1
     );
+}
+
+/// Every model-delta seed is exercised (the bomb is refused, the others
+/// round-trip), so the fuzz loop starts from inputs that reach deep.
+#[test]
+fn model_delta_seeds_behave() {
+    let base = delta_base();
+    let keys = SealKeyPair::generate().expect("keys");
+    let s: Vec<Vec<u8>> = seeds(&keys)
+        .into_iter()
+        .filter(|(k, _)| *k == Kind::ModelDelta)
+        .map(|(_, b)| b)
+        .collect();
+    assert_eq!(s.len(), 4);
+    assert!(model_delta::decode(&base, &s[0]).is_ok());
+    assert!(model_delta::decode(&base, &s[1]).is_ok());
+    let peak = peak_of(|| {
+        assert!(model_delta::decode(&base, &s[2]).is_err(), "bomb refused");
+    });
+    assert!(peak < 1 << 20, "the bomb allocated {peak} bytes");
+    assert!(model_delta::decode(&base, &s[3]).is_err(), "too short");
 }
 
 #[test]
