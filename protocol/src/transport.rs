@@ -644,7 +644,22 @@ impl EventLoop {
                 // within a budget (peers choose how often this happens).
                 if let libp2p::swarm::ListenError::Denied { cause } = &error {
                     if let Some(skipped) = self.log.allow() {
-                        warn!(peer = ?peer_id, from = %send_back_addr, %cause, skipped, "connection refused");
+                        let reason = if let Some(e) =
+                            cause.downcast_ref::<allow_block_list::NotAllowed>()
+                        {
+                            e.to_string()
+                        } else if let Some(e) = cause.downcast_ref::<connection_limits::Exceeded>()
+                        {
+                            format!("connection limit: {e}")
+                        } else if let Some(e) = cause
+                            .downcast_ref::<memory_connection_limits::MemoryUsageLimitExceeded>()
+                        {
+                            e.to_string()
+                        } else {
+                            cause.to_string()
+                        };
+                        let peer = peer_id.map(|p| p.to_string()).unwrap_or_default();
+                        warn!(%peer, from = %send_back_addr, %reason, skipped, "connection refused");
                     }
                 } else {
                     debug!(%error, "incoming connection failed");
