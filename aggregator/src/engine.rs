@@ -637,6 +637,24 @@ impl Engine {
         }
     }
 
+    /// The plan that an update of `node` would answer now, read-only: in
+    /// sync mode its plan in the open round unless it was answered or
+    /// failed already, in async mode its outstanding plan. A transport
+    /// checks an update's header against it before it pays for opening the
+    /// seal (the engine checks everything again after).
+    pub fn open_plan(&self, node: &str) -> Option<&RoundPlan> {
+        match self.cfg.mode {
+            Mode::Sync => {
+                let r = self.sync_round.as_ref()?;
+                if r.resolved.contains(node) || r.accepted.contains(node) {
+                    return None;
+                }
+                r.plans.get(node).map(|i| &i.plan)
+            }
+            Mode::Async(_) => self.outstanding.get(node).map(|i| &i.plan),
+        }
+    }
+
     /// Checks an opened update and, if it passes, adds it to the round's
     /// accumulators. A refusal changes nothing but the report.
     pub fn submit(&mut self, update: OpenedUpdate, now_ms: u64) -> Result<SubmitOutcome, Refusal> {

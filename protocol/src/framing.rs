@@ -40,14 +40,39 @@ pub fn unframe(bytes: &[u8], max: u64) -> Result<&[u8], ProtocolError> {
 #[cfg(feature = "libp2p")]
 mod io {
     use std::io;
+    use std::time::Duration;
 
+    use futures::future::{select, Either};
     use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     use super::PREFIX_LEN;
     use crate::ProtocolError;
 
+    /// Bytes read (or written) per step; a frame's buffer grows only by
+    /// what arrived, never by what the prefix announces.
+    pub const CHUNK: usize = 16 << 10;
+
     fn invalid(e: ProtocolError) -> io::Error {
         io::Error::new(io::ErrorKind::InvalidData, e)
+    }
+
+    /// `fut`, or a `TimedOut` error after `limit` (`None`: no limit).
+    pub(crate) async fn timed<T>(
+        limit: Option<Duration>,
+        what: &'static str,
+        fut: impl std::future::Future<Output = io::Result<T>>,
+    ) -> io::Result<T> {
+        let Some(limit) = limit else {
+            return fut.await;
+        };
+        let fut = std::pin::pin!(fut);
+        match select(fut, futures_timer::Delay::new(limit)).await {
+            Either::Left((r, _)) => r,
+            Either::Right(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{what}: no progress in {limit:?}"),
+            )),
+        }
     }
 
     /// Writes one frame; refuses a payload above `max` (the peer would refuse it).
@@ -56,6 +81,17 @@ mod io {
         payload: &[u8],
         max: u64,
     ) -> io::Result<()> {
+        write_frame_timed(io, payload, max, None).await
+    }
+
+    /// [`write_frame`] where every chunk must be taken by the peer within
+    /// `stall` (a peer that stops reading cannot hold the stream).
+    pub async fn write_frame_timed<W: AsyncWrite + Unpin>(
+        io: &mut W,
+        payload: &[u8],
+        max: u64,
+        stall: Option<Duration>,
+    ) -> io::Result<()> {
         if payload.len() as u64 > max {
             return Err(invalid(ProtocolError::TooLarge {
                 what: "frame",
@@ -63,15 +99,23 @@ mod io {
                 limit: max,
             }));
         }
-        io.write_all(&(payload.len() as u64).to_le_bytes()).await?;
-        io.write_all(payload).await?;
-        io.flush().await
+        let prefix = (payload.len() as u64).to_le_bytes();
+        timed(stall, "write", io.write_all(&prefix)).await?;
+        for chunk in payload.chunks(CHUNK * 4) {
+            timed(stall, "write", io.write_all(chunk)).await?;
+        }
+        timed(stall, "write", io.flush()).await
     }
 
-    /// Reads one frame of at most `max` payload bytes.
-    pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: u64) -> io::Result<Vec<u8>> {
+    /// Reads the length prefix of a frame; at most `max` (checked before
+    /// anything else is read).
+    pub async fn read_prefix<R: AsyncRead + Unpin>(
+        io: &mut R,
+        max: u64,
+        stall: Option<Duration>,
+    ) -> io::Result<u64> {
         let mut len = [0u8; PREFIX_LEN];
-        io.read_exact(&mut len).await?;
+        timed(stall, "frame length", io.read_exact(&mut len)).await?;
         let len = u64::from_le_bytes(len);
         if len > max {
             return Err(invalid(ProtocolError::TooLarge {
@@ -80,19 +124,135 @@ mod io {
                 limit: max,
             }));
         }
-        // Start small: a peer announcing a large frame and sending little
-        // costs only what it sends.
-        let mut buf = Vec::with_capacity(len.min(1 << 20) as usize);
-        io.take(len).read_to_end(&mut buf).await?;
-        if buf.len() as u64 != len {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "frame: stream ended early",
-            ));
+        Ok(len)
+    }
+
+    /// Appends exactly `n` bytes from `io` to `buf`, in chunks: the buffer
+    /// holds only bytes that arrived (plus the amortized growth of a
+    /// `Vec`), and each chunk must arrive within `stall`.
+    pub async fn read_into<R: AsyncRead + Unpin>(
+        io: &mut R,
+        buf: &mut Vec<u8>,
+        mut n: u64,
+        stall: Option<Duration>,
+    ) -> io::Result<()> {
+        let mut scratch = [0u8; CHUNK];
+        while n > 0 {
+            let want = n.min(CHUNK as u64) as usize;
+            let got = timed(stall, "frame body", io.read(&mut scratch[..want])).await?;
+            if got == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "frame: stream ended early",
+                ));
+            }
+            buf.extend_from_slice(&scratch[..got]);
+            n -= got as u64;
         }
+        Ok(())
+    }
+
+    /// Reads one frame of at most `max` payload bytes.
+    pub async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: u64) -> io::Result<Vec<u8>> {
+        read_frame_timed(io, max, None).await
+    }
+
+    /// [`read_frame`] where every chunk (the prefix included) must arrive
+    /// within `stall`.
+    pub async fn read_frame_timed<R: AsyncRead + Unpin>(
+        io: &mut R,
+        max: u64,
+        stall: Option<Duration>,
+    ) -> io::Result<Vec<u8>> {
+        let len = read_prefix(io, max, stall).await?;
+        // Nothing reserved ahead: a peer announcing a large frame and
+        // sending little costs only what it sends.
+        let mut buf = Vec::new();
+        read_into(io, &mut buf, len, stall).await?;
         Ok(buf)
     }
 }
 
 #[cfg(feature = "libp2p")]
-pub use io::{read_frame, write_frame};
+pub use io::{
+    read_frame, read_frame_timed, read_into, read_prefix, write_frame, write_frame_timed, CHUNK,
+};
+
+#[cfg(all(test, feature = "libp2p"))]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::{Duration, Instant};
+
+    use futures::io::AsyncRead;
+
+    use super::*;
+
+    /// Serves `data`, then nothing more, ever (a peer that went quiet).
+    struct Stalling {
+        data: Vec<u8>,
+        pos: usize,
+    }
+
+    impl AsyncRead for Stalling {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.pos == self.data.len() {
+                return Poll::Pending;
+            }
+            let n = buf.len().min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_frame_round_trips_in_chunks() {
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let mut r = Stalling {
+            data: frame(&payload),
+            pos: 0,
+        };
+        let got = futures::executor::block_on(read_frame_timed(
+            &mut r,
+            1 << 20,
+            Some(Duration::from_secs(5)),
+        ))
+        .expect("frame");
+        assert_eq!(got, payload);
+    }
+
+    #[test]
+    fn a_prefix_alone_times_out_and_reserves_nothing() {
+        let mut data = (256u64 << 20).to_le_bytes().to_vec();
+        data.extend_from_slice(b"abc");
+        let mut r = Stalling { data, pos: 0 };
+        let mut buf = Vec::new();
+        let t = Instant::now();
+        let e = futures::executor::block_on(async {
+            let len = read_prefix(&mut r, 512 << 20, Some(Duration::from_millis(200))).await?;
+            read_into(&mut r, &mut buf, len, Some(Duration::from_millis(200))).await
+        })
+        .expect_err("stalls");
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() < Duration::from_secs(5));
+        // Only the 3 bytes that came: no space reserved for the 256 MiB.
+        assert_eq!(buf, b"abc");
+        assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
+    }
+
+    #[test]
+    fn a_prefix_above_the_limit_is_refused_before_reading_on() {
+        let mut r = Stalling {
+            data: (256u64 << 20).to_le_bytes().to_vec(),
+            pos: 0,
+        };
+        let e = futures::executor::block_on(read_frame_timed(&mut r, 1 << 20, None))
+            .expect_err("too large");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+    }
+}

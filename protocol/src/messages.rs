@@ -548,6 +548,10 @@ impl<B> Envelope<B> {
 pub struct Limits {
     pub max_request: u64,
     pub max_response: u64,
+    /// Requests other than `Submit` (hello, plan, model and report
+    /// requests): far below `max_request`, so that a peer that has sent
+    /// no update yet can make a process hold little.
+    pub max_control: u64,
 }
 
 impl Default for Limits {
@@ -555,6 +559,7 @@ impl Default for Limits {
         Limits {
             max_request: 256 << 20,
             max_response: 512 << 20,
+            max_control: 64 << 10,
         }
     }
 }

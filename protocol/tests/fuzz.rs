@@ -272,6 +272,7 @@ fn run(kind: Kind, b: &[u8], keys: &SealKeyPair, acc: &mut [f32], base: &[f32]) 
     let limits = Limits {
         max_request: 1 << 20,
         max_response: 1 << 20,
+        ..Limits::default()
     };
     match kind {
         Kind::Codec => {

@@ -173,6 +173,7 @@ fn size_limit_and_trailing_bytes() {
     let small = Limits {
         max_request: 100,
         max_response: 100,
+        ..Limits::default()
     };
     assert!(matches!(
         decode_request(&bytes, &small, None),
@@ -333,6 +334,7 @@ mod p2p {
         let mut codec = CohortCodec::new(Limits {
             max_request: 64,
             max_response: 64,
+            ..Limits::default()
         });
         block_on(async {
             // A prefix announcing 2^40 bytes, and nothing behind it.

@@ -16,7 +16,12 @@ use serde_json::Value;
 /// packages have integration tests. `-p cohort-tests` alone does not
 /// rebuild them: after changing a binary, run with `--workspace` or
 /// `cargo build -p cohort-node -p cohort-aggregator` first.
+///
+/// `COHORT_BIN_DIR` names another folder (e.g. binaries of an older build).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("COHORT_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let dir = exe
         .parent()
@@ -103,7 +108,7 @@ impl Proc {
         cmd.stdout(Stdio::from(open(&stdout)))
             .stderr(Stdio::from(open(&stderr)))
             .stdin(Stdio::null())
-            .env("RUST_LOG", "info,libp2p=warn,cohort_protocol=debug")
+            .env("RUST_LOG", "info,libp2p=warn,libp2p_request_response=error,cohort_protocol=debug")
             .env("NO_COLOR", "1");
         let child = cmd
             .spawn()

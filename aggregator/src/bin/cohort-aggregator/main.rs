@@ -12,7 +12,10 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use cohort_aggregator::{checkpoint, strategy_from_config, Engine};
 use cohort_protocol::seal::SealKeyPair;
-use cohort_protocol::transport::{build_swarm, event_loop, load_or_create_identity};
+use cohort_protocol::p2p::SubmitCap;
+use cohort_protocol::transport::{
+    build_swarm_with, event_loop, load_or_create_identity, Admission,
+};
 use cohort_tasks::{load_dataset, Dataset, ModelRegistry, SharedModel, TaskSpec};
 use libp2p::Multiaddr;
 use tracing::info;
@@ -165,7 +168,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn".into()),
+                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -228,7 +231,15 @@ fn main() -> anyhow::Result<()> {
     let peer_id = identity.public().to_peer_id();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let swarm = build_swarm(identity, &cfg.net)?;
+        // Admission at the connection: with an allowlist, a stranger is
+        // refused once its identity is authenticated, before any stream.
+        let submit_cap = SubmitCap::default();
+        let admission = Admission {
+            allow: allow.as_ref().map(|a| a.iter().copied().collect()),
+            serve: true,
+            submit_cap: submit_cap.clone(),
+        };
+        let swarm = build_swarm_with(identity, &cfg.net, admission)?;
         let (mut client, events, lp) = event_loop(swarm);
         tokio::spawn(lp.run());
         for a in &cfg.listen {
@@ -246,6 +257,8 @@ fn main() -> anyhow::Result<()> {
             allow,
             client,
             peer_id,
+            submit_cap,
+            control_limit: cfg.net.limits.max_control,
         };
         let service = Service::new(parts, &cfg)?;
         service.run(events).await

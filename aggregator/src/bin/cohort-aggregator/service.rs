@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,17 +16,20 @@ use cohort_protocol::messages::{
     Envelope, EvalReport, GroupBlob, Hello, ModelPayload, Refusal, RefusalCode, Request, Response,
     Update,
 };
-use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
-use cohort_protocol::transport::{Client, NetEvent};
+use cohort_protocol::codec::{CodecConfig, HEADER_LEN};
+use cohort_protocol::messages::RoundPlan;
+use cohort_protocol::p2p::SubmitCap;
+use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair, MAX_SENDER_LEN};
+use cohort_protocol::transport::{Client, LogBudget, NetEvent};
 use cohort_protocol::PROTOCOL_VERSION;
-use cohort_protocol::{model_delta, ParamGroups};
+use cohort_protocol::{model_delta, Layout, ParamGroups};
 use cohort_tasks::{Dataset, SharedModel};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use libp2p::request_response::ResponseChannel;
 use libp2p::PeerId;
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{AggregatorConfig, FederationConfig};
 
@@ -35,6 +39,43 @@ const RETRY_MS: u64 = 200;
 /// How long a plan request is held open (long poll) before the node is told
 /// to ask again; well below the request timeout.
 const PARK_MS: u64 = 10_000;
+/// Refusal log lines per [`LOG_WINDOW`]; the rest are counted.
+const LOG_LINES: u32 = 50;
+const LOG_WINDOW: Duration = Duration::from_secs(10);
+/// Bytes of a `Submit` request besides its sealed payload (envelope,
+/// header: node id, group names, metrics).
+const SUBMIT_SLACK: u64 = 64 << 10;
+
+/// The most bytes that the sealed payload of an update answering `plan`
+/// can take, whatever the codec's format: the seal's header and tag, and
+/// per group its length, the codec header, the codes at the plan's bit
+/// width (with 4-byte indices under top-k), and a scale per 8 values at
+/// most. Anything longer is refused before its seal is opened.
+pub fn sealed_bound(layout: &Layout, plan: &RoundPlan) -> u64 {
+    let seal = 4 + 8 + 8 + 2 + MAX_SENDER_LEN as u64 + 32 + 16;
+    plan.upload.iter().fold(seal, |acc, g| {
+        let n = layout.group(g).map_or(0, |g| g.len());
+        acc.saturating_add(group_bound(n, &plan.codec))
+    })
+}
+
+fn group_bound(n: u64, codec: &CodecConfig) -> u64 {
+    let bits = u64::from(codec.bits.max(1));
+    let codes = n.saturating_mul(bits).div_ceil(8);
+    let values = if codec.top_k.is_some() {
+        codes.saturating_add(n.saturating_mul(4))
+    } else {
+        codes
+    };
+    // A scale (or min and max) of at most 8 bytes per chunk of >= 8 values.
+    8 + HEADER_LEN as u64 + 64 + values.saturating_add(n)
+}
+
+/// Whether `names` holds a name twice.
+fn has_duplicates<'a>(names: impl IntoIterator<Item = &'a str>) -> bool {
+    let mut seen = BTreeSet::new();
+    names.into_iter().any(|n| !seen.insert(n))
+}
 
 /// A plan request held until there is something for the node to do: it
 /// gets its plan the moment its round starts, not at its next poll.
@@ -44,11 +85,24 @@ struct Parked {
     since: Instant,
 }
 
+/// A closed round whose central evaluation runs on a blocking thread; its
+/// metrics line is written when the evaluation is done.
+struct Closing {
+    report: RoundReport,
+    eval: Option<tokio::task::JoinHandle<anyhow::Result<Vec<Score>>>>,
+    wall_ms: u64,
+}
+
 pub struct Service {
     engine: Engine,
     fed: FederationConfig,
     model: SharedModel,
-    tests: Vec<(String, Dataset)>,
+    tests: Arc<Vec<(String, Dataset)>>,
+    /// Rounds closed (checkpoint written) whose metrics line waits for
+    /// their evaluation, oldest first; no round starts meanwhile.
+    closing: VecDeque<Closing>,
+    /// Test hook (`COHORT_DEBUG_CLOSE_DELAY_MS`): a slower evaluation.
+    close_delay: Duration,
     keys: SealKeyPair,
     allow: Option<BTreeSet<PeerId>>,
     client: Client,
@@ -63,6 +117,14 @@ pub struct Service {
     /// The first round of this process waits for `clients.count` nodes.
     waiting_first: bool,
     eval_due: BTreeMap<String, (u64, u64)>,
+    /// Evaluations asked of nodes and not reported yet: a report is
+    /// accepted only against one of these.
+    eval_asked: BTreeMap<String, (u64, u64)>,
+    /// The bound of `Submit` frames read by the codec.
+    submit_cap: SubmitCap,
+    /// Bound of requests other than `Submit` (the codec's `max_control`).
+    control_limit: u64,
+    refusal_log: LogBudget,
     finished_at: Option<Instant>,
     round_started: Option<Instant>,
     parked: Vec<Parked>,
@@ -149,6 +211,9 @@ pub struct Parts {
     pub allow: Option<BTreeSet<PeerId>>,
     pub client: Client,
     pub peer_id: PeerId,
+    /// Shared with the codec: the service sets it from the round's plans.
+    pub submit_cap: SubmitCap,
+    pub control_limit: u64,
 }
 
 impl Service {
@@ -163,6 +228,8 @@ impl Service {
             allow,
             client,
             peer_id,
+            submit_cap,
+            control_limit,
         } = parts;
         let connect = ConnectInfo {
             federation: engine.config().federation.clone(),
@@ -195,7 +262,14 @@ impl Service {
             engine,
             fed,
             model,
-            tests,
+            tests: Arc::new(tests),
+            closing: VecDeque::new(),
+            close_delay: Duration::from_millis(
+                std::env::var("COHORT_DEBUG_CLOSE_DELAY_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            ),
             keys,
             allow,
             client,
@@ -209,6 +283,10 @@ impl Service {
             started: Instant::now(),
             waiting_first: true,
             eval_due: BTreeMap::new(),
+            eval_asked: BTreeMap::new(),
+            submit_cap,
+            control_limit,
+            refusal_log: LogBudget::new(LOG_LINES, LOG_WINDOW),
             finished_at: None,
             round_started: None,
             parked: Vec::new(),
@@ -231,6 +309,7 @@ impl Service {
     /// Serves until the run is over (and the linger time has passed) or
     /// the event loop stops.
     pub async fn run(mut self, mut events: mpsc::Receiver<NetEvent>) -> anyhow::Result<()> {
+        self.update_submit_cap();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -293,7 +372,7 @@ impl Service {
                 self.connect.addrs.push(full);
                 self.write_connect_file()?;
             }
-            NetEvent::Connected(peer) => info!(%peer, "connected"),
+            NetEvent::Connected(peer) => debug!(%peer, "connected"),
             NetEvent::Disconnected(peer) => {
                 // Its plan fails now rather than at the deadline; it says
                 // hello again when it comes back.
@@ -322,7 +401,10 @@ impl Service {
         let kind = request_kind(&env.body);
         let response = self.answer(peer, env);
         if let Response::Refused(r) = &response {
-            warn!(%peer, request = kind, code = ?r.code, reason = %r.message, "request refused");
+            // Peers choose how often they are refused: a bounded log.
+            if let Some(skipped) = self.refusal_log.allow() {
+                warn!(%peer, request = kind, code = ?r.code, reason = %r.message, skipped, "request refused");
+            }
         }
         response
     }
@@ -371,6 +453,12 @@ impl Service {
                 format!("node speaks {}, aggregator {PROTOCOL_VERSION}", h.version),
             );
         }
+        if h.tasks.len() > self.fed.tasks.len() || has_duplicates(h.tasks.iter().map(|t| t.task.as_str())) {
+            return refuse(
+                RefusalCode::Malformed,
+                "a hello names each of the federation's tasks at most once",
+            );
+        }
         let info = NodeInfo {
             id: node.clone(),
             tasks: h.tasks.into_iter().map(|t| (t.task, t.samples)).collect(),
@@ -403,6 +491,7 @@ impl Service {
 
     fn get_plan(&mut self, node: &str) -> Response {
         if let Some((round, version)) = self.eval_due.remove(node) {
+            self.eval_asked.insert(node.to_string(), (round, version));
             return Response::Evaluate { round, version };
         }
         if self.over() {
@@ -431,6 +520,17 @@ impl Service {
             .map(|n| n.tasks.iter().map(|(t, _)| t.clone()).collect())
             .unwrap_or_default();
         let held = self.engine.groups_of(&tasks);
+        // Every name costs a copy of its group: each at most once, and no
+        // more names than the node has groups.
+        if groups.len() > held.len() || has_duplicates(groups.iter().map(String::as_str)) {
+            return refuse(
+                RefusalCode::Malformed,
+                format!(
+                    "a model request names each of the node's {} groups at most once",
+                    held.len()
+                ),
+            );
+        }
         if let Some(g) = groups.iter().find(|g| !held.contains(g)) {
             return refuse(
                 RefusalCode::GroupNotAllowed,
@@ -527,8 +627,14 @@ impl Service {
                 format!("update names `{}`, the connection is {node}", h.node),
             );
         }
+        // The clear header against the engine first: opening costs a copy
+        // and a decryption of up to the whole payload.
+        if let Err(r) = self.check_header(node, h, update.sealed.len() as u64) {
+            return r;
+        }
         let ctx = SealContext::of_update(h);
-        // Open before recording: a corrupted copy must not burn the honest one.
+        // Open before recording: a corrupted copy must not burn the honest
+        // one. Recorded only for the open round (the header check passed).
         let plain = match self.keys.open(&ctx, &update.sealed) {
             Ok(p) => p,
             Err(e) => return refuse(RefusalCode::BadSeal, e.to_string()),
@@ -549,6 +655,107 @@ impl Service {
         }
     }
 
+    /// The checks of an update's clear header that need no payload: the
+    /// node has a plan open, the update answers it (round, base version,
+    /// exactly its upload groups), and the sealed payload is no longer
+    /// than the plan allows.
+    fn check_header(
+        &self,
+        node: &str,
+        h: &cohort_protocol::messages::UpdateHeader,
+        sealed_len: u64,
+    ) -> Result<(), Response> {
+        let Some(plan) = self.engine.open_plan(node) else {
+            let round = self.engine.round();
+            let (code, why) = if h.round > round || !self.engine.round_open() && h.round == round + 1 {
+                (RefusalCode::WrongRound, format!("round {} has not started", h.round))
+            } else if h.round < round || !self.engine.round_open() {
+                (RefusalCode::LateUpdate, format!("round {} is closed", h.round))
+            } else {
+                (
+                    RefusalCode::NotSampled,
+                    format!("no plan open for this node in round {}", h.round),
+                )
+            };
+            return Err(refuse(code, why));
+        };
+        if h.round != plan.round {
+            let code = if h.round < plan.round {
+                RefusalCode::LateUpdate
+            } else {
+                RefusalCode::WrongRound
+            };
+            return Err(refuse(
+                code,
+                format!("round {} is not the plan's round {}", h.round, plan.round),
+            ));
+        }
+        if h.base_version != plan.base_version {
+            return Err(refuse(
+                RefusalCode::StaleBase,
+                format!(
+                    "base version {} instead of {}",
+                    h.base_version, plan.base_version
+                ),
+            ));
+        }
+        if h.groups.len() > plan.upload.len()
+            || has_duplicates(h.groups.iter().map(String::as_str))
+            || has_duplicates(h.metrics.iter().map(|m| m.task.as_str()))
+            || h.metrics.len() > self.fed.tasks.len()
+        {
+            return Err(refuse(
+                RefusalCode::Malformed,
+                "an update names each of its plan's groups and tasks at most once",
+            ));
+        }
+        if let Some(g) = h.groups.iter().find(|g| !plan.upload.contains(g)) {
+            return Err(refuse(
+                RefusalCode::GroupNotAllowed,
+                format!("group `{g}` is not in this node's plan"),
+            ));
+        }
+        let bound = sealed_bound(self.engine.layout(), plan);
+        if sealed_len > bound {
+            return Err(refuse(
+                RefusalCode::TooLarge,
+                format!("sealed update of {sealed_len} bytes; the plan allows {bound}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The largest `Submit` frame any open plan allows; the control limit
+    /// when no round is open.
+    fn update_submit_cap(&self) {
+        let layout = self.engine.layout();
+        let cap = match self.engine.config().mode {
+            Mode::Sync if !self.engine.round_open() => self.control_limit,
+            Mode::Sync => self
+                .engine
+                .node_ids()
+                .filter_map(|n| self.engine.open_plan(n))
+                .map(|p| sealed_bound(layout, p))
+                .max()
+                .map_or(self.control_limit, |b| b.saturating_add(SUBMIT_SLACK)),
+            // Plans are issued on demand: bounded by the whole model at the
+            // configured codec.
+            Mode::Async(_) => {
+                let plan = RoundPlan {
+                    federation: String::new(),
+                    round: 0,
+                    base_version: 0,
+                    upload: layout.group_names().map(str::to_string).collect(),
+                    train: Default::default(),
+                    codec: self.engine.config().codec.clone(),
+                    deadline_ms: 0,
+                };
+                sealed_bound(layout, &plan).saturating_add(SUBMIT_SLACK)
+            }
+        };
+        self.submit_cap.set(cap);
+    }
+
     fn report(&mut self, node: &str, report: EvalReport) -> Response {
         let holds = |task: &str| {
             self.engine
@@ -558,12 +765,24 @@ impl Service {
         if report.node != node
             || report.metrics.len() > self.fed.tasks.len()
             || !report.metrics.iter().all(|m| holds(&m.task))
+            || has_duplicates(report.metrics.iter().map(|m| m.task.as_str()))
         {
             return refuse(
                 RefusalCode::Malformed,
-                "a report must name this node and only tasks it holds",
+                "a report must name this node and only tasks it holds, each once",
             );
         }
+        // Only the evaluation that was asked of this node, once.
+        if self.eval_asked.get(node) != Some(&(report.round, report.version)) {
+            return refuse(
+                RefusalCode::NotSampled,
+                format!(
+                    "no evaluation of round {} (version {}) was asked of this node",
+                    report.round, report.version
+                ),
+            );
+        }
+        self.eval_asked.remove(node);
         for m in &report.metrics {
             info!(node, round = report.round, task = %m.task, accuracy = m.accuracy, samples = m.samples, "federated evaluation");
         }
@@ -602,7 +821,15 @@ impl Service {
             self.on_round_closed(report)?;
             changed = true;
         }
+        if changed {
+            self.update_submit_cap();
+        }
+        changed |= self.finish_closing().await?;
         self.answer_parked(changed).await;
+        if !self.closing.is_empty() {
+            // Rounds evaluating: no new round, no exit before their lines.
+            return Ok(false);
+        }
         if self.over() {
             let at = *self.finished_at.get_or_insert_with(Instant::now);
             return Ok(at.elapsed() >= self.linger);
@@ -615,6 +842,7 @@ impl Service {
                 Ok(plans) => {
                     self.waiting_first = false;
                     self.round_started = Some(Instant::now());
+                    self.update_submit_cap();
                     let names: Vec<&str> = plans.iter().map(|(n, _)| n.as_str()).collect();
                     info!(round = self.engine.round(), sampled = ?names, "round started");
                     self.answer_parked(true).await;
@@ -656,34 +884,103 @@ impl Service {
         }
     }
 
+    /// A round closed: its checkpoint now (before anything else, on a
+    /// thread that may block), the bookkeeping of the next round, and its
+    /// central evaluation on a blocking thread; the metrics line follows in
+    /// [`Service::finish_closing`] once the evaluation is done.
     fn on_round_closed(&mut self, report: RoundReport) -> anyhow::Result<()> {
-        // The checkpoint first: before the evaluation (whose failure must
-        // not lose the round), the metrics line and the next round. A crash
-        // loses at most the round in progress, and every round in
-        // metrics.jsonl has its checkpoint.
-        self.engine.save_checkpoint(&self.checkpoints)?;
+        // The checkpoint before the metrics line and before the next round
+        // starts: a crash loses at most the round in progress, and every
+        // round in metrics.jsonl has its checkpoint. The engine cannot
+        // leave this task, so the write runs in place (the runtime moves
+        // its other tasks, the event loop among them, to another thread).
+        let (engine, dir) = (&self.engine, &self.checkpoints);
+        tokio::task::block_in_place(|| engine.save_checkpoint(dir))?;
         self.prune_checkpoints();
-        let global = self.engine.global();
-        let mut central = Vec::new();
+        // A node that let the deadline pass leaves the pool (later rounds
+        // do not wait for it again); it says hello again when it returns.
+        for (node, reason) in &report.failures {
+            if matches!(reason, FailureReason::Timeout) {
+                self.engine.unregister(node);
+            }
+        }
+        self.replay.prune_below(report.round.saturating_sub(1));
+        let every = self.fed.eval.federated_every;
+        if self.engine.is_finished() || (every > 0 && report.round.is_multiple_of(every)) {
+            let version = self.engine.version();
+            let nodes: Vec<String> = self.engine.node_ids().map(str::to_string).collect();
+            for n in nodes {
+                self.eval_due.insert(n, (report.round, version));
+            }
+        }
         let eval_now = self.fed.eval.central
             && (report.round.is_multiple_of(self.fed.eval.every.max(1))
                 || self.engine.is_finished());
-        if eval_now {
-            for (task, test) in &self.tests {
-                let m = match self.model.evaluate(global, task, test, None) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        warn!(round = report.round, task = %task, error = %e, "central evaluation failed; the round is kept");
-                        continue;
-                    }
-                };
-                central.push(Score {
-                    task: task.clone(),
-                    accuracy: m.accuracy,
-                    loss: m.loss,
-                });
+        let eval = eval_now.then(|| {
+            let global = self.engine.global().clone();
+            let (model, tests, delay) = (self.model.clone(), Arc::clone(&self.tests), self.close_delay);
+            let round = report.round;
+            tokio::task::spawn_blocking(move || {
+                std::thread::sleep(delay);
+                let mut central = Vec::new();
+                for (task, test) in tests.iter() {
+                    let m = match model.evaluate(&global, task, test, None) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            // The round's checkpoint is written: an
+                            // evaluation error loses nothing.
+                            warn!(round, task = %task, error = %e, "central evaluation failed; the round is kept");
+                            continue;
+                        }
+                    };
+                    central.push(Score {
+                        task: task.clone(),
+                        accuracy: m.accuracy,
+                        loss: m.loss,
+                    });
+                }
+                Ok(central)
+            })
+        });
+        let wall_ms = self
+            .round_started
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or(0);
+        self.closing.push_back(Closing {
+            report,
+            eval,
+            wall_ms,
+        });
+        Ok(())
+    }
+
+    /// Writes the metrics lines of closed rounds whose evaluation is done,
+    /// in order; true when one was written.
+    async fn finish_closing(&mut self) -> anyhow::Result<bool> {
+        let mut any = false;
+        while let Some(c) = self.closing.front() {
+            if c.eval.as_ref().is_some_and(|h| !h.is_finished()) {
+                break;
             }
+            let Some(c) = self.closing.pop_front() else {
+                break;
+            };
+            let central = match c.eval {
+                Some(h) => h.await.context("the evaluation thread")??,
+                None => Vec::new(),
+            };
+            self.write_round(&c.report, central, c.wall_ms)?;
+            any = true;
         }
+        Ok(any)
+    }
+
+    fn write_round(
+        &mut self,
+        report: &RoundReport,
+        central: Vec<Score>,
+        wall_ms: u64,
+    ) -> anyhow::Result<()> {
         let scores: Vec<String> = central
             .iter()
             .map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy))
@@ -726,30 +1023,11 @@ impl Service {
             bytes_sent_full: self.sent.0,
             bytes_sent_delta: self.sent.1,
             central,
-            wall_ms: self
-                .round_started
-                .map(|t| t.elapsed().as_millis() as u64)
-                .unwrap_or(0),
+            wall_ms,
             closed_at_ms: report.closed_at_ms,
         };
         self.write_line(&line)?;
         self.sent = (0, 0);
-        // A node that let the deadline pass leaves the pool (later rounds
-        // do not wait for it again); it says hello again when it returns.
-        for (node, reason) in &report.failures {
-            if matches!(reason, FailureReason::Timeout) {
-                self.engine.unregister(node);
-            }
-        }
-        self.replay.prune_below(report.round.saturating_sub(1));
-        let every = self.fed.eval.federated_every;
-        if self.engine.is_finished() || (every > 0 && report.round.is_multiple_of(every)) {
-            let version = self.engine.version();
-            let nodes: Vec<String> = self.engine.node_ids().map(str::to_string).collect();
-            for n in nodes {
-                self.eval_due.insert(n, (report.round, version));
-            }
-        }
         Ok(())
     }
 

@@ -42,6 +42,9 @@ pub struct Agent {
     pub state_path: PathBuf,
     pub backoff: Backoff,
     pub hello: Hello,
+    /// Longest wait for any answer (beyond the transport's own request
+    /// timeout, a guard against a loop that never answers).
+    pub request_timeout: Duration,
     registered: bool,
     /// The global weights of the version held (for `have_version`).
     held: Option<(u64, ParamGroups)>,
@@ -204,6 +207,7 @@ impl Agent {
             state_path,
             backoff,
             hello,
+            request_timeout: Duration::from_secs(330),
             registered: false,
             held: None,
             failures: 0,
@@ -224,6 +228,14 @@ impl Agent {
                 Err(StepError::Net(e)) => {
                     self.registered = false;
                     let wait = self.next_backoff();
+                    if self.failures == 4 {
+                        // An aggregator refuses a peer that is not on its
+                        // allowlist at the connection, without a word.
+                        warn!(
+                            peer_id = %self.hello.node,
+                            "the aggregator keeps closing the connection: is this peer id on its allowlist?"
+                        );
+                    }
                     warn!(%e, retry_ms = wait, "aggregator unreachable; reconnecting");
                     tokio::time::sleep(Duration::from_millis(wait)).await;
                 }
@@ -268,11 +280,13 @@ impl Agent {
 
     async fn ask(&mut self, body: Request) -> Result<Response, StepError> {
         let env = Envelope::new(self.federation.clone(), body);
-        let answer = self
-            .client
-            .request(self.aggregator, env)
-            .await
-            .map_err(StepError::Net)?;
+        let answer = tokio::time::timeout(
+            self.request_timeout,
+            self.client.request(self.aggregator, env),
+        )
+        .await
+        .map_err(|_| StepError::Net(RequestError::Timeout))?
+        .map_err(StepError::Net)?;
         match answer.body {
             Response::Refused(r) => Err(StepError::Refused(r)),
             other => Ok(other),

@@ -7,15 +7,18 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use futures::StreamExt;
 use cohort_node::NodeRuntime;
 use cohort_protocol::seal::SealPublicKey;
-use cohort_protocol::transport::{build_swarm, event_loop, load_or_create_identity};
+use cohort_protocol::transport::{
+    build_swarm_with, event_loop, load_or_create_identity, Admission, NetEvent,
+};
 use cohort_tasks::{load_dataset, partition, ModelRegistry, TaskSpec};
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tracing::info;
+use tracing::{debug, info};
 
 use agent::{load_state, Agent, LocalTask, RefusedForGood, EXIT_REFUSED};
 use config::NodeConfig;
@@ -110,7 +113,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn".into()),
+                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -184,10 +187,28 @@ fn main() -> anyhow::Result<()> {
 
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async move {
-        let swarm = build_swarm(identity, &cfg.net)?;
-        let (client, _events, lp) = event_loop(swarm);
+        // A node talks to its aggregator only, and only asks: no other peer
+        // holds a connection, and no inbound request is accepted at all.
+        let swarm = build_swarm_with(identity, &cfg.net, Admission::client_of([aggregator]))?;
+        let (client, mut events, lp) = event_loop(swarm);
         tokio::spawn(lp.run());
-        let agent = Agent::new(
+        // The loop reports connections (and would hand over requests): read
+        // them, so that nothing piles up whatever the aggregator does.
+        tokio::spawn(async move {
+            while let Some(e) = events.next().await {
+                match e {
+                    NetEvent::Connected(p) => debug!(peer = %p, "connected"),
+                    NetEvent::Disconnected(p) => debug!(peer = %p, "disconnected"),
+                    // Never happens (no inbound protocol); dropping the
+                    // channel is the answer.
+                    NetEvent::Request { peer, .. } => debug!(%peer, "inbound request dropped"),
+                    NetEvent::Listening(_) | NetEvent::InboundFailure { .. } => {}
+                }
+            }
+        });
+        let request_timeout =
+            std::time::Duration::from_secs(cfg.net.request_timeout_s.max(1).saturating_add(30));
+        let mut agent = Agent::new(
             client,
             aggregator,
             addr,
@@ -196,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             state_path,
             cfg.backoff.clone(),
         );
+        agent.request_timeout = request_timeout;
         agent.run().await
     });
     match result {
@@ -212,3 +234,4 @@ fn main() -> anyhow::Result<()> {
         },
     }
 }
+
