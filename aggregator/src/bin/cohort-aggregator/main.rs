@@ -34,7 +34,8 @@ use service::{Parts, Service};
         simulation-only sections are ignored), keeps its libp2p identity, its sealing key, a checkpoint \
         per round and metrics.jsonl in --data-dir, and resumes from the newest checkpoint when restarted.\n\n\
         Access control: only the peer ids given with --allow or --allow-file may join, fetch the model or \
-        submit; everyone else is refused with a logged reason. A node prints its peer id with \
+        submit; everyone else is refused at the connection (right after the handshake, before any \
+        request) with a logged reason. A node prints its peer id with \
         `cohort-node id`. --open lets anyone in (tests and demos only).\n\n\
         At start it prints what node operators need: its addresses, peer id and sealing key (also written \
         to <data-dir>/connect.toml)."

@@ -43,9 +43,10 @@ use config::NodeConfig;
         architectures, faster on the MLPs and the only one for cnn28; auto, the default, picks gemm where \
         it can).\n\n\
         The aggregator admits only allowed peer ids: send its operator the output of \
-        `cohort-node --data-dir <dir> --print-peer-id`.\n\n\
+        `cohort-node --data-dir <dir> --print-peer-id`. A peer that is not allowed is refused at the \
+        connection, without an answer: the node keeps retrying and says so in its log.\n\n\
         Exit codes: 0 when the federation has finished, 3 when the aggregator refuses this node \
-        (not allowed, another federation, another model), 1 on other errors."
+        (another federation, protocol version or model), 1 on other errors."
 )]
 struct Args {
     /// Node settings file (TOML); flags override it.
