@@ -3,8 +3,8 @@ use std::time::Instant;
 
 use cohort_protocol::codec::{CodecConfig, ErrorFeedback};
 use cohort_protocol::messages::{pack_groups, RoundPlan, TaskMetrics, Update, UpdateHeader};
-use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
 pub use cohort_protocol::mix_seed;
+use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
 use cohort_protocol::{codec, ParamGroups};
 use cohort_tasks::{SharedModel, TaskData};
 use serde::{Deserialize, Serialize};

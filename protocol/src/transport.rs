@@ -556,17 +556,17 @@ impl EventLoop {
         use request_response::{Event, Message, OutboundFailure};
         match event {
             SwarmEvent::Behaviour(CohortBehaviourEvent::Rr(Event::Message {
-                peer, message, ..
+                peer,
+                message,
+                ..
             })) => match message {
                 Message::Request {
                     request, channel, ..
-                } => {
-                    self.emit(NetEvent::Request {
-                        peer,
-                        request,
-                        channel,
-                    })
-                }
+                } => self.emit(NetEvent::Request {
+                    peer,
+                    request,
+                    channel,
+                }),
                 Message::Response {
                     request_id,
                     response,
@@ -652,8 +652,8 @@ impl EventLoop {
                         {
                             format!("connection limit: {e}")
                         } else if let Some(e) = cause
-                            .downcast_ref::<memory_connection_limits::MemoryUsageLimitExceeded>()
-                        {
+                            .downcast_ref::<memory_connection_limits::MemoryUsageLimitExceeded>(
+                        ) {
                             e.to_string()
                         } else {
                             cause.to_string()

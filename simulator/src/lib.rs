@@ -20,7 +20,9 @@ use std::path::Path;
 pub use config::ExperimentConfig;
 pub use error::SimError;
 pub use metrics::{RoundMetrics, TaskScore};
-pub use run::{build_model, client_id, engine_config, federation, local_only, PersonalScore, Simulation};
+pub use run::{
+    build_model, client_id, engine_config, federation, local_only, PersonalScore, Simulation,
+};
 
 use cohort_tasks::ModelRegistry;
 use config::Sharing;

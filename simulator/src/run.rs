@@ -976,8 +976,7 @@ pub fn local_only(
             &cfg_c,
         )?;
         let local = s.evaluate(&trained.params, name, data, Some(held))?;
-        let central =
-            s.evaluate(&trained.params, name, &pop.tasks[t].split.test, None)?;
+        let central = s.evaluate(&trained.params, name, &pop.tasks[t].split.test, None)?;
         Ok((local.accuracy, central.accuracy))
     })
 }

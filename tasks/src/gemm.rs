@@ -998,7 +998,13 @@ impl Stepper for GemmStepper<'_> {
             if train_head {
                 if let Some(h) = self.net.heads.get_mut(task) {
                     let g = &mut ws.grad_head[..h.len()];
-                    apply_step(h, g, &self.head_starts[t], &mut self.head_states[t], self.cfg);
+                    apply_step(
+                        h,
+                        g,
+                        &self.head_starts[t],
+                        &mut self.head_states[t],
+                        self.cfg,
+                    );
                 }
             }
             if !self.backbone_frozen {

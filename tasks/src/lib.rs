@@ -43,8 +43,7 @@ pub use dfdx_backend::{DfdxBackbone, DfdxInit, DfdxModel};
 pub use error::{FileProblem, TasksError};
 pub use gemm::{BackboneKind, GemmModel, GemmNet};
 pub use model::{
-    validate_tasks, Backend, Model, ModelFactory, ModelRegistry, SharedModel, TaskSpec,
-    MAX_CLASSES,
+    validate_tasks, Backend, Model, ModelFactory, ModelRegistry, SharedModel, TaskSpec, MAX_CLASSES,
 };
 pub use partition::{partition, Partitioner};
 pub use train::{EvalMetrics, TaskData, TrainOutcome, MAX_BATCH};

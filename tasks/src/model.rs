@@ -119,7 +119,10 @@ pub fn validate_tasks(tasks: &[TaskSpec]) -> Result<(), TasksError> {
     let mut seen = std::collections::BTreeSet::new();
     for t in tasks {
         if t.name.is_empty() || t.name.contains('/') || t.name.chars().any(char::is_whitespace) {
-            return Err(TasksError::InvalidSpec(format!("bad task name `{}`", t.name)));
+            return Err(TasksError::InvalidSpec(format!(
+                "bad task name `{}`",
+                t.name
+            )));
         }
         if !seen.insert(t.name.as_str()) {
             return Err(TasksError::InvalidSpec(format!(
@@ -253,7 +256,10 @@ pub(crate) fn init_heads(layout: &Layout, seed: u64, out: &mut ParamGroups) {
 /// architectures on both backends, so that a backend switch does not
 /// change the start.
 pub(crate) fn he_uniform_backbone(tensors: &[TensorSpec], seed: u64) -> Vec<f32> {
-    let len: u64 = tensors.iter().map(|t| t.shape.iter().product::<u64>()).sum();
+    let len: u64 = tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
     let mut v = vec![0.0; len as usize];
     let mut rng = group_rng(seed, BACKBONE);
     for t in tensors.iter().filter(|t| t.shape.len() >= 2) {
@@ -297,9 +303,12 @@ impl Default for ModelRegistry {
     fn default() -> Self {
         let mut r = ModelRegistry::empty();
         for kind in BackboneKind::ALL {
-            r.register(kind.name(), Backend::Gemm, kind.description(), move |tasks| {
-                Ok(Arc::new(GemmModel::new(kind, tasks)?))
-            });
+            r.register(
+                kind.name(),
+                Backend::Gemm,
+                kind.description(),
+                move |tasks| Ok(Arc::new(GemmModel::new(kind, tasks)?)),
+            );
         }
         dfdx_builtin::register(&mut r);
         r
@@ -340,10 +349,13 @@ impl ModelRegistry {
         backend: Backend,
         tasks: Vec<TaskSpec>,
     ) -> Result<SharedModel, TasksError> {
-        let e = self.entries.get(name).ok_or_else(|| TasksError::UnknownModel {
-            name: name.to_string(),
-            known: self.names().collect::<Vec<_>>().join(", "),
-        })?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| TasksError::UnknownModel {
+                name: name.to_string(),
+                known: self.names().collect::<Vec<_>>().join(", "),
+            })?;
         let f = match backend {
             Backend::Auto => e.gemm.as_ref().or(e.dfdx.as_ref()),
             Backend::Dfdx => e.dfdx.as_ref(),

@@ -108,11 +108,7 @@ pub(crate) fn task_spec(model: &dyn Model, task: &str) -> Result<TaskSpec, Tasks
 
 /// Checks that a task's data fits a head of `classes` on a model of `dim`
 /// inputs: dimension, indices in range, labels below the class count.
-fn check_task_data(
-    model: &dyn Model,
-    classes: usize,
-    td: &TaskData<'_>,
-) -> Result<(), TasksError> {
+fn check_task_data(model: &dyn Model, classes: usize, td: &TaskData<'_>) -> Result<(), TasksError> {
     let d = td.data;
     let dim = model.input_dim();
     if d.dim != dim {
@@ -219,7 +215,8 @@ pub(crate) fn run_schedule(
             let x = stepper.input(idx.len());
             labels.clear();
             for (r, &i) in idx.iter().enumerate() {
-                x[r * dim..(r + 1) * dim].copy_from_slice(&td.data.features[i * dim..(i + 1) * dim]);
+                x[r * dim..(r + 1) * dim]
+                    .copy_from_slice(&td.data.features[i * dim..(i + 1) * dim]);
                 labels.push(td.data.labels[i]);
             }
             let loss = stepper.step(t, &labels)?;
@@ -373,4 +370,3 @@ pub(crate) fn softmax_xent(
     }
     (loss, correct)
 }
-

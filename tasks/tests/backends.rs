@@ -94,7 +94,11 @@ fn both_backends_train_to_the_same_weights() {
         assert_eq!(dfdx.backend(), Backend::Dfdx);
         assert_eq!(gemm.layout(), dfdx.layout(), "{name}: layouts differ");
         let start = gemm.init(4);
-        assert_eq!(start, dfdx.init(4), "{name}: the start depends on the backend");
+        assert_eq!(
+            start,
+            dfdx.init(4),
+            "{name}: the start depends on the backend"
+        );
         let idx: Vec<usize> = (0..split.train.len().min(subset)).collect();
         let data = [TaskData {
             task: "t",
@@ -110,12 +114,17 @@ fn both_backends_train_to_the_same_weights() {
                 "{name} {opt}: {} steps, weights moved {moved:.3e}, gemm vs dfdx {rel:.3e}, loss {:.4} vs {:.4}",
                 a.metrics[0].steps, a.metrics[0].loss, b.metrics[0].loss
             );
-            assert!(moved > 1e-3, "{name} {opt}: training did not move the weights");
+            assert!(
+                moved > 1e-3,
+                "{name} {opt}: training did not move the weights"
+            );
             assert!(rel < 1e-5, "{name} {opt}: gemm and dfdx differ by {rel:e}");
             assert_eq!(a.metrics[0].steps, b.metrics[0].steps);
             let (ea, eb) = (
-                gemm.evaluate(&a.params, "t", &split.test, None).expect("eval"),
-                dfdx.evaluate(&b.params, "t", &split.test, None).expect("eval"),
+                gemm.evaluate(&a.params, "t", &split.test, None)
+                    .expect("eval"),
+                dfdx.evaluate(&b.params, "t", &split.test, None)
+                    .expect("eval"),
             );
             assert!((ea.accuracy - eb.accuracy).abs() <= 2.0 / ea.samples as f32);
         }
@@ -180,7 +189,9 @@ fn resmlp28_learns_mnist_on_dfdx() {
             &cfg,
         )
         .expect("train");
-    let m = model.evaluate(&out.params, "t", &split.test, None).expect("eval");
+    let m = model
+        .evaluate(&out.params, "t", &split.test, None)
+        .expect("eval");
     eprintln!("resmlp28 on mnist5k: held-out accuracy {:.4}", m.accuracy);
     assert!(m.accuracy > 0.9, "{}", m.accuracy);
 }
@@ -189,7 +200,10 @@ fn resmlp28_learns_mnist_on_dfdx() {
 fn dfdx_modules_flatten_and_load_bit_exactly() {
     type Res = DfdxModel<ResMlp28, 784, 128>;
     let model = Res::new("resmlp28", vec![TaskSpec::new("t", 10)]).expect("model");
-    let names: Vec<String> = Res::backbone_tensors().into_iter().map(|t| t.name).collect();
+    let names: Vec<String> = Res::backbone_tensors()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     assert_eq!(names[0], "backbone.0.weight");
     assert!(names.iter().any(|n| n.ends_with("gamma")), "{names:?}");
     let dev = Cpu::seed_from_u64(5);
@@ -198,7 +212,10 @@ fn dfdx_modules_flatten_and_load_bit_exactly() {
     assert_eq!(flat.len() as u64, model.layout().groups[0].len());
     let loaded = model.load_backbone(&dev, &flat).expect("load");
     let again = Res::flatten_backbone(&loaded);
-    assert!(flat.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(flat
+        .iter()
+        .zip(&again)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
     // A vector of another length is a typed error, not a partial load.
     assert!(matches!(
         model.load_backbone(&dev, &flat[1..]),
@@ -255,7 +272,9 @@ fn the_registry_names_models_and_backends() {
         .build("my_res", Backend::Auto, vec![TaskSpec::new("t", 3)])
         .expect("registered");
     assert_eq!(m.name(), "my_res");
-    let sub: SharedModel = m.with_tasks(vec![TaskSpec::new("u", 4)]).expect("other tasks");
+    let sub: SharedModel = m
+        .with_tasks(vec![TaskSpec::new("u", 4)])
+        .expect("other tasks");
     assert_eq!(sub.tasks()[0].classes, 4);
     let _: Arc<dyn Model> = sub;
 }

@@ -108,7 +108,10 @@ impl Proc {
         cmd.stdout(Stdio::from(open(&stdout)))
             .stderr(Stdio::from(open(&stderr)))
             .stdin(Stdio::null())
-            .env("RUST_LOG", "info,libp2p=warn,libp2p_request_response=error,cohort_protocol=debug")
+            .env(
+                "RUST_LOG",
+                "info,libp2p=warn,libp2p_request_response=error,cohort_protocol=debug",
+            )
             .env("NO_COLOR", "1");
         let child = cmd
             .spawn()

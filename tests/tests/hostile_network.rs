@@ -141,7 +141,10 @@ async fn flood(
         .with_behaviour(|_| {
             request_response::Behaviour::with_codec(
                 PrefixOnly,
-                [(StreamProtocol::new(PROTOCOL_NAME), ProtocolSupport::Outbound)],
+                [(
+                    StreamProtocol::new(PROTOCOL_NAME),
+                    ProtocolSupport::Outbound,
+                )],
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(600))
                     .with_max_concurrent_streams(4 * streams),
@@ -222,7 +225,14 @@ async fn a_flood_of_length_prefixes_costs_the_aggregator_little_memory() {
         )
         .collect();
     let mut args = vec![
-        "--rounds", "3", "--nodes", "2", "--per-round", "2", "--linger-s", "1",
+        "--rounds",
+        "3",
+        "--nodes",
+        "2",
+        "--per-round",
+        "2",
+        "--linger-s",
+        "1",
     ];
     for a in &allowed_ids {
         args.extend(["--allow", a.as_str()]);
@@ -449,8 +459,16 @@ async fn a_node_survives_300_cut_connections_and_300_inbound_requests() {
         &agg_dir,
         &listen_s,
         &[
-            "--allow", &node_s, "--nodes", "1", "--per-round", "1", "--rounds", "1",
-            "--linger-s", "2",
+            "--allow",
+            &node_s,
+            "--nodes",
+            "1",
+            "--per-round",
+            "1",
+            "--rounds",
+            "1",
+            "--linger-s",
+            "2",
         ],
     );
     let status = agg.proc.expect_exit(Duration::from_secs(120));
@@ -461,7 +479,6 @@ async fn a_node_survives_300_cut_connections_and_300_inbound_requests() {
     let s = node.expect_exit(Duration::from_secs(30));
     assert!(s.success(), "node failed:\n{}", tail(&node.err(), 30));
 }
-
 
 /// A registered peer that only polls: hello, then plan and model requests
 /// back to back until `stop`; records the longest wait for an answer.
@@ -498,7 +515,7 @@ async fn parker(
         i += 1;
         let body = if !registered {
             hello.clone()
-        } else if i % 2 == 0 {
+        } else if i.is_multiple_of(2) {
             Request::GetPlan
         } else {
             Request::GetModel {
@@ -570,7 +587,7 @@ async fn parked_plans_and_a_flood_during_slow_round_closes_make_progress() {
                 fed.clone(),
                 aggregator,
                 addr.clone(),
-                fingerprint.clone(),
+                fingerprint,
                 Arc::clone(&stop),
                 Arc::clone(&answered),
                 Arc::clone(&longest),

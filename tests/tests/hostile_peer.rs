@@ -169,10 +169,22 @@ async fn every_bad_request_is_refused(allowlist: bool) {
         groups: groups.into_iter().map(str::to_string).collect(),
         have_version: None,
     };
-    let r = ask(&mut client, aggregator, &fed, get_model(vec!["head/fashion"])).await;
+    let r = ask(
+        &mut client,
+        aggregator,
+        &fed,
+        get_model(vec!["head/fashion"]),
+    )
+    .await;
     assert_eq!(refused(&r), Some(RefusalCode::GroupNotAllowed));
     // The same group many times (each copy would cost a copy of the group).
-    let r = ask(&mut client, aggregator, &fed, get_model(vec!["backbone"; 4000])).await;
+    let r = ask(
+        &mut client,
+        aggregator,
+        &fed,
+        get_model(vec!["backbone"; 4000]),
+    )
+    .await;
     assert_eq!(refused(&r), Some(RefusalCode::Malformed));
     let r = ask(
         &mut client,
@@ -221,7 +233,13 @@ async fn every_bad_request_is_refused(allowlist: bool) {
     let sealed = seal(&key, &SealContext::of_update(&h), b"not packed groups").expect("seal");
     let future = Update { header: h, sealed };
     for _ in 0..2 {
-        let r = ask(&mut client, aggregator, &fed, Request::Submit(future.clone())).await;
+        let r = ask(
+            &mut client,
+            aggregator,
+            &fed,
+            Request::Submit(future.clone()),
+        )
+        .await;
         assert_eq!(refused(&r), Some(RefusalCode::WrongRound));
     }
     // Groups that are not the plan's, or one twice.
@@ -323,7 +341,11 @@ async fn every_bad_request_is_refused(allowlist: bool) {
         Response::Model(p) => {
             assert_eq!(p.version, 0);
             let w = p.to_groups(&layout).expect("weights");
-            assert_eq!(w.get("backbone"), spec.init(cohort_aggregator::experiment::init_seed(3)).get("backbone"));
+            assert_eq!(
+                w.get("backbone"),
+                spec.init(cohort_aggregator::experiment::init_seed(3))
+                    .get("backbone")
+            );
         }
         other => panic!("{other:?}"),
     }

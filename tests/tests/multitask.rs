@@ -23,15 +23,15 @@ fn centralized(dataset: &str, task: &str, epochs: u32) -> f32 {
     };
     let out = spec
         .train(
-        &spec.init(5),
-        &[TaskData {
-            task,
-            data: &split.train,
-            indices: &all,
-        }],
-        &cfg,
-    )
-    .expect("trains");
+            &spec.init(5),
+            &[TaskData {
+                task,
+                data: &split.train,
+                indices: &all,
+            }],
+            &cfg,
+        )
+        .expect("trains");
     100.0
         * spec
             .evaluate(&out.params, task, &split.test, None)

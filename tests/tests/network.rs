@@ -233,10 +233,15 @@ fn a_node_that_is_not_allowed_is_refused_and_gets_no_model() {
     let mut intruder = start_node("intruder", &intruder_dir, &agg.connect_file());
     // Refused at the connection: it never holds one long enough to ask,
     // so it keeps trying (with backoff) and says why it might be refused.
-    wait_for(Duration::from_secs(60), "the intruder's allowlist hint", || {
-        intruder.err().contains("allowlist").then_some(())
-    });
-    assert!(intruder.wait(Duration::from_millis(10)).is_none(), "still trying");
+    wait_for(
+        Duration::from_secs(60),
+        "the intruder's allowlist hint",
+        || intruder.err().contains("allowlist").then_some(()),
+    );
+    assert!(
+        intruder.wait(Duration::from_millis(10)).is_none(),
+        "still trying"
+    );
     assert!(!intruder.err().contains("model received"));
     assert!(!intruder.err().contains("joined the federation"));
     assert!(!intruder_dir.join("state.bin").exists(), "it never trained");

@@ -46,7 +46,10 @@ pub fn run(rounds: u64) -> anyhow::Result<ExperimentResult> {
     };
     let result = run_experiment_with(&cfg, &registry(), |m| {
         for s in &m.central {
-            println!("round {:>3}  {} accuracy {:.3}", m.round, s.task, s.accuracy);
+            println!(
+                "round {:>3}  {} accuracy {:.3}",
+                m.round, s.task, s.accuracy
+            );
         }
     })?;
     Ok(result)

@@ -29,8 +29,8 @@ use std::sync::Arc;
 
 use cohort_protocol::{head_group, Layout, ParamGroups, TensorSpec, BACKBONE};
 use dfdx::nn::tensor_collection::{
-    RecursiveWalker, ScalarOptions, TensorCollection, TensorOptions, TensorVisitor,
-    ViewTensorMut, ViewTensorName, ViewTensorRef,
+    RecursiveWalker, ScalarOptions, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut,
+    ViewTensorName, ViewTensorRef,
 };
 use dfdx::prelude::*;
 use rand::Rng;
@@ -212,7 +212,12 @@ where
         })
     }
 
-    fn load_head(&self, dev: &Cpu, params: &ParamGroups, task: &str) -> Result<DynHead, TasksError> {
+    fn load_head(
+        &self,
+        dev: &Cpu,
+        params: &ParamGroups,
+        task: &str,
+    ) -> Result<DynHead, TasksError> {
         let classes = task_spec(self, task)?.classes;
         let g = head_group(task);
         let v = params.get(&g).ok_or_else(|| {
@@ -289,7 +294,14 @@ where
             dev,
             backbone,
             heads,
-            Prox::new(cfg, &self.layout.groups[0].tensors, F, bb_start, start, data),
+            Prox::new(
+                cfg,
+                &self.layout.groups[0].tensors,
+                F,
+                bb_start,
+                start,
+                data,
+            ),
             data,
             classes,
             cfg,
@@ -329,8 +341,11 @@ impl ModelRegistry {
     /// are its input and feature widths (checked at compile time). A name
     /// registered before (a built-in one too) is replaced on the dfdx
     /// backend.
-    pub fn register_dfdx<B, const IN: usize, const F: usize>(&mut self, name: &str, description: &str)
-    where
+    pub fn register_dfdx<B, const IN: usize, const F: usize>(
+        &mut self,
+        name: &str,
+        description: &str,
+    ) where
         B: BuildOnDevice<Cpu, f32> + 'static,
         B::Built: DfdxBackbone<IN, F>,
     {
@@ -659,7 +674,12 @@ impl TensorVisitor<f32, Cpu> for Namer {
         opts: TensorOptions<S, f32, Cpu>,
         name: String,
     ) -> Result<Option<Tensor<S, f32, Cpu>>, Self::Err> {
-        let shape: Vec<u64> = opts.shape.concrete().into_iter().map(|d| d as u64).collect();
+        let shape: Vec<u64> = opts
+            .shape
+            .concrete()
+            .into_iter()
+            .map(|d| d as u64)
+            .collect();
         let offset = self
             .specs
             .last()

@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, Federation, GroupPolicy, StrategyConfig};
+use cohort_aggregator::{
+    w0_engine, w0_strategy, EngineConfig, Federation, GroupPolicy, StrategyConfig,
+};
 use cohort_protocol::transport::NetConfig;
 use cohort_tasks::Backend;
 use libp2p::PeerId;

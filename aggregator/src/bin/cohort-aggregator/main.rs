@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Parser;
 use cohort_aggregator::{checkpoint, strategy_from_config, Engine};
-use cohort_protocol::seal::SealKeyPair;
 use cohort_protocol::p2p::SubmitCap;
+use cohort_protocol::seal::SealKeyPair;
 use cohort_protocol::transport::{
     build_swarm_with, event_loop, load_or_create_identity, Admission,
 };
@@ -183,7 +183,8 @@ fn main() -> anyhow::Result<()> {
     let (model, tests) = build_model(&fed, &ModelRegistry::default())?;
     let layout = model.layout();
     if let Some(path) = &args.export_initial {
-        let bytes = checkpoint::weights_to_safetensors(&layout, &model.init(fed.federation().init_seed()))?;
+        let bytes =
+            checkpoint::weights_to_safetensors(&layout, &model.init(fed.federation().init_seed()))?;
         std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
         return Ok(());
     }
@@ -197,13 +198,17 @@ fn main() -> anyhow::Result<()> {
     let _lock = cohort_aggregator::checkpoint::lock_dir(&cfg.data_dir)?;
     let engine_cfg = fed.engine_config();
     let checkpoints = cfg.data_dir.join("checkpoints");
-    let resumed = Engine::resume(&checkpoints, engine_cfg.clone(), strategy_from_config(&fed.strategy))
-        .with_context(|| {
-            format!(
-                "resuming from {} (a different experiment needs another --data-dir)",
-                checkpoints.display()
-            )
-        })?;
+    let resumed = Engine::resume(
+        &checkpoints,
+        engine_cfg.clone(),
+        strategy_from_config(&fed.strategy),
+    )
+    .with_context(|| {
+        format!(
+            "resuming from {} (a different experiment needs another --data-dir)",
+            checkpoints.display()
+        )
+    })?;
     let engine = match resumed {
         Some(e) => {
             e.check_layout(&layout).map_err(|e| {

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cohort_aggregator::{AggError, Engine, FailureReason, Mode, NodeInfo, RoundReport};
+use cohort_protocol::codec::{CodecConfig, HEADER_LEN};
+use cohort_protocol::messages::RoundPlan;
 use cohort_protocol::messages::{
     Envelope, EvalReport, GroupBlob, Hello, ModelPayload, Refusal, RefusalCode, Request, Response,
     Update,
 };
-use cohort_protocol::codec::{CodecConfig, HEADER_LEN};
-use cohort_protocol::messages::RoundPlan;
 use cohort_protocol::p2p::SubmitCap;
 use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair, MAX_SENDER_LEN};
 use cohort_protocol::transport::{Client, LogBudget, NetEvent};
@@ -453,7 +453,9 @@ impl Service {
                 format!("node speaks {}, aggregator {PROTOCOL_VERSION}", h.version),
             );
         }
-        if h.tasks.len() > self.fed.tasks.len() || has_duplicates(h.tasks.iter().map(|t| t.task.as_str())) {
+        if h.tasks.len() > self.fed.tasks.len()
+            || has_duplicates(h.tasks.iter().map(|t| t.task.as_str()))
+        {
             return refuse(
                 RefusalCode::Malformed,
                 "a hello names each of the federation's tasks at most once",
@@ -659,6 +661,7 @@ impl Service {
     /// node has a plan open, the update answers it (round, base version,
     /// exactly its upload groups), and the sealed payload is no longer
     /// than the plan allows.
+    #[allow(clippy::result_large_err)] // the refusal is the response sent as it is
     fn check_header(
         &self,
         node: &str,
@@ -667,16 +670,23 @@ impl Service {
     ) -> Result<(), Response> {
         let Some(plan) = self.engine.open_plan(node) else {
             let round = self.engine.round();
-            let (code, why) = if h.round > round || !self.engine.round_open() && h.round == round + 1 {
-                (RefusalCode::WrongRound, format!("round {} has not started", h.round))
-            } else if h.round < round || !self.engine.round_open() {
-                (RefusalCode::LateUpdate, format!("round {} is closed", h.round))
-            } else {
-                (
-                    RefusalCode::NotSampled,
-                    format!("no plan open for this node in round {}", h.round),
-                )
-            };
+            let (code, why) =
+                if h.round > round || !self.engine.round_open() && h.round == round + 1 {
+                    (
+                        RefusalCode::WrongRound,
+                        format!("round {} has not started", h.round),
+                    )
+                } else if h.round < round || !self.engine.round_open() {
+                    (
+                        RefusalCode::LateUpdate,
+                        format!("round {} is closed", h.round),
+                    )
+                } else {
+                    (
+                        RefusalCode::NotSampled,
+                        format!("no plan open for this node in round {}", h.round),
+                    )
+                };
             return Err(refuse(code, why));
         };
         if h.round != plan.round {

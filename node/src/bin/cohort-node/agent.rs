@@ -451,7 +451,9 @@ impl Agent {
         }
         let mut metrics = Vec::new();
         for t in self.tasks.iter().filter(|t| !t.test.is_empty()) {
-            let m = rt.model.evaluate(&params, &t.name, &t.data, Some(&t.test))
+            let m = rt
+                .model
+                .evaluate(&params, &t.name, &t.data, Some(&t.test))
                 .map_err(|e| StepError::Fatal(anyhow!("evaluation: {e}")))?;
             println!(
                 "evaluation of version {version}: {} {:.1}% on {} local samples",

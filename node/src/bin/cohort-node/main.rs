@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use futures::StreamExt;
 use cohort_node::NodeRuntime;
 use cohort_protocol::seal::SealPublicKey;
 use cohort_protocol::transport::{
     build_swarm_with, event_loop, load_or_create_identity, Admission, NetEvent,
 };
 use cohort_tasks::{load_dataset, partition, ModelRegistry, TaskSpec};
+use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use rand::seq::SliceRandom;
@@ -235,4 +235,3 @@ fn main() -> anyhow::Result<()> {
         },
     }
 }
-
