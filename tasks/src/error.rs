@@ -61,6 +61,8 @@ pub enum TasksError {
         backend: crate::Backend,
         available: String,
     },
+    #[error("unknown backend `{0}` (known: auto, dfdx, gemm)")]
+    UnknownBackend(String),
     #[error("training backend: {0}")]
     Backend(String),
     #[error("unknown task `{0}`")]

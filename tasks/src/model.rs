@@ -171,9 +171,7 @@ impl std::str::FromStr for Backend {
             "auto" => Ok(Backend::Auto),
             "dfdx" => Ok(Backend::Dfdx),
             "gemm" => Ok(Backend::Gemm),
-            _ => Err(TasksError::InvalidSpec(format!(
-                "unknown backend `{s}` (auto, dfdx, gemm)"
-            ))),
+            _ => Err(TasksError::UnknownBackend(s.to_string())),
         }
     }
 }
