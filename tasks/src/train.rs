@@ -258,16 +258,19 @@ pub struct EvalMetrics {
     pub samples: u64,
 }
 
+/// The layout error of a group that `params` lacks.
+pub(crate) fn missing_group(group: &str) -> TasksError {
+    TasksError::Layout(cohort_protocol::ProtocolError::LayoutMismatch(format!(
+        "group `{group}` missing"
+    )))
+}
+
 /// The `backbone` and `head/<task>` groups of `params`.
 pub(crate) fn eval_groups(params: &ParamGroups, task: &str) -> Result<ParamGroups, TasksError> {
     let head = head_group(task);
     let mut groups = ParamGroups::new();
     for g in [BACKBONE, head.as_str()] {
-        let v = params.get(g).ok_or_else(|| {
-            TasksError::Layout(cohort_protocol::ProtocolError::LayoutMismatch(format!(
-                "group `{g}` missing"
-            )))
-        })?;
+        let v = params.get(g).ok_or_else(|| missing_group(g))?;
         groups.insert(g, v.to_vec());
     }
     Ok(groups)

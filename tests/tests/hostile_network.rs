@@ -21,7 +21,7 @@ use cohort_protocol::messages::{Envelope, Request};
 use cohort_protocol::p2p::PROTOCOL_NAME;
 use cohort_protocol::seal::SealKeyPair;
 use cohort_protocol::transport::{build_swarm, load_or_create_identity, NetConfig};
-use cohort_tests::net::{bin, peer_id, read, tail, Aggregator, Proc, TestDir};
+use cohort_tests::net::{bin, peer_id, tail, Aggregator, Proc, TestDir};
 use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures::StreamExt;
 use libp2p::identity::Keypair;
@@ -29,28 +29,8 @@ use libp2p::request_response::{self, OutboundFailure, ProtocolSupport};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{noise, tcp, yamux, Multiaddr, PeerId, StreamProtocol};
 
-fn connect_info(agg: &Aggregator) -> (PeerId, Multiaddr, String, String) {
-    let text = read(&agg.connect_file());
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
-            .and_then(|l| l.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("{k} in connect.toml:\n{text}"))
-            .to_string()
-    };
-    let addr: Multiaddr = text
-        .split('"')
-        .find(|s| s.starts_with("/ip4/127.0.0.1/tcp/"))
-        .expect("tcp address")
-        .parse()
-        .expect("multiaddr");
-    (
-        field("peer_id").parse().expect("peer id"),
-        addr,
-        field("aggregator_key"),
-        field("federation"),
-    )
-}
+mod common;
+use common::connect_info;
 
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> Option<u64> {

@@ -12,32 +12,12 @@ use cohort_protocol::messages::{
 };
 use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
 use cohort_protocol::transport::{build_swarm, event_loop, Client, NetConfig, RequestError};
-use cohort_tests::net::{read, Aggregator, TestDir};
+use cohort_tests::net::{Aggregator, TestDir};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 
-fn connect_info(agg: &Aggregator) -> (PeerId, Multiaddr, SealPublicKey, String) {
-    let text = read(&agg.connect_file());
-    let field = |k: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{k} = \"")))
-            .and_then(|l| l.strip_suffix('"'))
-            .unwrap_or_else(|| panic!("{k} in connect.toml:\n{text}"))
-            .to_string()
-    };
-    let addr: Multiaddr = text
-        .split('"')
-        .find(|s| s.starts_with("/ip4/127.0.0.1/tcp/"))
-        .expect("tcp address")
-        .parse()
-        .expect("multiaddr");
-    (
-        field("peer_id").parse().expect("peer id"),
-        addr,
-        field("aggregator_key").parse().expect("key"),
-        field("federation"),
-    )
-}
+mod common;
+use common::connect_info;
 
 async fn ask(client: &mut Client, to: PeerId, federation: &str, body: Request) -> Response {
     try_ask(client, to, federation, body)
@@ -102,6 +82,7 @@ async fn every_bad_request_is_refused(allowlist: bool) {
     }
     let agg = Aggregator::start(&root.path().join("agg"), "/ip4/127.0.0.1/tcp/0", &args);
     let (aggregator, addr, key, fed) = connect_info(&agg);
+    let key: SealPublicKey = key.parse().expect("key");
     let mut client = client_for(identity, aggregator, &addr).await;
 
     let spec = cohort_tests::builtin_model("mlp8x8", &[("digits", 10)]);

@@ -36,7 +36,7 @@ use dfdx::prelude::*;
 use rand::Rng;
 
 use crate::model::{group_rng, he_uniform_backbone, init_heads, layout_with_heads, validate_tasks};
-use crate::train::{check_inputs, eval_groups, eval_loop, run_schedule, task_spec};
+use crate::train::{check_inputs, eval_groups, eval_loop, missing_group, run_schedule, task_spec};
 use crate::train::{EvalMetrics, Stepper, TaskData, TrainOutcome};
 use crate::{
     Backend, Dataset, Model, ModelRegistry, Optimizer, SharedModel, TaskSpec, TasksError,
@@ -220,11 +220,7 @@ where
     ) -> Result<DynHead, TasksError> {
         let classes = task_spec(self, task)?.classes;
         let g = head_group(task);
-        let v = params.get(&g).ok_or_else(|| {
-            TasksError::Layout(cohort_protocol::ProtocolError::LayoutMismatch(format!(
-                "group `{g}` missing"
-            )))
-        })?;
+        let v = params.get(&g).ok_or_else(|| missing_group(&g))?;
         if v.len() != classes * (F + 1) {
             return Err(TasksError::Layout(
                 cohort_protocol::ProtocolError::GroupLength {
