@@ -63,7 +63,8 @@ pub struct NodeConfig {
     pub limits: NodeLimits,
 }
 
-/// One task the node holds and where its data is.
+/// One task the node holds and where its data is (a `[[tasks]]` entry of
+/// the node file; see [`NodeConfig`] for an example).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeTask {
@@ -86,7 +87,8 @@ impl Default for NodeTask {
 }
 
 /// Part `index` of the data set split into `count` parts by `partitioner`
-/// (seeded: every node computes the same split and keeps its part).
+/// (seeded: every node computes the same split and keeps its part), e.g.
+/// `shard = { index = 0, count = 3, partitioner = { kind = "iid" } }`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shard {
@@ -99,7 +101,7 @@ pub struct Shard {
 }
 
 /// Reconnection: exponential backoff with jitter, from `initial_ms` to
-/// `max_ms`.
+/// `max_ms` (`[backoff]` in the node file, e.g. `initial_ms = 100`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Backoff {
