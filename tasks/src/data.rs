@@ -72,6 +72,46 @@ impl Dataset {
         }
     }
 
+    /// Checks what a data set built in code may get wrong and training
+    /// relies on: `features.len() == len() * dim`, `dim >= 1`,
+    /// `1 <= classes <= MAX_CLASSES`, every label `< classes`, every feature
+    /// finite. The error names the data set.
+    pub fn validate(&self) -> Result<(), TasksError> {
+        let bad = |m: String| Err(TasksError::DataMismatch(format!("data set `{}`: {m}", self.name)));
+        if self.dim == 0 {
+            return bad("0 features per sample".into());
+        }
+        if self.classes == 0 || self.classes > crate::MAX_CLASSES {
+            return bad(format!(
+                "{} classes (1..={} allowed)",
+                self.classes,
+                crate::MAX_CLASSES
+            ));
+        }
+        if Some(self.features.len()) != self.labels.len().checked_mul(self.dim) {
+            return bad(format!(
+                "{} feature values for {} samples of {} features",
+                self.features.len(),
+                self.labels.len(),
+                self.dim
+            ));
+        }
+        if let Some(i) = self.labels.iter().position(|&y| y as usize >= self.classes) {
+            return bad(format!(
+                "sample {i} has label {} (classes: {})",
+                self.labels[i], self.classes
+            ));
+        }
+        if let Some(i) = self.features.iter().position(|v| !v.is_finite()) {
+            return bad(format!(
+                "sample {} has a non-finite feature ({})",
+                i / self.dim,
+                self.features[i]
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of samples of each class.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.classes];
