@@ -77,7 +77,12 @@ impl Dataset {
     /// `1 <= classes <= MAX_CLASSES`, every label `< classes`, every feature
     /// finite. The error names the data set.
     pub fn validate(&self) -> Result<(), TasksError> {
-        let bad = |m: String| Err(TasksError::DataMismatch(format!("data set `{}`: {m}", self.name)));
+        let bad = |m: String| {
+            Err(TasksError::DataMismatch(format!(
+                "data set `{}`: {m}",
+                self.name
+            )))
+        };
         if self.dim == 0 {
             return bad("0 features per sample".into());
         }

@@ -41,7 +41,8 @@ pub use cohort_protocol::messages::{Optimizer, TaskMetrics, TrainConfig};
 pub use cohort_protocol::{head_group, Fingerprint, Layout, ParamGroups, BACKBONE};
 pub use data::{
     builtin, builtin_keys, builtin_names, load_csv, load_dataset, load_idx, load_idx_classes,
-    stratified_split, stratified_split_fraction, Column, CsvSpec, Dataset, LabelClasses, LabelColumn, Split, SplitKeys,
+    stratified_split, stratified_split_fraction, Column, CsvSpec, Dataset, LabelClasses,
+    LabelColumn, Split, SplitKeys,
 };
 pub use dataset_spec::{
     check_dataset, check_input, ClassesSpec, CsvSource, DatasetSpec, IdxSource, Missing, Scaling,
