@@ -1,10 +1,39 @@
 //! Experiment files: one serde struct with defaults backs the TOML file and
 //! the command-line flags of `cohort-sim`.
+//!
+//! # Data sets
+//!
+//! Each `[[tasks]]` entry names its data with `dataset`
+//! ([`cohort_tasks::DatasetSpec`]; all forms are documented in
+//! [`cohort_tasks::dataset_spec`]): a built-in name (`"mnist5k"`,
+//! `"penguins/species"`, ...), `"idx:FOLDER"` (MNIST-named IDX files, 10
+//! classes), `"csv:PATH"` (header, last column the label, standardized,
+//! stratified 80/20), or a table:
+//!
+//! ```toml
+//! [[tasks]]
+//! name = "species"
+//! dataset = { csv = "penguins.csv", label = "species", features = ["bill_length_mm",
+//!             "bill_depth_mm", "flipper_length_mm", "body_mass_g"], classes = "auto",
+//!             scale = "standard", missing = "drop_row", test = { fraction = 0.2 } }
+//!
+//! [[tasks]]
+//! name = "fashion5"
+//! dataset = { idx = "fashion", train_images = "train-x.gz", train_labels = "train-y.gz",
+//!             test_images = "test-x.gz", test_labels = "test-y.gz", classes = 5 }
+//! ```
+//!
+//! Relative paths are relative to the experiment file's folder when it is
+//! read with [`ExperimentConfig::from_file`] (as `cohort-sim --config`
+//! does), else to the working directory. Scaling statistics and imputed
+//! means come from the training split only. The model's input size must
+//! equal the data's features per sample: a mismatch fails before the first
+//! round, naming both.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, StrategyConfig};
-use cohort_tasks::{Backend, Partitioner};
+use cohort_tasks::{Backend, DatasetSpec, Partitioner};
 use serde::{Deserialize, Serialize};
 
 use crate::SimError;
@@ -53,12 +82,15 @@ pub struct ExperimentConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct TaskConfig {
     pub name: String,
-    /// A built-in data set (`mnist5k`, `fashion6k`, `digits8x8`,
-    /// `penguins/species`, ...) or `idx:<folder>` for a folder holding the
+    /// Where the task's data comes from (see the [module docs](self)): a
+    /// built-in data set (`mnist5k`, `fashion6k`, `digits8x8`,
+    /// `penguins/species`, ...), `idx:<folder>` for a folder holding the
     /// four gzipped IDX files of MNIST / Fashion-MNIST
     /// (`train-images-idx3-ubyte.gz`, ...), e.g.
-    /// `idx:/usr/share/datasets/fashion-mnist`.
-    pub dataset: String,
+    /// `idx:/usr/share/datasets/fashion-mnist`, `csv:<path>`, or a `csv` /
+    /// `idx` table. Not read when the data is handed over in code
+    /// ([`crate::run_experiment_on`], [`crate::data::Population::from_tasks`]).
+    pub dataset: DatasetSpec,
     /// Fraction of the clients that hold this task (each client holds at
     /// least one task).
     pub holders: f64,
@@ -249,7 +281,24 @@ impl Default for ExperimentConfig {
 }
 
 impl ExperimentConfig {
-    /// Parses an experiment file.
+    /// Reads and parses the experiment file at `path`; relative data set
+    /// paths in it become relative to the file's folder.
+    pub fn from_file(path: &Path) -> Result<Self, SimError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SimError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::from_toml(&text)
+            .map_err(|e| SimError::Config(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for t in &mut cfg.tasks {
+            t.dataset = t.dataset.resolved(base);
+        }
+        Ok(cfg)
+    }
+
+    /// Parses an experiment file's text (relative data set paths stay
+    /// relative to the working directory; see [`ExperimentConfig::from_file`]).
     pub fn from_toml(text: &str) -> Result<Self, SimError> {
         let cfg: ExperimentConfig =
             toml::from_str(text).map_err(|e| SimError::Config(e.to_string()))?;
@@ -277,6 +326,9 @@ impl ExperimentConfig {
                     t.name
                 ));
             }
+            t.dataset
+                .validate()
+                .map_err(|e| SimError::Config(format!("task `{}`: {e}", t.name)))?;
             if !(t.holders > 0.0 && t.holders <= 1.0) {
                 return bad(format!(
                     "task `{}`: holders must be in (0, 1], got {}",

@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 
 use cohort_node::mix_seed;
-use cohort_tasks::{Dataset, Partitioner, Split, TaskSpec};
+use cohort_tasks::{Dataset, Model, Partitioner, Split, TaskSpec};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -18,7 +18,7 @@ use crate::config::{ClientData, ExperimentConfig};
 use crate::SimError;
 
 /// One task's data, loaded once for the whole federation.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct LoadedTask {
     pub name: String,
     pub split: Split,
@@ -27,6 +27,40 @@ pub struct LoadedTask {
 }
 
 impl LoadedTask {
+    /// Task `name` with the data of `split`, e.g. `Dataset`s a program built
+    /// itself. Checks both datasets ([`Dataset::validate`]), that neither is
+    /// empty and that they agree on features per sample and classes.
+    pub fn new(name: impl Into<String>, split: Split) -> Result<Self, SimError> {
+        let name = name.into();
+        for (which, d) in [("train", &split.train), ("test", &split.test)] {
+            d.validate()?;
+            if d.is_empty() {
+                return Err(SimError::Config(format!(
+                    "task `{name}`: data set `{}` has an empty {which} split",
+                    d.name
+                )));
+            }
+        }
+        if split.train.dim != split.test.dim || split.train.classes != split.test.classes {
+            return Err(SimError::Config(format!(
+                "task `{name}`: train split has {} features and {} classes, test split {} and {}",
+                split.train.dim, split.train.classes, split.test.dim, split.test.classes
+            )));
+        }
+        let mut by_class = vec![Vec::new(); split.train.classes];
+        for (i, &y) in split.train.labels.iter().enumerate() {
+            if let Some(c) = by_class.get_mut(y as usize) {
+                c.push(i);
+            }
+        }
+        Ok(LoadedTask {
+            name,
+            split,
+            by_class,
+        })
+    }
+
+    /// The task as a model sees it (name, classes).
     pub fn spec(&self) -> TaskSpec {
         TaskSpec {
             name: self.name.clone(),
@@ -38,6 +72,47 @@ impl LoadedTask {
 /// Loads a data set named as in [`crate::config::TaskConfig::dataset`].
 pub fn load_dataset(name: &str) -> Result<Split, SimError> {
     Ok(cohort_tasks::load_dataset(name)?)
+}
+
+/// Loads the data of every task of `cfg` ([`cohort_tasks::DatasetSpec::load`];
+/// relative paths against the working directory: read the file with
+/// [`ExperimentConfig::from_file`] to have them relative to it).
+pub fn load_tasks(cfg: &ExperimentConfig) -> Result<Vec<LoadedTask>, SimError> {
+    cfg.tasks
+        .iter()
+        .map(|t| LoadedTask::new(t.name.clone(), t.dataset.load(None)?))
+        .collect()
+}
+
+/// `tasks` in the order of `cfg.tasks`, matched by name; an error if a task
+/// of the experiment has no data or data names a task it does not have.
+pub fn order_tasks(
+    cfg: &ExperimentConfig,
+    mut tasks: Vec<LoadedTask>,
+) -> Result<Vec<LoadedTask>, SimError> {
+    let mut out = Vec::with_capacity(cfg.tasks.len());
+    for t in &cfg.tasks {
+        let i = tasks.iter().position(|l| l.name == t.name).ok_or_else(|| {
+            SimError::Config(format!("task `{}` of the experiment has no data", t.name))
+        })?;
+        out.push(tasks.swap_remove(i));
+    }
+    if let Some(extra) = tasks.first() {
+        return Err(SimError::Config(format!(
+            "data for task `{}`, which the experiment does not have",
+            extra.name
+        )));
+    }
+    Ok(out)
+}
+
+/// Checks that every task's data fits `model` ([`cohort_tasks::check_input`]:
+/// features per sample against the model's input, classes against its head).
+pub fn check_fit(model: &dyn Model, tasks: &[LoadedTask]) -> Result<(), SimError> {
+    for t in tasks {
+        cohort_tasks::check_input(model, &t.name, &t.split)?;
+    }
+    Ok(())
 }
 
 /// Which samples each client holds, per task.
@@ -77,28 +152,17 @@ fn coin(seed: u64) -> f64 {
 const TASK_SALT: u64 = 0x7A5C;
 
 impl Population {
+    /// Loads every task's data ([`load_tasks`]) and spreads it over the
+    /// clients as `cfg` says.
     pub fn new(cfg: &ExperimentConfig) -> Result<Self, SimError> {
-        let mut tasks = Vec::with_capacity(cfg.tasks.len());
-        for t in &cfg.tasks {
-            let split = load_dataset(&t.dataset)?;
-            if split.train.is_empty() || split.test.is_empty() {
-                return Err(SimError::Config(format!(
-                    "task `{}`: data set `{}` is empty",
-                    t.name, t.dataset
-                )));
-            }
-            let mut by_class = vec![Vec::new(); split.train.classes];
-            for (i, &y) in split.train.labels.iter().enumerate() {
-                if let Some(c) = by_class.get_mut(y as usize) {
-                    c.push(i);
-                }
-            }
-            tasks.push(LoadedTask {
-                name: t.name.clone(),
-                split,
-                by_class,
-            });
-        }
+        Self::from_tasks(cfg, load_tasks(cfg)?)
+    }
+
+    /// The population of `cfg` on data already loaded (or built by a
+    /// program): one [`LoadedTask`] per task of `cfg.tasks`, matched by name
+    /// ([`order_tasks`]); the tasks' `dataset` settings are not read.
+    pub fn from_tasks(cfg: &ExperimentConfig, tasks: Vec<LoadedTask>) -> Result<Self, SimError> {
+        let tasks = order_tasks(cfg, tasks)?;
         let holdout = if cfg.eval.personalized || cfg.sharing == crate::config::Sharing::LocalOnly {
             cfg.eval.holdout
         } else {

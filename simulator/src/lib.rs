@@ -6,7 +6,8 @@
 //! replaces is the network, by an in-process delivery on a virtual clock.
 //! [`run_experiment`] adds the multi-task questions (shared backbone vs one
 //! federation per task vs local-only), personalized evaluation, metrics
-//! files and the plot.
+//! files and the plot; [`run_experiment_on`] does the same on data a program
+//! built itself ([`LoadedTask`]).
 
 pub mod config;
 pub mod data;
@@ -18,6 +19,7 @@ pub mod run;
 use std::path::Path;
 
 pub use config::ExperimentConfig;
+pub use data::{LoadedTask, Population};
 pub use error::SimError;
 pub use metrics::{RoundMetrics, TaskScore};
 pub use run::{
@@ -66,9 +68,32 @@ pub fn run_experiment(
 pub fn run_experiment_with(
     cfg: &ExperimentConfig,
     models: &ModelRegistry,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    cfg.validate()?;
+    let tasks = data::load_tasks(cfg)?;
+    run_experiment_on(cfg, models, tasks, on_round)
+}
+
+/// [`run_experiment_with`] on data a program loaded or built itself: one
+/// [`LoadedTask`] (`LoadedTask::new(name, Split { train, test })`) per task
+/// of `cfg.tasks`, matched by name; `cfg.tasks` give the names and holder
+/// fractions, their `dataset` settings are not read. Every task's data is
+/// checked against the model before anything trains.
+pub fn run_experiment_on(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    tasks: Vec<LoadedTask>,
     mut on_round: impl FnMut(&RoundMetrics),
 ) -> Result<ExperimentResult, SimError> {
     cfg.validate()?;
+    let tasks = data::order_tasks(cfg, tasks)?;
+    let whole = models.build(
+        &cfg.backbone,
+        cfg.backend,
+        tasks.iter().map(|t| t.spec()).collect(),
+    )?;
+    data::check_fit(&*whole, &tasks)?;
     let started = std::time::Instant::now();
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
     let mut writer = match &cfg.output {
@@ -91,7 +116,7 @@ pub fn run_experiment_with(
     };
     match cfg.sharing {
         Sharing::SharedBackbone => {
-            let mut sim = Simulation::with_models(cfg.clone(), models)?;
+            let mut sim = simulation(cfg.clone(), models, tasks)?;
             result.rounds = sim.run(&mut record)?;
             result.final_central = sim.evaluate_central()?;
             if cfg.eval.personalized {
@@ -101,14 +126,14 @@ pub fn run_experiment_with(
         Sharing::Separate => {
             // One federation per task, same settings; rounds are merged by
             // number so that the metrics read like one run.
-            for t in &cfg.tasks {
+            for (t, data) in cfg.tasks.iter().zip(tasks) {
                 let mut one = cfg.clone();
                 one.tasks = vec![config::TaskConfig {
                     holders: 1.0,
                     ..t.clone()
                 }];
                 one.output = None;
-                let mut sim = Simulation::with_models(one, models)?;
+                let mut sim = simulation(one, models, vec![data])?;
                 let rounds = sim.run(|_| {})?;
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
@@ -121,7 +146,7 @@ pub fn run_experiment_with(
             }
         }
         Sharing::LocalOnly => {
-            let pop = data::Population::new(cfg)?;
+            let pop = data::Population::from_tasks(cfg, tasks)?;
             result.local_only = local_only(cfg, &pop, models)?;
             result.final_central = result
                 .local_only
@@ -142,6 +167,17 @@ pub fn run_experiment_with(
         write_outputs(dir, cfg, &result)?;
     }
     Ok(result)
+}
+
+/// A simulation of `cfg` on `tasks` with the models of `models`.
+fn simulation(
+    cfg: ExperimentConfig,
+    models: &ModelRegistry,
+    tasks: Vec<LoadedTask>,
+) -> Result<Simulation, SimError> {
+    let pop = data::Population::from_tasks(&cfg, tasks)?;
+    let model = build_model(&cfg, &pop, models)?;
+    Simulation::with_model(cfg, pop, model)
 }
 
 fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {

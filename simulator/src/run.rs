@@ -156,17 +156,20 @@ pub fn engine_config(cfg: &ExperimentConfig) -> EngineConfig {
 }
 
 /// The experiment's model (`backbone` on `backend`) with a head for each of
-/// the population's tasks, from `models`.
+/// the population's tasks, from `models`; an error if a task's data does not
+/// fit it ([`crate::data::check_fit`]).
 pub fn build_model(
     cfg: &ExperimentConfig,
     pop: &Population,
     models: &ModelRegistry,
 ) -> Result<SharedModel, SimError> {
-    Ok(models.build(
+    let model = models.build(
         &cfg.backbone,
         cfg.backend,
         pop.tasks.iter().map(|t| t.spec()).collect(),
-    )?)
+    )?;
+    crate::data::check_fit(&*model, &pop.tasks)?;
+    Ok(model)
 }
 
 impl Simulation {
@@ -199,6 +202,7 @@ impl Simulation {
         pop: Population,
         model: SharedModel,
     ) -> Result<Self, SimError> {
+        crate::data::check_fit(&*model, &pop.tasks)?;
         let spec = model;
         let layout = spec.layout();
         let initial = spec.init(federation(&cfg).init_seed());

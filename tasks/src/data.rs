@@ -8,8 +8,13 @@
 //! **Missing values (CSV).** A cell equal to one of `CsvSpec::na_values`
 //! (default `""`, `NA`, `NaN`, `nan`) is missing. A row with a missing
 //! *feature* is dropped for every task; a row with a missing *label* is
-//! dropped for that label's task only. Any other cell that does not parse
-//! as a finite number is an error naming the file, line and column.
+//! dropped for that label's task only (with `CsvSpec::keep_missing` a
+//! missing feature is kept as `NaN` instead, for the caller to impute). Any
+//! other cell that does not parse as a finite number is an error naming the
+//! file, line and column.
+//!
+//! Experiment and node files name their data with a
+//! [`DatasetSpec`](crate::DatasetSpec) (module [`crate::dataset_spec`]).
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -67,6 +72,51 @@ impl Dataset {
         }
     }
 
+    /// Checks what a data set built in code may get wrong and training
+    /// relies on: `features.len() == len() * dim`, `dim >= 1`,
+    /// `1 <= classes <= MAX_CLASSES`, every label `< classes`, every feature
+    /// finite. The error names the data set.
+    pub fn validate(&self) -> Result<(), TasksError> {
+        let bad = |m: String| {
+            Err(TasksError::DataMismatch(format!(
+                "data set `{}`: {m}",
+                self.name
+            )))
+        };
+        if self.dim == 0 {
+            return bad("0 features per sample".into());
+        }
+        if self.classes == 0 || self.classes > crate::MAX_CLASSES {
+            return bad(format!(
+                "{} classes (1..={} allowed)",
+                self.classes,
+                crate::MAX_CLASSES
+            ));
+        }
+        if Some(self.features.len()) != self.labels.len().checked_mul(self.dim) {
+            return bad(format!(
+                "{} feature values for {} samples of {} features",
+                self.features.len(),
+                self.labels.len(),
+                self.dim
+            ));
+        }
+        if let Some(i) = self.labels.iter().position(|&y| y as usize >= self.classes) {
+            return bad(format!(
+                "sample {i} has label {} (classes: {})",
+                self.labels[i], self.classes
+            ));
+        }
+        if let Some(i) = self.features.iter().position(|v| !v.is_finite()) {
+            return bad(format!(
+                "sample {} has a non-finite feature ({})",
+                i / self.dim,
+                self.features[i]
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of samples of each class.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.classes];
@@ -91,7 +141,7 @@ pub const MAX_FILE_BYTES: u64 = 1 << 30;
 /// Largest decompressed content of a gzip file.
 pub const MAX_DECOMPRESSED_BYTES: u64 = 1 << 30;
 
-fn read_file(path: &Path) -> Result<Vec<u8>, TasksError> {
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>, TasksError> {
     let io = |source| TasksError::Io {
         path: path.to_path_buf(),
         source,
@@ -308,6 +358,9 @@ pub struct CsvSpec {
     pub na_values: Vec<String>,
     /// Most data rows read; more is an error.
     pub max_rows: usize,
+    /// Keep a row with a missing feature, that feature as `NaN` (the caller
+    /// imputes it), instead of dropping the row. Default `false`.
+    pub keep_missing: bool,
 }
 
 impl Default for CsvSpec {
@@ -319,6 +372,7 @@ impl Default for CsvSpec {
             scale: 1.0,
             na_values: vec![String::new(), "NA".into(), "NaN".into(), "nan".into()],
             max_rows: 1_000_000,
+            keep_missing: false,
         }
     }
 }
@@ -338,7 +392,7 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Vec<Dataset>, TasksError>
 
 /// Parses CSV content; each data set comes with the 0-based record number
 /// of each of its samples.
-fn parse_csv(
+pub(crate) fn parse_csv(
     path: &Path,
     bytes: &[u8],
     spec: &CsvSpec,
@@ -430,7 +484,11 @@ fn parse_csv(
         for (k, &c) in feat_cols.iter().enumerate() {
             let cell = rec.get(c).unwrap_or("").trim();
             if is_na(cell) {
-                missing = true;
+                if spec.keep_missing {
+                    row[k] = f32::NAN;
+                } else {
+                    missing = true;
+                }
                 continue;
             }
             match cell.parse::<f32>() {
@@ -520,7 +578,9 @@ const PENGUINS_CSV: &[u8] = include_bytes!("../data/penguins.csv.gz");
 
 /// Fraction of samples held out by the splits of the CSV data sets.
 pub const TEST_FRACTION: f64 = 0.2;
-const SPLIT_SEED: u64 = 0x5eed_c0de;
+/// Seed of the splits of the embedded CSV data sets (and the default of a
+/// `DatasetSpec`'s `test.seed`).
+pub const SPLIT_SEED: u64 = 0x5eed_c0de;
 
 fn embedded(name: &str) -> PathBuf {
     PathBuf::from(format!("<embedded {name}>"))
@@ -540,6 +600,22 @@ fn embedded_csv(
 /// first `round(TEST_FRACTION * n_class)` go to test. Both index lists
 /// come back sorted (original order).
 pub fn stratified_split(labels: &[u32], classes: usize, seed: u64) -> (Vec<usize>, Vec<usize>) {
+    stratified_split_fraction(labels, classes, TEST_FRACTION, seed)
+}
+
+/// [`stratified_split`] holding out `fraction` (in `[0, 1]`) of each class
+/// instead of [`TEST_FRACTION`].
+pub fn stratified_split_fraction(
+    labels: &[u32],
+    classes: usize,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<usize>) {
+    let fraction = if fraction.is_finite() {
+        fraction.clamp(0.0, 1.0)
+    } else {
+        TEST_FRACTION
+    };
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
     for (i, &y) in labels.iter().enumerate() {
         if let Some(v) = by_class.get_mut(y as usize) {
@@ -550,7 +626,7 @@ pub fn stratified_split(labels: &[u32], classes: usize, seed: u64) -> (Vec<usize
     let (mut train, mut test) = (Vec::new(), Vec::new());
     for mut v in by_class {
         v.shuffle(&mut rng);
-        let k = (v.len() as f64 * TEST_FRACTION).round() as usize;
+        let k = ((v.len() as f64 * fraction).round() as usize).min(v.len());
         test.extend_from_slice(&v[..k]);
         train.extend_from_slice(&v[k..]);
     }
@@ -620,7 +696,7 @@ fn penguins(task: &str) -> Result<(Split, Vec<usize>, Vec<usize>), TasksError> {
 
 /// Standardizes every feature with the train split's mean and standard
 /// deviation (a constant feature is only centred).
-fn standardize(s: &mut Split) {
+pub(crate) fn standardize(s: &mut Split) {
     let dim = s.train.dim;
     let n = s.train.len().max(1) as f64;
     for j in 0..dim {

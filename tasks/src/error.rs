@@ -73,6 +73,15 @@ pub enum TasksError {
     InvalidSpec(String),
     #[error("invalid training config: {0}")]
     InvalidConfig(String),
+    /// A data set's feature count differs from the model's input size.
+    #[error("task `{task}`: data set `{dataset}` has {features} features per sample, model `{model}` takes {input}")]
+    InputMismatch {
+        task: String,
+        dataset: String,
+        features: usize,
+        model: String,
+        input: usize,
+    },
     #[error("data does not fit the model: {0}")]
     DataMismatch(String),
     #[error("invalid partition request: {0}")]

@@ -17,12 +17,16 @@
 //! - [`train`](mod@train): how tasks are mixed in local training, shared by
 //!   both backends.
 //! - [`data`]: [`Dataset`], [`load_idx`], [`load_csv`], [`builtin`].
+//! - [`dataset_spec`]: [`DatasetSpec`], how experiment and node files name
+//!   their data (built-in, `csv`, `idx`), [`DatasetSpec::load`], and
+//!   [`check_input`] (does the data fit the model?).
 //! - [`partition`](mod@partition): [`Partitioner`], [`partition()`].
 //!
 //! A program that defines its own dfdx model uses the dfdx this crate
 //! builds with: [`dfdx`] is re-exported.
 
 pub mod data;
+pub mod dataset_spec;
 pub mod dfdx_backend;
 pub mod error;
 pub mod gemm;
@@ -37,7 +41,12 @@ pub use cohort_protocol::messages::{Optimizer, TaskMetrics, TrainConfig};
 pub use cohort_protocol::{head_group, Fingerprint, Layout, ParamGroups, BACKBONE};
 pub use data::{
     builtin, builtin_keys, builtin_names, load_csv, load_dataset, load_idx, load_idx_classes,
-    stratified_split, Column, CsvSpec, Dataset, LabelClasses, LabelColumn, Split, SplitKeys,
+    stratified_split, stratified_split_fraction, Column, CsvSpec, Dataset, LabelClasses,
+    LabelColumn, Split, SplitKeys,
+};
+pub use dataset_spec::{
+    check_dataset, check_input, ClassesSpec, CsvSource, DatasetSpec, IdxSource, Missing, Scaling,
+    TestSplit, MAX_AUTO_CLASSES,
 };
 pub use dfdx_backend::{DfdxBackbone, DfdxInit, DfdxModel};
 pub use error::{FileProblem, TasksError};

@@ -34,6 +34,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Settings come from the defaults, then `--config FILE` (TOML, see
 /// `simulator/experiments/`), then the flags below. `--print-config` shows the
 /// resulting experiment file.
+///
+/// Your own data: a task's `dataset` may be `csv:PATH`, `idx:FOLDER` or a
+/// `csv` / `idx` table (see `--task` and `simulator/experiments/README.md`);
+/// relative paths in an experiment file are relative to its folder. The
+/// model's input must match the data's features per sample, or the run
+/// stops before the first round with an error naming both.
 #[derive(Debug, Parser)]
 #[command(name = "cohort-sim", version, about, long_about)]
 struct Cli {
@@ -54,8 +60,17 @@ struct Cli {
     rounds: Option<u64>,
     /// A task as NAME=DATASET, repeatable; replaces the tasks of the file.
     /// DATASET: mnist5k, fashion6k, digits8x8, penguins/species,
-    /// penguins/island, penguins/sex, or idx:FOLDER (MNIST-format gzipped IDX
-    /// files, e.g. idx:/usr/share/datasets/fashion-mnist).
+    /// penguins/island, penguins/sex, idx:FOLDER (MNIST-format gzipped IDX
+    /// files, 10 classes, e.g. idx:/usr/share/datasets/fashion-mnist), or
+    /// csv:PATH (a header, the last column the label, every other column a
+    /// numeric feature, classes = sorted distinct labels, standardized with
+    /// the train split's statistics, stratified 80/20). Experiment files also
+    /// take tables: dataset = { csv = "f.csv", label = "species", features =
+    /// [..], classes = "auto" | [..] | N, scale = "standard" | "minmax" |
+    /// "none" | FACTOR, na = [..], missing = "drop_row" | "mean", test = {
+    /// fraction = 0.2, seed = N } or test_file = ".." } and dataset = { idx =
+    /// "FOLDER", train_images = "..", train_labels = "..", test_images = "..",
+    /// test_labels = "..", classes = N } (see simulator/experiments/README.md).
     #[arg(long = "task", value_name = "NAME=DATASET")]
     tasks: Vec<String>,
     /// Model architecture: mlp28, cnn28 (gemm only), mlp8x8, mlp_tab4,
@@ -347,11 +362,7 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     let mut cfg = match &cli.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            ExperimentConfig::from_toml(&text).with_context(|| format!("in {}", path.display()))?
-        }
+        Some(path) => ExperimentConfig::from_file(path)?,
         None => ExperimentConfig::default(),
     };
     if cli.list_models {
