@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use cohort_protocol::transport::NetConfig;
-use cohort_tasks::Backend;
+use cohort_tasks::{Backend, DatasetSpec};
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
@@ -74,9 +74,11 @@ pub struct FederationConfig {
 pub struct TaskConfig {
     pub name: String,
     /// The data set whose *test* split the aggregator evaluates the global
-    /// model on (a built-in name or `idx:<folder>`); none = no central
-    /// evaluation of this task, and then `classes` must be given.
-    pub dataset: Option<String>,
+    /// model on (any form of `cohort-sim`'s experiment files: a built-in
+    /// name, `idx:<folder>`, `csv:<file>`, a `csv` or `idx` table); none =
+    /// no central evaluation of this task, and then `classes` must be
+    /// given. Relative paths are relative to the experiment file's folder.
+    pub dataset: Option<DatasetSpec>,
     /// Classes of the task's head (read from the data set when it is given).
     pub classes: Option<usize>,
 }
@@ -85,7 +87,7 @@ impl Default for TaskConfig {
     fn default() -> Self {
         TaskConfig {
             name: "digits".into(),
-            dataset: Some("mnist5k".into()),
+            dataset: Some(DatasetSpec::from_name("mnist5k")),
             classes: None,
         }
     }
@@ -147,12 +149,12 @@ impl Default for FederationConfig {
             tasks: vec![
                 TaskConfig {
                     name: "digits".into(),
-                    dataset: Some("mnist5k".into()),
+                    dataset: Some(DatasetSpec::from_name("mnist5k")),
                     classes: None,
                 },
                 TaskConfig {
                     name: "fashion".into(),
-                    dataset: Some("fashion6k".into()),
+                    dataset: Some(DatasetSpec::from_name("fashion6k")),
                     classes: None,
                 },
             ],
@@ -170,8 +172,12 @@ impl FederationConfig {
     /// ignored) and validates it.
     pub fn load(path: &Path) -> Result<Self, AggError> {
         let text = read_small(path)?;
-        let cfg: FederationConfig =
+        let mut cfg: FederationConfig =
             toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for t in &mut cfg.tasks {
+            t.dataset = t.dataset.as_ref().map(|d| d.resolved(base));
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -189,8 +195,12 @@ impl FederationConfig {
                     t.name
                 )));
             }
-            if t.dataset.is_none() && t.classes.is_none() {
-                return Err(bad(format!("task `{}`: give a dataset or classes", t.name)));
+            match &t.dataset {
+                Some(d) => d.validate()?,
+                None if t.classes.is_none() => {
+                    return Err(bad(format!("task `{}`: give a dataset or classes", t.name)))
+                }
+                None => {}
             }
         }
         if self.clients.count == 0 || self.clients.per_round == 0 {

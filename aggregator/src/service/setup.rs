@@ -9,7 +9,7 @@ use cohort_protocol::p2p::SubmitCap;
 use cohort_protocol::seal::SealKeyPair;
 use cohort_protocol::transport::{build_swarm_with, event_loop, load_or_create_identity, Admission};
 use cohort_protocol::{Layout, ParamGroups};
-use cohort_tasks::{load_dataset, Dataset, ModelRegistry, SharedModel, TaskSpec};
+use cohort_tasks::{check_input, Dataset, ModelRegistry, SharedModel, TaskSpec};
 use libp2p::Multiaddr;
 use tracing::info;
 
@@ -52,13 +52,13 @@ pub fn build_model(
     models: &ModelRegistry,
 ) -> Result<(SharedModel, Vec<(String, Dataset)>), AggError> {
     let mut tasks = Vec::new();
-    let mut tests = Vec::new();
+    let mut splits = Vec::new();
     for t in &fed.tasks {
         let classes = match &t.dataset {
-            Some(name) => {
-                let split = load_dataset(name)?;
+            Some(spec) => {
+                let split = spec.load(None)?;
                 let classes = split.test.classes;
-                tests.push((t.name.clone(), split.test));
+                splits.push((t.name.clone(), split));
                 classes
             }
             None => t.classes.unwrap_or(0),
@@ -66,6 +66,12 @@ pub fn build_model(
         tasks.push(TaskSpec::new(t.name.clone(), t.classes.unwrap_or(classes)));
     }
     let model = models.build(&fed.backbone, fed.backend, tasks)?;
+    let mut tests = Vec::with_capacity(splits.len());
+    for (task, split) in splits {
+        // The data against the model's input, naming both sizes.
+        check_input(model.as_ref(), &task, &split)?;
+        tests.push((task, split.test));
+    }
     Ok((model, tests))
 }
 
@@ -146,14 +152,7 @@ impl Aggregator {
                     "test set for `{task}`: the model has no such task"
                 )));
             }
-            if test.dim != self.model.input_dim() {
-                return Err(AggError::Config(format!(
-                    "test set for `{task}`: {} features per sample, the model `{}` takes {}",
-                    test.dim,
-                    self.model.name(),
-                    self.model.input_dim()
-                )));
-            }
+            cohort_tasks::check_dataset(self.model.as_ref(), task, test)?;
         }
         let model = self.model.clone();
         Ok(self.with_evaluator(Arc::new(TestSetEvaluator::new(model, tests))))

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use cohort_protocol::transport::NetConfig;
-use cohort_tasks::{Backend, Partitioner};
+use cohort_tasks::{Backend, DatasetSpec, Partitioner};
 use serde::{Deserialize, Serialize};
 
 use crate::{NodeError, NodeLimits};
@@ -69,8 +69,11 @@ pub struct NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct NodeTask {
     pub name: String,
-    /// A built-in data set or `idx:<folder>` (see `cohort-sim --help`).
-    pub dataset: String,
+    /// A built-in data set, `idx:<folder>`, `csv:<file>`, or a `csv` /
+    /// `idx` table (the forms of experiment files, see
+    /// `simulator/experiments/README.md`); the node trains on its training
+    /// split. Relative paths are relative to the node file's folder.
+    pub dataset: DatasetSpec,
     /// Keep only one part of the data set's training split (demos and
     /// tests, where every node reads the same public data set); none = all.
     pub shard: Option<Shard>,
@@ -80,7 +83,7 @@ impl Default for NodeTask {
     fn default() -> Self {
         NodeTask {
             name: "digits".into(),
-            dataset: "mnist5k".into(),
+            dataset: DatasetSpec::from_name("mnist5k"),
             shard: None,
         }
     }
@@ -147,10 +150,17 @@ struct ConnectFile {
 }
 
 impl NodeConfig {
-    /// Reads a node file (TOML); unknown keys are errors.
+    /// Reads a node file (TOML); unknown keys are errors. Data paths are
+    /// taken relative to the file's folder.
     pub fn load(path: &Path) -> Result<Self, NodeError> {
         let text = read_small(path)?;
-        toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
+        let mut cfg: NodeConfig =
+            toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for t in &mut cfg.tasks {
+            t.dataset = t.dataset.resolved(base);
+        }
+        Ok(cfg)
     }
 
     /// Checks what can be checked without the data and the aggregator.
@@ -162,6 +172,7 @@ impl NodeConfig {
             if self.tasks[..i].iter().any(|u| u.name == t.name) {
                 return Err(bad(format!("task `{}` appears twice", t.name)));
             }
+            t.dataset.validate()?;
             if let Some(s) = &t.shard {
                 if s.count == 0 || s.index >= s.count {
                     return Err(bad(format!(

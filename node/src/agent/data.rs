@@ -1,7 +1,7 @@
 //! A node's local data: one [`LocalTask`] per task it holds, with its
 //! training samples and its local test split.
 
-use cohort_tasks::{load_dataset, partition, Dataset, Model, TaskSpec};
+use cohort_tasks::{check_dataset, partition, Dataset, Model, TaskSpec};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tracing::info;
@@ -49,7 +49,7 @@ fn split_holdout(mut idx: Vec<usize>, holdout: f64, seed: u64) -> (Vec<usize>, V
 pub fn load_local_tasks(cfg: &NodeConfig) -> Result<Vec<LocalTask>, NodeError> {
     let mut out = Vec::new();
     for (i, t) in cfg.tasks.iter().enumerate() {
-        let split = load_dataset(&t.dataset)?;
+        let split = t.dataset.load(None)?;
         let data = split.train;
         let idx: Vec<usize> = match &t.shard {
             Some(s) => {
@@ -89,7 +89,8 @@ pub fn task_specs(tasks: &[LocalTask]) -> Vec<TaskSpec> {
 
 /// Checks local data against the model before anything is sent: at least
 /// one task, unique names, a head for each, the model's input width and
-/// class count, labels in range, indices in bounds, some training data.
+/// class count ([`check_dataset`]), a well-formed data set
+/// (`Dataset::validate`), indices in bounds, some training data.
 pub fn check_tasks(model: &dyn Model, tasks: &[LocalTask]) -> Result<(), NodeError> {
     let bad = |m: String| Err(NodeError::Config(m));
     if tasks.is_empty() {
@@ -106,30 +107,8 @@ pub fn check_tasks(model: &dyn Model, tasks: &[LocalTask]) -> Result<(), NodeErr
                 model.name()
             ));
         };
-        if t.data.dim != model.input_dim() {
-            return bad(format!(
-                "task `{}`: data set `{}` has {} features per sample, the model `{}` takes {}",
-                t.name,
-                t.data.name,
-                t.data.dim,
-                model.name(),
-                model.input_dim()
-            ));
-        }
-        if t.data.classes > spec.classes {
-            return bad(format!(
-                "task `{}`: data set `{}` has {} classes, the model's head {}",
-                t.name, t.data.name, t.data.classes, spec.classes
-            ));
-        }
-        if t.data.features.len() != t.data.len().saturating_mul(t.data.dim)
-            || t.data.labels.iter().any(|&y| y as usize >= spec.classes)
-        {
-            return bad(format!(
-                "task `{}`: data set `{}` is inconsistent (feature count or a label out of range)",
-                t.name, t.data.name
-            ));
-        }
+        check_dataset(model, &spec.name, &t.data)?;
+        t.data.validate()?;
         if t.train.is_empty() {
             return bad(format!("task `{}`: no training samples", t.name));
         }
