@@ -22,8 +22,10 @@ pub use error::SimError;
 pub use metrics::{RoundMetrics, TaskScore};
 pub use run::{
     build_model, client_id, engine_config, federation, local_only, PersonalScore, Simulation,
+    StrategyFactory,
 };
 
+use cohort_aggregator::{strategy_from_config, Metrics, Strategy};
 use cohort_tasks::ModelRegistry;
 use config::Sharing;
 
@@ -36,6 +38,14 @@ pub struct ExperimentResult {
     /// Central accuracy per task after the last round.
     pub final_central: Vec<TaskScore>,
     pub personalized: Vec<PersonalScore>,
+    /// Federated evaluation after the last round, as the strategy's
+    /// `aggregate_evaluate` combined the clients' reports (the default:
+    /// `accuracy/<task>`, `loss/<task>`, `samples/<task>`, `nodes`,
+    /// `failures`). Computed with `eval.personalized`, from the same
+    /// evaluations as `personalized[..].before`. With `sharing =
+    /// "separate"`, the maps of the per-task federations merged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federated: Option<Metrics>,
     /// Local-only baseline: per task, accuracy on the clients' own held-out
     /// data (`before`) and on the central test set (`after`).
     pub local_only: Vec<PersonalScore>,
@@ -66,6 +76,22 @@ pub fn run_experiment(
 pub fn run_experiment_with(
     cfg: &ExperimentConfig,
     models: &ModelRegistry,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    let strategy = cfg.strategy.clone();
+    let make = move || strategy_from_config(&strategy);
+    run_experiment_with_strategy(cfg, models, &make, on_round)
+}
+
+/// [`run_experiment_with`] driven by the strategies `make_strategy`
+/// builds instead of the one `cfg.strategy` names: a program's own
+/// [`Strategy`] runs here exactly as a built-in one (and the same value
+/// can drive `cohort_aggregator::Engine` in a deployment). It is called
+/// once per engine: once, or once per task with `sharing = "separate"`.
+pub fn run_experiment_with_strategy(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    make_strategy: StrategyFactory<'_>,
     mut on_round: impl FnMut(&RoundMetrics),
 ) -> Result<ExperimentResult, SimError> {
     cfg.validate()?;
@@ -91,11 +117,11 @@ pub fn run_experiment_with(
     };
     match cfg.sharing {
         Sharing::SharedBackbone => {
-            let mut sim = Simulation::with_models(cfg.clone(), models)?;
+            let mut sim = Simulation::with_strategy(cfg.clone(), models, make_strategy())?;
             result.rounds = sim.run(&mut record)?;
             result.final_central = sim.evaluate_central()?;
             if cfg.eval.personalized {
-                result.personalized = sim.personalized_eval()?;
+                (result.personalized, result.federated) = sim.client_eval()?;
             }
         }
         Sharing::Separate => {
@@ -108,12 +134,16 @@ pub fn run_experiment_with(
                     ..t.clone()
                 }];
                 one.output = None;
-                let mut sim = Simulation::with_models(one, models)?;
+                let mut sim = Simulation::with_strategy(one, models, make_strategy())?;
                 let rounds = sim.run(|_| {})?;
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
                 if cfg.eval.personalized {
-                    result.personalized.extend(sim.personalized_eval()?);
+                    let (personal, federated) = sim.client_eval()?;
+                    result.personalized.extend(personal);
+                    if let Some(f) = federated {
+                        result.federated.get_or_insert_with(Metrics::new).extend(f);
+                    }
                 }
             }
             for m in &result.rounds {

@@ -5,6 +5,8 @@
 //! crates on purpose: it uses only their public API, as a user's program
 //! would. README.md ("Bring your own model") shows this code.
 
+pub mod strategy;
+
 use cohort_simulator::config::TaskConfig;
 use cohort_simulator::{run_experiment_with, ExperimentConfig, ExperimentResult};
 use cohort_tasks::dfdx::nn::builders::{DropoutOneIn, LayerNorm1D, Linear, ReLU, Residual};
