@@ -1022,7 +1022,12 @@ impl Engine {
             round: plan.round,
             base_version: h.base_version,
             num_examples: h.num_examples,
-            weights: h.groups.iter().cloned().zip(weights.iter().copied()).collect(),
+            weights: h
+                .groups
+                .iter()
+                .cloned()
+                .zip(weights.iter().copied())
+                .collect(),
             metrics: h.metrics.clone(),
             steps: (steps > 0).then_some(steps),
             norm,
@@ -1225,8 +1230,9 @@ impl Engine {
                     // The weights the held updates were combined with.
                     if let Some(c) = cap {
                         for h in &held {
-                            if let Some(w) =
-                                results.get_mut(h.result).and_then(|r| r.weights.get_mut(&g))
+                            if let Some(w) = results
+                                .get_mut(h.result)
+                                .and_then(|r| r.weights.get_mut(&g))
                             {
                                 *w = w.min(c);
                             }
@@ -1410,9 +1416,7 @@ impl Engine {
                     .metrics
                     .iter()
                     .filter(|m| {
-                        m.samples > 0
-                            && m.loss.is_finite()
-                            && (0.0..=1.0).contains(&m.accuracy)
+                        m.samples > 0 && m.loss.is_finite() && (0.0..=1.0).contains(&m.accuracy)
                     })
                     .map(|m| cohort_protocol::messages::EvalMetrics {
                         samples: m.samples.min(cap),

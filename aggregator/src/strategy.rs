@@ -321,9 +321,7 @@ pub trait Strategy: Send + fmt::Debug {
     /// breaks it. The default looks at [`Strategy::state`].
     fn is_finite(&self) -> bool {
         let s = self.state();
-        s.tensors
-            .values()
-            .all(|t| t.iter().all(|v| v.is_finite()))
+        s.tensors.values().all(|t| t.iter().all(|v| v.is_finite()))
             && s.scalars.values().all(|v| v.is_finite())
     }
 }

@@ -114,17 +114,20 @@ fn aggregate_sees_per_client_results_and_failures() {
     let p1 = plan_of(&plans, "n1").clone();
     let p2 = plan_of(&plans, "n2").clone();
     // n1: norm 5 (3-4-0 backbone), n2: a head too.
-    let mut u1 = update("n1", &p1, &[(BACKBONE, vec![3.0, 4.0, 0.0, 0.0, 0.0, 0.0])], 10, &[("a", 10)]);
+    let mut u1 = update(
+        "n1",
+        &p1,
+        &[(BACKBONE, vec![3.0, 4.0, 0.0, 0.0, 0.0, 0.0])],
+        10,
+        &[("a", 10)],
+    );
     u1.header.metrics[0].steps = 2;
     u1.header.metrics[0].loss = 0.25;
     e.submit(u1, 1).expect("n1 accepted");
     let u2 = update(
         "n2",
         &p2,
-        &[
-            (BACKBONE, vec![1.0; 6]),
-            (&head_group("a"), vec![2.0, 2.0]),
-        ],
+        &[(BACKBONE, vec![1.0; 6]), (&head_group("a"), vec![2.0, 2.0])],
         30,
         &[("a", 30)],
     );
@@ -133,7 +136,10 @@ fn aggregate_sees_per_client_results_and_failures() {
     let report = e.poll(3).expect("closed");
     assert!(report.stepped);
     let seen = seen.lock().expect("lock");
-    assert_eq!(seen.failures, vec![("n3".to_string(), FailureReason::Dropout)]);
+    assert_eq!(
+        seen.failures,
+        vec![("n3".to_string(), FailureReason::Dropout)]
+    );
     assert_eq!(seen.results.len(), 2);
     let r1 = &seen.results[0];
     assert_eq!(r1.node, "n1");
@@ -150,7 +156,12 @@ fn aggregate_sees_per_client_results_and_failures() {
     assert_eq!(r2.weight(&head_group("a")), Some(30.0));
     assert_eq!(r2.steps, Some(1));
     // The combined backbone is the example-weighted mean.
-    let bb = &seen.combined.iter().find(|(g, _)| g == BACKBONE).expect("bb").1;
+    let bb = &seen
+        .combined
+        .iter()
+        .find(|(g, _)| g == BACKBONE)
+        .expect("bb")
+        .1;
     common::assert_close(bb, &[1.5, 1.75, 0.75, 0.75, 0.75, 0.75], 1e-6);
 }
 
@@ -160,9 +171,21 @@ fn update_weight_changes_the_mean_and_is_reported() {
     s.per_step = true;
     let mut e = engine_with(s);
     let plans = e.start_round(0).expect("start");
-    let mut u1 = update("n1", plan_of(&plans, "n1"), &[(BACKBONE, vec![4.0; 6])], 10, &[("a", 10)]);
+    let mut u1 = update(
+        "n1",
+        plan_of(&plans, "n1"),
+        &[(BACKBONE, vec![4.0; 6])],
+        10,
+        &[("a", 10)],
+    );
     u1.header.metrics[0].steps = 10; // weight 10 / 10 = 1
-    let mut u2 = update("n2", plan_of(&plans, "n2"), &[(BACKBONE, vec![0.0; 6])], 30, &[("a", 30)]);
+    let mut u2 = update(
+        "n2",
+        plan_of(&plans, "n2"),
+        &[(BACKBONE, vec![0.0; 6])],
+        30,
+        &[("a", 30)],
+    );
     u2.header.metrics[0].steps = 10; // weight 30 / 10 = 3
     e.submit(u1, 1).expect("n1");
     e.submit(u2, 1).expect("n2");
@@ -171,7 +194,12 @@ fn update_weight_changes_the_mean_and_is_reported() {
     let seen = seen.lock().expect("lock");
     assert_eq!(seen.results[0].weight(BACKBONE), Some(1.0));
     assert_eq!(seen.results[1].weight(BACKBONE), Some(3.0));
-    let bb = &seen.combined.iter().find(|(g, _)| g == BACKBONE).expect("bb").1;
+    let bb = &seen
+        .combined
+        .iter()
+        .find(|(g, _)| g == BACKBONE)
+        .expect("bb")
+        .1;
     common::assert_close(bb, &[1.0; 6], 1e-6);
 }
 
@@ -186,12 +214,22 @@ fn the_share_cap_shows_in_the_reported_weights() {
     }
     let plans = e.start_round(0).expect("start");
     for (n, k) in [("n1", 10), ("n2", 10), ("n3", 100)] {
-        let u = update(n, plan_of(&plans, n), &[(BACKBONE, vec![1.0; 6])], k, &[("a", k)]);
+        let u = update(
+            n,
+            plan_of(&plans, n),
+            &[(BACKBONE, vec![1.0; 6])],
+            k,
+            &[("a", k)],
+        );
         e.submit(u, 1).expect("accepted");
     }
     e.poll(2).expect("closed");
     let seen = seen.lock().expect("lock");
-    let w: Vec<f64> = seen.results.iter().filter_map(|r| r.weight(BACKBONE)).collect();
+    let w: Vec<f64> = seen
+        .results
+        .iter()
+        .filter_map(|r| r.weight(BACKBONE))
+        .collect();
     // n3 may weigh at most half: 20 = 0.5 * (10 + 10 + 20).
     assert_eq!(w, vec![10.0, 10.0, 20.0]);
 }
@@ -208,11 +246,23 @@ fn a_bad_weight_from_the_strategy_refuses_the_update() {
     }
     let plans = e.start_round(0).expect("start");
     let before = e.accumulator_digest();
-    let u = update("n1", plan_of(&plans, "n1"), &[(BACKBONE, vec![1.0; 6])], 10, &[("a", 10)]);
+    let u = update(
+        "n1",
+        plan_of(&plans, "n1"),
+        &[(BACKBONE, vec![1.0; 6])],
+        10,
+        &[("a", 10)],
+    );
     let r = e.submit(u, 1).expect_err("weight 0 refused");
     assert_eq!(r.code, cohort_aggregator::RefusalCode::BadWeight);
     assert_eq!(before, e.accumulator_digest(), "a refusal changes nothing");
-    let u = update("n2", plan_of(&plans, "n2"), &[(BACKBONE, vec![1.0; 6])], 30, &[("a", 30)]);
+    let u = update(
+        "n2",
+        plan_of(&plans, "n2"),
+        &[(BACKBONE, vec![1.0; 6])],
+        30,
+        &[("a", 30)],
+    );
     e.submit(u, 1).expect("n2");
     e.fail("n3", FailureReason::Dropout);
     assert!(e.poll(2).is_none(), "n1 may still send a good update");
@@ -221,10 +271,8 @@ fn a_bad_weight_from_the_strategy_refuses_the_update() {
     let seen = seen.lock().expect("lock");
     assert_eq!(seen.results.len(), 1);
     // n1 was refused until the round closed.
-    assert!(seen
-        .failures
-        .iter()
-        .any(|(n, r)| n == "n1" && *r == FailureReason::Refused(cohort_aggregator::RefusalCode::BadWeight)));
+    assert!(seen.failures.iter().any(|(n, r)| n == "n1"
+        && *r == FailureReason::Refused(cohort_aggregator::RefusalCode::BadWeight)));
 }
 
 #[test]
@@ -335,7 +383,11 @@ fn resume_does_not_call_initial_parameters() {
         fn initial_parameters(&mut self, l: &Layout, _: &ParamGroups) -> Option<ParamGroups> {
             Some(l.zeros())
         }
-        fn aggregate(&mut self, _: &AggregateInput<'_>, _: &mut ParamGroups) -> Result<(), AggError> {
+        fn aggregate(
+            &mut self,
+            _: &AggregateInput<'_>,
+            _: &mut ParamGroups,
+        ) -> Result<(), AggError> {
             Ok(())
         }
         fn state(&self) -> StrategyState {

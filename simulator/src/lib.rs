@@ -25,7 +25,7 @@ pub use run::{
     StrategyFactory,
 };
 
-use cohort_aggregator::{strategy_from_config, Metrics, Strategy};
+use cohort_aggregator::{strategy_from_config, Metrics};
 use cohort_tasks::ModelRegistry;
 use config::Sharing;
 
@@ -85,7 +85,7 @@ pub fn run_experiment_with(
 
 /// [`run_experiment_with`] driven by the strategies `make_strategy`
 /// builds instead of the one `cfg.strategy` names: a program's own
-/// [`Strategy`] runs here exactly as a built-in one (and the same value
+/// [`Strategy`](cohort_aggregator::Strategy) runs here exactly as a built-in one (and the same value
 /// can drive `cohort_aggregator::Engine` in a deployment). It is called
 /// once per engine: once, or once per task with `sharing = "separate"`.
 pub fn run_experiment_with_strategy(

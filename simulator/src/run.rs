@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cohort_aggregator::{
-    strategy_from_config, Engine, EngineConfig, FailureReason, Federation, Metrics, Mode,
-    NodeInfo, RefusalCode, Strategy,
+    strategy_from_config, Engine, EngineConfig, FailureReason, Federation, Metrics, Mode, NodeInfo,
+    RefusalCode, Strategy,
 };
 use cohort_node::{mix_seed, NodeRuntime, NodeState};
 use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
@@ -958,35 +958,41 @@ impl Simulation {
         let global = self.engine.global();
         let states = &self.states;
         let pop = &self.pop;
-        let scores = per_client_scores(&self.pool, pop, &self.model, &clients, |c, t, s, tr, held| {
-            let mut params = groups_of(s, global);
-            // A client's own (local) heads replace the aggregator's copies.
-            if let Some(st) = states.get(&c) {
-                for (name, v) in st.local.iter() {
-                    if params.contains(name) {
-                        params.insert(name, v.to_vec());
+        let scores = per_client_scores(
+            &self.pool,
+            pop,
+            &self.model,
+            &clients,
+            |c, t, s, tr, held| {
+                let mut params = groups_of(s, global);
+                // A client's own (local) heads replace the aggregator's copies.
+                if let Some(st) = states.get(&c) {
+                    for (name, v) in st.local.iter() {
+                        if params.contains(name) {
+                            params.insert(name, v.to_vec());
+                        }
                     }
                 }
-            }
-            let name = pop.tasks[t].name.as_str();
-            let data = &pop.tasks[t].split.train;
-            let before = s.evaluate(&params, name, data, Some(held))?;
-            let cfg = TrainConfig {
-                seed: mix_seed(train.seed, c as u64),
-                ..train.clone()
-            };
-            let tuned = s.train(
-                &params,
-                &[TaskData {
-                    task: name,
-                    data,
-                    indices: tr,
-                }],
-                &cfg,
-            )?;
-            let after = s.evaluate(&tuned.params, name, data, Some(held))?;
-            Ok((eval_metrics(name, &before), after.accuracy))
-        })?;
+                let name = pop.tasks[t].name.as_str();
+                let data = &pop.tasks[t].split.train;
+                let before = s.evaluate(&params, name, data, Some(held))?;
+                let cfg = TrainConfig {
+                    seed: mix_seed(train.seed, c as u64),
+                    ..train.clone()
+                };
+                let tuned = s.train(
+                    &params,
+                    &[TaskData {
+                        task: name,
+                        data,
+                        indices: tr,
+                    }],
+                    &cfg,
+                )?;
+                let after = s.evaluate(&tuned.params, name, data, Some(held))?;
+                Ok((eval_metrics(name, &before), after.accuracy))
+            },
+        )?;
         let reports: Vec<EvalReport> = scores
             .iter()
             .filter(|(_, r)| !r.is_empty())

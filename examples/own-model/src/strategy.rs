@@ -14,9 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use cohort_aggregator::{
-    AggError, AggregateInput, ClientResult, Strategy, StrategyState,
-};
+use cohort_aggregator::{AggError, AggregateInput, ClientResult, Strategy, StrategyState};
 use cohort_protocol::{Layout, ParamGroups};
 
 /// The name this strategy goes by (and checks in `restore`).

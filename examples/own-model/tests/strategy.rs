@@ -43,12 +43,15 @@ fn digits(rounds: u64) -> ExperimentConfig {
     }
 }
 
-/// Measured (seed 42, deterministic): see the report in the test's output.
+/// Measured: 0.849 after 12 rounds (seed 42, gemm; the run is
+/// deterministic), 0.199 after round 1; federated (5 clients' held-out
+/// splits) 0.863. The bound leaves room for changes of initialization or
+/// schedule, not for a strategy that does not learn.
 const MIN_ACCURACY: f32 = 0.80;
 
 #[test]
 fn own_strategy_trains_digits_in_the_simulator() {
-    let rounds = 8;
+    let rounds = 12;
     let mut cfg = digits(rounds);
     cfg.eval.personalized = true;
     cfg.eval.personalize_clients = 5;
@@ -80,7 +83,10 @@ fn own_strategy_trains_digits_in_the_simulator() {
     assert!((0.0..=1.0).contains(&fed_acc), "{fed:?}");
     // `before` of the personalized scores is the same evaluation.
     let before = result.personalized.first().map_or(f32::NAN, |p| p.before);
-    assert!((f64::from(before) - fed_acc).abs() < 1e-6, "{before} vs {fed_acc}");
+    assert!(
+        (f64::from(before) - fed_acc).abs() < 1e-6,
+        "{before} vs {fed_acc}"
+    );
 
     // The same strategy through `Simulation::with_strategy`: its state is
     // the engine's to read, and it took one step per round.
@@ -90,8 +96,15 @@ fn own_strategy_trains_digits_in_the_simulator() {
     let state = sim.engine.strategy().state();
     assert_eq!(state.name, NAME);
     assert_eq!(state.steps, 2);
-    assert!(state.tensors.contains_key("velocity.backbone"), "{:?}", state.tensors.keys());
-    assert!(state.scalars.get("loss_ema").is_some_and(|l| l.is_finite() && *l > 0.0));
+    assert!(
+        state.tensors.contains_key("velocity.backbone"),
+        "{:?}",
+        state.tensors.keys()
+    );
+    assert!(state
+        .scalars
+        .get("loss_ema")
+        .is_some_and(|l| l.is_finite() && *l > 0.0));
 }
 
 // --- Checkpoints: the engine alone, on the real mlp28 layout -------------
@@ -305,14 +318,22 @@ fn damaged_or_oversized_strategy_state_is_refused() {
             "not finite",
         ),
         // A name with characters outside the allowed set.
-        ("bad name", vec![("velocity backbone", vec![0.0; bb])], "name"),
+        (
+            "bad name",
+            vec![("velocity backbone", vec![0.0; bb])],
+            "name",
+        ),
         // The strategy's own shape check.
         (
             "wrong shape",
             vec![("velocity.backbone", vec![0.0; bb - 1])],
             "holds",
         ),
-        ("unknown tensor", vec![("momentum.backbone", vec![0.0; bb])], "unknown tensor"),
+        (
+            "unknown tensor",
+            vec![("momentum.backbone", vec![0.0; bb])],
+            "unknown tensor",
+        ),
     ];
     for (what, tensors, needle) in cases {
         let dir = tempfile::tempdir().expect("tmp");
@@ -339,7 +360,10 @@ fn initial_parameters_and_unfit_states_are_checked_at_the_api() {
     let mut s = ScheduledMomentum::new(schedule(4), 0.5, false);
     let mut other = s.state();
     other.name = "fedavg".into();
-    assert!(matches!(s.restore(other, &layout), Err(AggError::Checkpoint(_))));
+    assert!(matches!(
+        s.restore(other, &layout),
+        Err(AggError::Checkpoint(_))
+    ));
     let mut e = new_engine(&layout, &m.init(5));
     round(&mut e, &layout, 0);
     let st = e.strategy().state();
