@@ -941,6 +941,9 @@ impl Simulation {
     /// second value), then fine-tunes its heads as
     /// [`Simulation::personalized_eval`] describes (the first value:
     /// `before` is the federated accuracy, `after` the fine-tuned one).
+    /// The strategy gets no failures: a virtual client does not fail to
+    /// evaluate (an error stops the run), and a picked client without
+    /// training or held-out data is left out.
     pub fn client_eval(&mut self) -> Result<(Vec<PersonalScore>, Option<Metrics>), SimError> {
         let k = self.cfg.eval.personalize_clients.min(self.pop.clients());
         let round = self.engine.round();

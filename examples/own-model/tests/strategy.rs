@@ -300,7 +300,9 @@ fn damaged_or_oversized_strategy_state_is_refused() {
     let init = m.init(5);
     let params = layout.num_params() as usize;
     let bb = layout.group(BACKBONE).expect("bb").len() as usize;
-    let cases: Vec<(&str, Vec<(&str, Vec<f32>)>, &str)> = vec![
+    // (what, the tensors written, a word of the error)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<f32>)>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
         // Beyond 4 x the model's parameters in all.
         (
             "oversized",
