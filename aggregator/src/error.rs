@@ -41,10 +41,17 @@ pub enum AggError {
         path.display()
     )]
     Locked { path: std::path::PathBuf },
-    #[error("checkpoint I/O on {path}: {source}")]
+    #[error("I/O on {path}: {source}")]
     Io {
         path: std::path::PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The model or a data set of the service (feature `service`).
+    #[cfg(feature = "service")]
+    #[error(transparent)]
+    Tasks(#[from] cohort_tasks::TasksError),
+    /// The network event loop stopped, or a listen address was refused.
+    #[error("network: {0}")]
+    Net(String),
 }

@@ -102,6 +102,8 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod experiment;
+#[cfg(feature = "service")]
+pub mod service;
 pub mod strategy;
 
 /// Refusal codes are the wire's: the engine's refusals go to nodes as they are.

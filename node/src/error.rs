@@ -27,6 +27,29 @@ pub enum NodeError {
     Tasks(#[from] cohort_tasks::TasksError),
     #[error(transparent)]
     Protocol(#[from] cohort_protocol::ProtocolError),
+    /// A node setting that cannot work (the field is named).
+    #[error("node settings: {0}")]
+    Config(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The persisted state (`state.bin`) cannot be read into this model.
+    #[error("{path}: {reason}; move the file aside to start afresh")]
+    State {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// The aggregator will never take this node (not allowed, another
+    /// federation, protocol version or model); `cohort-node` exits with 3.
+    #[cfg(feature = "net")]
+    #[error("refused by the aggregator ({:?}): {}", .0.code, .0.message)]
+    Refused(cohort_protocol::messages::Refusal),
+    /// The node's own machinery failed (its event loop or training thread).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl NodeError {
@@ -37,12 +60,25 @@ impl NodeError {
     /// node's own problems.
     pub fn is_refusal(&self) -> bool {
         match self {
-            NodeError::NoData => false,
+            NodeError::WrongFederation { .. }
+            | NodeError::UnknownGroup(_)
+            | NodeError::MissingWeights(_)
+            | NodeError::BadPlan(_)
+            | NodeError::BadWeights(_)
+            | NodeError::Diverged(_)
+            | NodeError::Protocol(_) => true,
             NodeError::Tasks(e) => matches!(
                 e,
                 cohort_tasks::TasksError::InvalidConfig(_) | cohort_tasks::TasksError::Layout(_)
             ),
-            _ => true,
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+        move |source| NodeError::Io {
+            path: path.to_path_buf(),
+            source,
         }
     }
 }

@@ -43,10 +43,10 @@ pub struct NodeLimits {
     /// epochs or its `max_steps`) trains this many, which bounds the CPU
     /// time of a round (with `max_batch_size`).
     pub max_steps: u64,
-    /// Wall-clock budget of local training, enforced as a step cap from the
-    /// step rate this node measured in its previous rounds (the first round
-    /// is bounded by `max_steps` only; training itself is not interrupted).
-    /// None: no time budget (and rounds stay deterministic).
+    /// Wall-clock budget of local training: once it is spent, training
+    /// stops before its next step and the node sends what it has (the
+    /// steps done are in its metrics). None: no time budget (and rounds
+    /// stay deterministic, which a budget cannot promise).
     pub max_train_ms: Option<u64>,
     /// Plans with more epochs are refused.
     pub max_epochs: u32,
@@ -86,9 +86,6 @@ pub struct NodeRuntime {
     pub aggregator_key: SealPublicKey,
     pub state: NodeState,
     pub limits: NodeLimits,
-    /// Measured cost of one optimizer step, in nanoseconds (for
-    /// `limits.max_train_ms`).
-    step_ns: Option<f64>,
 }
 
 /// The result of a round on a node.
@@ -122,7 +119,6 @@ impl NodeRuntime {
             aggregator_key,
             state: NodeState::default(),
             limits: NodeLimits::default(),
-            step_ns: None,
         }
     }
 
@@ -197,11 +193,7 @@ impl NodeRuntime {
         if upload.is_empty() {
             return bad("nothing this node may upload".into());
         }
-        let mut steps = t.max_steps.unwrap_or(u64::MAX).min(l.max_steps);
-        if let (Some(ms), Some(ns)) = (l.max_train_ms, self.step_ns) {
-            let by_time = (ms as f64 * 1.0e6 / ns.max(1.0)).floor().max(1.0) as u64;
-            steps = steps.min(by_time);
-        }
+        let steps = t.max_steps.unwrap_or(u64::MAX).min(l.max_steps);
         Ok((upload, steps))
     }
 
@@ -298,16 +290,14 @@ impl NodeRuntime {
         let mut train_cfg = plan.train.clone();
         train_cfg.seed = node_seed;
         train_cfg.max_steps = Some(max_steps);
-        let started = Instant::now();
-        let outcome = self.model.train(&start, data, &train_cfg)?;
-        let steps: u64 = outcome.metrics.iter().map(|m| m.steps).sum();
-        if steps > 0 {
-            let ns = started.elapsed().as_nanos() as f64 / steps as f64;
-            self.step_ns = Some(match self.step_ns {
-                Some(old) => 0.5 * old + 0.5 * ns,
-                None => ns,
-            });
-        }
+        let outcome = match self.limits.max_train_ms {
+            Some(ms) => {
+                let deadline = Instant::now() + std::time::Duration::from_millis(ms);
+                self.model
+                    .train_until(&start, data, &train_cfg, &|| Instant::now() >= deadline)?
+            }
+            None => self.model.train(&start, data, &train_cfg)?,
+        };
 
         // Every delta is computed and checked before anything is encoded,
         // so that a refusal leaves the residuals and local groups as they

@@ -234,12 +234,40 @@ fn local_steps_are_capped_by_the_node() {
     let out = node.run_round(&p, &global, &data).expect("round");
     let steps: u64 = out.update.header.metrics.iter().map(|m| m.steps).sum();
     assert_eq!(steps, 5);
-    // Time budget: from the rate measured in that round, a budget of 0 ms
-    // leaves one step.
+    // Time budget: a budget of 0 ms leaves the one step every round takes.
     node.limits.max_train_ms = Some(0);
     let out = node.run_round(&p, &global, &data).expect("round");
     let steps: u64 = out.update.header.metrics.iter().map(|m| m.steps).sum();
     assert_eq!(steps, 1);
+}
+
+/// Before: the time budget was a step cap from the rate of earlier rounds,
+/// so a node's first round (or a plan far longer than the last one) trained
+/// to the end whatever the budget. Now training stops mid-round when the
+/// budget is spent, in the first round too.
+#[test]
+fn the_time_budget_stops_training_mid_round_in_the_first_round() {
+    use cohort_node::NodeLimits;
+    let (spec, split, keys) = setup();
+    let global = spec.init(1);
+    let (idx, ds) = digits_data(&split, 64);
+    let data = [TaskData {
+        task: "digits",
+        data: ds,
+        indices: &idx,
+    }];
+    let limits = NodeLimits {
+        max_train_ms: Some(1),
+        ..NodeLimits::default()
+    };
+    let mut node = NodeRuntime::new("node-7", "fed", spec, keys.public()).with_limits(limits);
+    // 1,000 epochs of 8 batches: 8,000 steps asked, far beyond 1 ms on
+    // any machine.
+    let mut p = plan(vec![BACKBONE.to_string()], 8);
+    p.train.epochs = 1_000;
+    let out = node.run_round(&p, &global, &data).expect("round");
+    let steps: u64 = out.update.header.metrics.iter().map(|m| m.steps).sum();
+    assert!((1..8_000).contains(&steps), "{steps} steps");
 }
 
 #[test]

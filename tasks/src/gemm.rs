@@ -385,16 +385,17 @@ impl Model for GemmModel {
     fn with_tasks(&self, tasks: Vec<TaskSpec>) -> Result<SharedModel, TasksError> {
         Ok(Arc::new(GemmModel::new(self.kind, tasks)?))
     }
-    fn train(
+    fn train_until(
         &self,
         start: &ParamGroups,
         data: &[TaskData<'_>],
         cfg: &TrainConfig,
+        stop: &dyn Fn() -> bool,
     ) -> Result<TrainOutcome, TasksError> {
         let classes = crate::train::check_inputs(self, data, cfg)?;
         let net = GemmNet::from_groups(self, start)?;
         let mut stepper = GemmStepper::new(net, data, &classes, cfg);
-        let metrics = crate::train::run_schedule(data, cfg, self.input_dim(), &mut stepper)?;
+        let metrics = crate::train::run_schedule(data, cfg, self.input_dim(), &mut stepper, stop)?;
         Ok(TrainOutcome {
             params: stepper.net.to_groups(),
             metrics,

@@ -49,12 +49,26 @@ pub trait Model: Send + Sync + fmt::Debug {
     fn with_tasks(&self, tasks: Vec<TaskSpec>) -> Result<SharedModel, TasksError>;
     /// Multi-task local training from `start` (which must match
     /// [`Model::layout`]); see [`crate::train`] for how tasks are mixed.
+    /// `stop` is asked before every optimizer step after the first and
+    /// ends training when it says so (a node's wall-clock budget; the steps
+    /// done are in the outcome's metrics). Implementations must honour it.
+    fn train_until(
+        &self,
+        start: &ParamGroups,
+        data: &[TaskData<'_>],
+        cfg: &TrainConfig,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<TrainOutcome, TasksError>;
+    /// [`Model::train_until`] to the end of the schedule (`cfg.epochs`,
+    /// `cfg.max_steps`).
     fn train(
         &self,
         start: &ParamGroups,
         data: &[TaskData<'_>],
         cfg: &TrainConfig,
-    ) -> Result<TrainOutcome, TasksError>;
+    ) -> Result<TrainOutcome, TasksError> {
+        self.train_until(start, data, cfg, &|| false)
+    }
     /// Accuracy and loss of `task` on `data` (all samples, or `indices`).
     /// `params` needs only the `backbone` and `head/<task>` groups (others
     /// are ignored), so a node can evaluate the global backbone with its

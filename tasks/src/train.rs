@@ -177,13 +177,14 @@ pub(crate) trait Stepper {
 }
 
 /// The schedule of the module docs: epochs of shuffled, interleaved
-/// single-task batches, at most `cfg.max_steps` steps. Returns the metrics
-/// per task.
+/// single-task batches, at most `cfg.max_steps` steps, and after the first
+/// none once `stop` says so. Returns the metrics per task.
 pub(crate) fn run_schedule(
     data: &[TaskData<'_>],
     cfg: &TrainConfig,
     dim: usize,
     stepper: &mut dyn Stepper,
+    stop: &dyn Fn() -> bool,
 ) -> Result<Vec<TaskMetrics>, TasksError> {
     let bs = cfg.batch_size as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
@@ -206,7 +207,9 @@ pub(crate) fn run_schedule(
         schedule.shuffle(&mut rng);
         let mut epoch_loss = vec![(0.0f64, 0u64); data.len()];
         for &(t, b) in &schedule {
-            if total_steps >= max_steps {
+            // At least one step: an update that moved nothing would still
+            // weigh in the average.
+            if total_steps >= max_steps || (total_steps > 0 && stop()) {
                 record(&mut last_loss, &epoch_loss);
                 break 'epochs;
             }

@@ -226,10 +226,21 @@ impl Aggregator {
         listen: &str,
         args: &[&str],
     ) -> Aggregator {
+        Self::start_command(Command::new(binary), experiment, dir, listen, args)
+    }
+
+    /// [`Aggregator::start_with`] with a command that takes the flags of
+    /// `cohort-aggregator` (e.g. a user's program in its aggregator mode).
+    pub fn start_command(
+        mut cmd: Command,
+        experiment: &Path,
+        dir: &Path,
+        listen: &str,
+        args: &[&str],
+    ) -> Aggregator {
         std::fs::create_dir_all(dir).expect("aggregator dir");
         let connect = dir.join("connect.toml");
         let _ = std::fs::remove_file(&connect);
-        let mut cmd = Command::new(binary);
         cmd.arg("--experiment")
             .arg(experiment)
             .arg("--data-dir")

@@ -1,14 +1,18 @@
 //! Bring your own model: a residual MLP written as a dfdx builder type,
 //! registered under a name, and trained by a simulated federation of 20
 //! clients on real data (the embedded MNIST 5k: 4000 training digits split
-//! among the clients, 1000 held out). This crate sits outside the library
-//! crates on purpose: it uses only their public API, as a user's program
-//! would. README.md ("Bring your own model") shows this code.
+//! among the clients, 1000 held out), or by a real federation of processes
+//! ([`net`]: one aggregator, any number of nodes, on `experiment.toml`).
+//! This crate sits outside the library crates on purpose: it uses only
+//! their public API, as a user's program would. README.md ("Bring your own
+//! model", "With your own model") shows this code.
+
+pub mod net;
 
 pub mod strategy;
 
 use cohort_simulator::config::TaskConfig;
-use cohort_simulator::{run_experiment_with, ExperimentConfig, ExperimentResult};
+use cohort_simulator::{run_experiment_with, ExperimentConfig, ExperimentResult, RoundMetrics};
 use cohort_tasks::dfdx::nn::builders::{DropoutOneIn, LayerNorm1D, Linear, ReLU, Residual};
 use cohort_tasks::{Backend, ModelRegistry};
 
@@ -46,13 +50,19 @@ pub fn run(rounds: u64) -> anyhow::Result<ExperimentResult> {
         }],
         ..ExperimentConfig::default()
     };
-    let result = run_experiment_with(&cfg, &registry(), |m| {
-        for s in &m.central {
-            println!(
-                "round {:>3}  {} accuracy {:.3}",
-                m.round, s.task, s.accuracy
-            );
-        }
-    })?;
-    Ok(result)
+    simulate(&cfg)
+}
+
+/// Any experiment with our model in the registry, simulated.
+pub fn simulate(cfg: &ExperimentConfig) -> anyhow::Result<ExperimentResult> {
+    Ok(run_experiment_with(cfg, &registry(), print_round)?)
+}
+
+fn print_round(m: &RoundMetrics) {
+    for s in &m.central {
+        println!(
+            "round {:>3}  {} accuracy {:.3}",
+            m.round, s.task, s.accuracy
+        );
+    }
 }

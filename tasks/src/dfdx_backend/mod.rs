@@ -270,11 +270,12 @@ where
             DfdxModel::<B, IN, F>::new(&self.name, tasks)?.with_init(self.init),
         ))
     }
-    fn train(
+    fn train_until(
         &self,
         start: &ParamGroups,
         data: &[TaskData<'_>],
         cfg: &TrainConfig,
+        stop: &dyn Fn() -> bool,
     ) -> Result<TrainOutcome, TasksError> {
         let classes = check_inputs(self, data, cfg)?;
         self.layout.check(start)?;
@@ -302,7 +303,7 @@ where
             classes,
             cfg,
         );
-        let metrics = run_schedule(data, cfg, IN, &mut stepper)?;
+        let metrics = run_schedule(data, cfg, IN, &mut stepper, stop)?;
         let mut params = start.clone();
         params.insert(BACKBONE, Self::flatten_backbone(&stepper.backbone));
         for (td, h) in data.iter().zip(&stepper.heads) {

@@ -1,27 +1,13 @@
-//! `cohort-aggregator`: the aggregator of a real federation over libp2p.
-//!
-//! One task runs the event loop that owns the Swarm; the service task owns
-//! the engine and answers through channels (see `service.rs`).
-
-mod config;
-mod service;
+//! `cohort-aggregator`: the aggregator of a real federation over libp2p. A
+//! thin main over [`cohort_aggregator::service::Aggregator`]: flags over the
+//! deployment and experiment files, then run.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
 use clap::Parser;
-use cohort_aggregator::{checkpoint, strategy_from_config, Engine};
-use cohort_protocol::p2p::SubmitCap;
-use cohort_protocol::seal::SealKeyPair;
-use cohort_protocol::transport::{
-    build_swarm_with, event_loop, load_or_create_identity, Admission,
-};
-use cohort_tasks::{load_dataset, Dataset, ModelRegistry, SharedModel, TaskSpec};
-use libp2p::Multiaddr;
-use tracing::info;
-
-use config::{allowlist, AggregatorConfig, FederationConfig};
-use service::{Parts, Service};
+use cohort_aggregator::service::{Aggregator, AggregatorConfig, FederationConfig};
+use cohort_aggregator::AggError;
+use cohort_tasks::ModelRegistry;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -92,11 +78,7 @@ struct Args {
 
 fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)> {
     let mut cfg = match &args.config {
-        Some(p) => {
-            let text =
-                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
-        }
+        Some(p) => AggregatorConfig::load(p)?,
         None => AggregatorConfig::default(),
     };
     if let Some(e) = &args.experiment {
@@ -139,32 +121,6 @@ fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)>
     Ok((cfg, fed))
 }
 
-/// The experiment's model (`backbone` on `backend`, a head per task) and
-/// the central test sets of the tasks that name a data set.
-fn build_model(
-    fed: &FederationConfig,
-    models: &ModelRegistry,
-) -> anyhow::Result<(SharedModel, Vec<(String, Dataset)>)> {
-    let mut tasks = Vec::new();
-    let mut tests = Vec::new();
-    for t in &fed.tasks {
-        let classes = match &t.dataset {
-            Some(name) => {
-                let split = load_dataset(name).with_context(|| format!("task `{}`", t.name))?;
-                let classes = split.test.classes;
-                tests.push((t.name.clone(), split.test));
-                classes
-            }
-            None => t.classes.unwrap_or(0),
-        };
-        tasks.push(TaskSpec::new(t.name.clone(), t.classes.unwrap_or(classes)));
-    }
-    let model = models
-        .build(&fed.backbone, fed.backend, tasks)
-        .with_context(|| format!("the experiment's model `{}`", fed.backbone))?;
-    Ok((model, tests))
-}
-
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -180,93 +136,27 @@ fn main() -> anyhow::Result<()> {
         println!("# federation\n{}", toml::to_string_pretty(&fed)?);
         return Ok(());
     }
-    let (model, tests) = build_model(&fed, &ModelRegistry::default())?;
-    let layout = model.layout();
+    let data_dir = cfg.data_dir.clone();
+    let aggregator = Aggregator::from_config(cfg, fed, &ModelRegistry::default())?;
     if let Some(path) = &args.export_initial {
-        let bytes =
-            checkpoint::weights_to_safetensors(&layout, &model.init(fed.federation().init_seed()))?;
-        std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))?;
+        aggregator.export_initial(path)?;
         return Ok(());
     }
-    let allow = allowlist(&cfg)?;
-    if allow.as_ref().is_some_and(|a| a.is_empty()) {
-        bail!("nobody may join: give --allow <peer id>, --allow-file <file>, or --open");
-    }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    // One aggregator per data folder: held until the process ends.
-    let _lock = cohort_aggregator::checkpoint::lock_dir(&cfg.data_dir)?;
-    let engine_cfg = fed.engine_config();
-    let checkpoints = cfg.data_dir.join("checkpoints");
-    let resumed = Engine::resume(
-        &checkpoints,
-        engine_cfg.clone(),
-        strategy_from_config(&fed.strategy),
-    )
-    .with_context(|| {
-        format!(
-            "resuming from {} (a different experiment needs another --data-dir)",
-            checkpoints.display()
-        )
-    })?;
-    let engine = match resumed {
-        Some(e) => {
-            e.check_layout(&layout).map_err(|e| {
-                anyhow::Error::new(e).context(format!(
-                    "the checkpoints in {} are of another model: use another --data-dir, or the experiment they were written for",
-                    checkpoints.display()
-                ))
-            })?;
-            info!(
-                round = e.round(),
-                version = e.version(),
-                "resumed from checkpoint"
-            );
-            e
-        }
-        None => Engine::new(
-            engine_cfg,
-            layout,
-            model.init(fed.federation().init_seed()),
-            strategy_from_config(&fed.strategy),
-        )?,
-    };
-
-    let identity = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
-    let keys = SealKeyPair::load_or_create(&cfg.data_dir.join("seal.key"))?;
-    let peer_id = identity.public().to_peer_id();
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        // Admission at the connection: with an allowlist, a stranger is
-        // refused once its identity is authenticated, before any stream.
-        let submit_cap = SubmitCap::default();
-        let admission = Admission {
-            allow: allow.as_ref().map(|a| a.iter().copied().collect()),
-            serve: true,
-            submit_cap: submit_cap.clone(),
+    runtime.block_on(aggregator.run()).map_err(|e| {
+        let hint = match &e {
+            AggError::ModelChanged { .. } => Some(
+                "the checkpoints are of another model: use another --data-dir, or the experiment they were written for",
+            ),
+            AggError::Checkpoint(_) => {
+                Some("resuming failed (a different experiment needs another --data-dir)")
+            }
+            _ => None,
         };
-        let swarm = build_swarm_with(identity, &cfg.net, admission)?;
-        let (mut client, events, lp) = event_loop(swarm);
-        tokio::spawn(lp.run());
-        for a in &cfg.listen {
-            let addr: Multiaddr = a
-                .parse()
-                .with_context(|| format!("`{a}` is not a multiaddr"))?;
-            client.listen(addr).await.map_err(anyhow::Error::msg)?;
+        let e = anyhow::Error::new(e);
+        match hint {
+            Some(h) => e.context(format!("{h}: {}", data_dir.join("checkpoints").display())),
+            None => e,
         }
-        let parts = Parts {
-            engine,
-            fed,
-            model,
-            tests,
-            keys,
-            allow,
-            client,
-            peer_id,
-            submit_cap,
-            control_limit: cfg.net.limits.max_control,
-        };
-        let service = Service::new(parts, &cfg)?;
-        service.run(events).await
     })
 }

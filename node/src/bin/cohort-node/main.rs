@@ -1,27 +1,16 @@
-//! `cohort-node`: a data owner's node in a Cohort federation.
-
-mod agent;
-mod config;
+//! `cohort-node`: a data owner's node in a Cohort federation. A thin main
+//! over [`cohort_node::agent::Agent`]: flags over the node file, then run.
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
-use cohort_node::NodeRuntime;
-use cohort_protocol::seal::SealPublicKey;
-use cohort_protocol::transport::{
-    build_swarm_with, event_loop, load_or_create_identity, Admission, NetEvent,
-};
-use cohort_tasks::{load_dataset, partition, ModelRegistry, TaskSpec};
-use futures::StreamExt;
-use libp2p::multiaddr::Protocol;
-use libp2p::{Multiaddr, PeerId};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use tracing::{debug, info};
+use cohort_node::agent::{peer_id_of, Agent, NodeConfig};
+use cohort_node::NodeError;
+use cohort_tasks::ModelRegistry;
 
-use agent::{load_state, Agent, LocalTask, RefusedForGood, EXIT_REFUSED};
-use config::NodeConfig;
+/// Exit code when the aggregator refuses this node for good.
+const EXIT_REFUSED: i32 = 3;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,45 +69,8 @@ struct Args {
     print_config: bool,
 }
 
-fn load_tasks(cfg: &NodeConfig) -> anyhow::Result<Vec<LocalTask>> {
-    let mut out = Vec::new();
-    for (i, t) in cfg.tasks.iter().enumerate() {
-        let split = load_dataset(&t.dataset).with_context(|| format!("task `{}`", t.name))?;
-        let data = split.train;
-        let mut idx: Vec<usize> = match &t.shard {
-            Some(s) => {
-                let mut parts = partition(&s.partitioner, &data.labels, None, s.count, s.seed)?;
-                std::mem::take(&mut parts[s.index])
-            }
-            None => (0..data.len()).collect(),
-        };
-        if idx.is_empty() {
-            bail!("task `{}`: this node's shard is empty", t.name);
-        }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(cfg.seed ^ (i as u64 + 1));
-        idx.shuffle(&mut rng);
-        let n_test = (idx.len() as f64 * cfg.holdout).round() as usize;
-        let test = idx.split_off(idx.len() - n_test.min(idx.len().saturating_sub(1)));
-        info!(task = %t.name, train = idx.len(), test = test.len(), "local data");
-        out.push(LocalTask {
-            name: t.name.clone(),
-            data,
-            train: idx,
-            test,
-        });
-    }
-    Ok(out)
-}
-
-fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let args = Args::parse();
+/// The node file with the flags applied over it.
+fn settings(args: &Args) -> anyhow::Result<NodeConfig> {
     let mut cfg = match &args.config {
         Some(p) => NodeConfig::load(p)?,
         None => NodeConfig::default(),
@@ -142,96 +94,45 @@ fn main() -> anyhow::Result<()> {
         cfg.data_dir = d.clone();
     }
     cfg.validate()?;
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let cfg = settings(&args)?;
     if args.print_config {
         println!("{}", toml::to_string_pretty(&cfg)?);
         return Ok(());
     }
-    std::fs::create_dir_all(&cfg.data_dir)
-        .with_context(|| format!("creating {}", cfg.data_dir.display()))?;
-    let identity = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
-    let peer_id = identity.public().to_peer_id();
     if args.print_peer_id {
-        println!("{peer_id}");
+        println!("{}", peer_id_of(&cfg.data_dir)?);
         return Ok(());
     }
-    let (addr, key) = cfg.aggregator()?;
-    let addr: Multiaddr = addr
-        .parse()
-        .with_context(|| format!("`{addr}` is not a multiaddr"))?;
-    let Some(Protocol::P2p(aggregator)) = addr.iter().last() else {
-        bail!("the aggregator's address must end in /p2p/<its peer id>: {addr}");
-    };
-    let aggregator: PeerId = aggregator;
-    let key: SealPublicKey = key
-        .parse()
-        .with_context(|| format!("`{key}` is not a sealing key"))?;
-
-    let tasks = load_tasks(&cfg)?;
-    let spec = ModelRegistry::default()
-        .build(
-            &cfg.backbone,
-            cfg.backend,
-            tasks
-                .iter()
-                .map(|t| TaskSpec::new(t.name.clone(), t.data.classes))
-                .collect(),
-        )
-        .with_context(|| format!("the model `{}`", cfg.backbone))?;
-    let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), spec, key);
-    runtime.limits = cfg.limits.clone();
-    let state_path = cfg.data_dir.join("state.bin");
-    runtime.state = load_state(&state_path, &runtime)?;
+    let agent = Agent::from_config(cfg, &ModelRegistry::default())
+        .context("setting up the node")?;
     println!(
-        "cohort-node {peer_id}: federation `{}`, aggregator {addr}",
-        cfg.federation
+        "cohort-node {}: federation `{}`, aggregator {}",
+        agent.peer_id(),
+        agent.federation(),
+        agent.aggregator()
     );
-
     let rt = tokio::runtime::Runtime::new()?;
-    let result = rt.block_on(async move {
-        // A node talks to its aggregator only, and only asks: no other peer
-        // holds a connection, and no inbound request is accepted at all.
-        let swarm = build_swarm_with(identity, &cfg.net, Admission::client_of([aggregator]))?;
-        let (client, mut events, lp) = event_loop(swarm);
-        tokio::spawn(lp.run());
-        // The loop reports connections (and would hand over requests): read
-        // them, so that nothing piles up whatever the aggregator does.
-        tokio::spawn(async move {
-            while let Some(e) = events.next().await {
-                match e {
-                    NetEvent::Connected(p) => debug!(peer = %p, "connected"),
-                    NetEvent::Disconnected(p) => debug!(peer = %p, "disconnected"),
-                    // Never happens (no inbound protocol); dropping the
-                    // channel is the answer.
-                    NetEvent::Request { peer, .. } => debug!(%peer, "inbound request dropped"),
-                    NetEvent::Listening(_) | NetEvent::InboundFailure { .. } => {}
-                }
-            }
-        });
-        let request_timeout =
-            std::time::Duration::from_secs(cfg.net.request_timeout_s.max(1).saturating_add(30));
-        let mut agent = Agent::new(
-            client,
-            aggregator,
-            addr,
-            runtime,
-            tasks,
-            state_path,
-            cfg.backoff.clone(),
-        );
-        agent.request_timeout = request_timeout;
-        agent.run().await
-    });
-    match result {
+    match rt.block_on(agent.run()) {
         Ok(()) => {
             println!("federation finished");
             Ok(())
         }
-        Err(e) => match e.downcast_ref::<RefusedForGood>() {
-            Some(r) => {
-                eprintln!("{r}");
-                std::process::exit(EXIT_REFUSED);
-            }
-            None => Err(e),
-        },
+        Err(NodeError::Refused(r)) => {
+            eprintln!("refused by the aggregator ({:?}): {}", r.code, r.message);
+            std::process::exit(EXIT_REFUSED);
+        }
+        Err(e) => Err(e.into()),
     }
 }

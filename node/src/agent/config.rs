@@ -1,14 +1,34 @@
 //! The node's settings: one serde struct with defaults backs the TOML file
-//! (`--config`) and the flags.
+//! (`cohort-node --config`), the flags, and a program's own node.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use cohort_node::NodeLimits;
 use cohort_protocol::transport::NetConfig;
 use cohort_tasks::{Backend, Partitioner};
 use serde::{Deserialize, Serialize};
 
+use crate::{NodeError, NodeLimits};
+
+fn bad(msg: impl Into<String>) -> NodeError {
+    NodeError::Config(msg.into())
+}
+
+/// Everything a node needs besides its model: where the aggregator is,
+/// its data, its folder, its limits. `NodeConfig::default()` is a node of
+/// the embedded W0 (`mlp28`, the `digits` task on MNIST 5k).
+///
+/// ```
+/// use cohort_node::agent::NodeConfig;
+/// let cfg: NodeConfig = toml::from_str(r#"
+///     connect_file = "agg/connect.toml"
+///     data_dir = "node-1"
+///     [[tasks]]
+///     name = "digits"
+///     dataset = "mnist5k"
+///     shard = { index = 0, count = 3 }
+/// "#).unwrap();
+/// cfg.validate().unwrap();
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
@@ -43,7 +63,8 @@ pub struct NodeConfig {
     pub limits: NodeLimits,
 }
 
-/// One task the node holds and where its data is.
+/// One task the node holds and where its data is (a `[[tasks]]` entry of
+/// the node file; see [`NodeConfig`] for an example).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeTask {
@@ -66,7 +87,8 @@ impl Default for NodeTask {
 }
 
 /// Part `index` of the data set split into `count` parts by `partitioner`
-/// (seeded: every node computes the same split and keeps its part).
+/// (seeded: every node computes the same split and keeps its part), e.g.
+/// `shard = { index = 0, count = 3, partitioner = { kind = "iid" } }`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shard {
@@ -79,7 +101,7 @@ pub struct Shard {
 }
 
 /// Reconnection: exponential backoff with jitter, from `initial_ms` to
-/// `max_ms`.
+/// `max_ms` (`[backoff]` in the node file, e.g. `initial_ms = 100`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Backoff {
@@ -118,66 +140,89 @@ impl Default for NodeConfig {
 
 /// The aggregator's `connect.toml`.
 #[derive(Clone, Debug, Deserialize)]
-pub struct ConnectFile {
+struct ConnectFile {
     pub federation: String,
     pub aggregator_key: String,
     pub addrs: Vec<String>,
 }
 
 impl NodeConfig {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    /// Reads a node file (TOML); unknown keys are errors.
+    pub fn load(path: &Path) -> Result<Self, NodeError> {
+        let text = read_small(path)?;
+        toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Checks what can be checked without the data and the aggregator.
+    pub fn validate(&self) -> Result<(), NodeError> {
         if self.tasks.is_empty() {
-            bail!("the node holds no task: add a [[tasks]] entry");
+            return Err(bad("the node holds no task: add a [[tasks]] entry"));
         }
         for (i, t) in self.tasks.iter().enumerate() {
             if self.tasks[..i].iter().any(|u| u.name == t.name) {
-                bail!("task `{}` appears twice", t.name);
+                return Err(bad(format!("task `{}` appears twice", t.name)));
             }
             if let Some(s) = &t.shard {
                 if s.count == 0 || s.index >= s.count {
-                    bail!("task `{}`: shard index must be below count", t.name);
+                    return Err(bad(format!(
+                        "task `{}`: shard index must be below count",
+                        t.name
+                    )));
                 }
             }
         }
+        self.check_settings()
+    }
+
+    /// The checks that do not concern `tasks`.
+    pub(crate) fn check_settings(&self) -> Result<(), NodeError> {
         if !(0.0..1.0).contains(&self.holdout) {
-            bail!("holdout must be in [0, 1)");
+            return Err(bad("holdout must be in [0, 1)"));
         }
         if self.backoff.initial_ms == 0 || self.backoff.max_ms < self.backoff.initial_ms {
-            bail!("backoff: need 0 < initial_ms <= max_ms");
+            return Err(bad("backoff: need 0 < initial_ms <= max_ms"));
         }
         Ok(())
     }
 
     /// The aggregator's address (the one to dial) and sealing key. A connect
-    /// file gives the federation too; a TCP address on loopback is preferred
-    /// when the file lists several.
-    pub fn aggregator(&mut self) -> anyhow::Result<(String, String)> {
+    /// file gives the federation too (it replaces `federation`); a TCP
+    /// address on loopback is preferred when the file lists several.
+    pub fn aggregator(&mut self) -> Result<(String, String), NodeError> {
         if let Some(path) = &self.connect_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = read_small(path)?;
             let c: ConnectFile =
-                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+                toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
             self.federation = c.federation;
             let addr = self.aggregator.clone().or_else(|| pick_addr(&c.addrs));
             let Some(addr) = addr else {
-                bail!("{} lists no address", path.display());
+                return Err(bad(format!("{} lists no address", path.display())));
             };
             return Ok((addr, c.aggregator_key));
         }
         match (&self.aggregator, &self.aggregator_key) {
             (Some(a), Some(k)) => Ok((a.clone(), k.clone())),
-            _ => bail!(
+            _ => Err(bad(
                 "say where the aggregator is: --aggregator <multiaddr>/p2p/<peer id> and \
-                 --aggregator-key cohort-pk1:..., or --connect <its connect.toml>"
-            ),
+                 --aggregator-key cohort-pk1:..., or --connect <its connect.toml>",
+            )),
         }
     }
+}
+
+/// Settings files are small: anything beyond 1 MiB is not one.
+fn read_small(path: &Path) -> Result<String, NodeError> {
+    use std::io::Read;
+    const MAX: u64 = 1 << 20;
+    let f = std::fs::File::open(path).map_err(NodeError::io(path))?;
+    let mut text = String::new();
+    f.take(MAX + 1)
+        .read_to_string(&mut text)
+        .map_err(NodeError::io(path))?;
+    if text.len() as u64 > MAX {
+        return Err(bad(format!("{}: larger than 1 MiB", path.display())));
+    }
+    Ok(text)
 }
 
 fn pick_addr(addrs: &[String]) -> Option<String> {

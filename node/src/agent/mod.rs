@@ -1,50 +1,258 @@
-//! The node's driver: hello, follow round plans, train off the async
-//! runtime, seal and submit, evaluate when asked; reconnect with backoff.
-//! It talks to the event loop (which owns the Swarm) through a [`Client`].
+//! The node's network driver: what `cohort-node` runs, as a library type a
+//! program runs with its own model and data.
+//!
+//! An [`Agent`] dials the aggregator, says hello (its tasks, their sample
+//! counts, the fingerprint of its model), then follows round plans: it
+//! downloads the model (a lossless delta when it holds an older version),
+//! trains on a blocking thread (so the event loop keeps running), saves its
+//! state (local heads, error-feedback residuals) atomically, seals and
+//! submits; when asked it evaluates with its own heads and reports. Any
+//! network trouble means backoff with jitter, then hello again. One event
+//! loop ([`cohort_protocol::transport::EventLoop`]) owns the Swarm; the agent
+//! talks to it through a [`Client`].
+//!
+//! ```no_run
+//! use cohort_node::agent::{Agent, NodeConfig};
+//! use cohort_tasks::ModelRegistry;
+//!
+//! # async fn f() -> Result<(), cohort_node::NodeError> {
+//! let mut cfg = NodeConfig::default();
+//! cfg.connect_file = Some("aggregator-data/connect.toml".into());
+//! cfg.data_dir = "node-1".into();
+//! // The model named by `cfg.backbone`, from the built-ins or your own
+//! // registry (see examples/own-model); or `Agent::new(cfg, model, tasks)`
+//! // with a model and data you built.
+//! let agent = Agent::from_config(cfg, &ModelRegistry::default())?;
+//! println!("peer id {}", agent.peer_id());
+//! agent.run().await // Ok when the federation has finished
+//! # }
+//! ```
 
-use std::path::PathBuf;
+mod config;
+mod data;
+mod state;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
-use cohort_node::{NodeRuntime, NodeState};
 use cohort_protocol::messages::{
     Envelope, EvalMetrics, EvalReport, Hello, Refusal, RefusalCode, Request, Response, RoundPlan,
 };
-use cohort_protocol::transport::{Client, RequestError};
+use cohort_protocol::seal::SealPublicKey;
+use cohort_protocol::transport::{
+    build_swarm_with, event_loop, load_or_create_identity, Admission, Client, NetEvent,
+    RequestError,
+};
 use cohort_protocol::{ParamGroups, PROTOCOL_VERSION};
-use cohort_tasks::{Dataset, TaskData};
+use cohort_tasks::{ModelRegistry, SharedModel, TaskData};
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use rand::Rng;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::config::Backoff;
+pub use config::{Backoff, NodeConfig, NodeTask, Shard};
+pub use data::{check_tasks, load_local_tasks, task_specs, LocalTask};
+pub use state::{load_state, save_state, MAX_STATE_BYTES};
 
-/// A task's data on this node: its training and local test samples.
-#[derive(Debug)]
-pub struct LocalTask {
-    pub name: String,
-    pub data: Dataset,
-    pub train: Vec<usize>,
-    pub test: Vec<usize>,
+use crate::{NodeError, NodeRuntime};
+
+/// The peer id of the node whose identity lives in `data_dir` (created
+/// there if it does not exist): what the aggregator's operator allows.
+pub fn peer_id_of(data_dir: &Path) -> Result<PeerId, NodeError> {
+    std::fs::create_dir_all(data_dir).map_err(NodeError::io(data_dir))?;
+    let identity = load_or_create_identity(&data_dir.join("identity.key"))?;
+    Ok(identity.public().to_peer_id())
 }
 
+/// A node ready to join its federation: settings checked, identity and
+/// state loaded, the aggregator's address and key known. [`Agent::run`]
+/// does the rest.
 pub struct Agent {
-    pub client: Client,
-    pub aggregator: PeerId,
+    cfg: NodeConfig,
+    identity: Keypair,
+    aggregator: PeerId,
+    address: Multiaddr,
+    runtime: NodeRuntime,
+    tasks: Vec<LocalTask>,
+    state_path: PathBuf,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("peer_id", &self.peer_id())
+            .field("federation", &self.runtime.federation)
+            .field("aggregator", &self.address)
+            .field("model", &self.runtime.model.name())
+            .field("tasks", &self.tasks.len())
+            .finish()
+    }
+}
+
+impl Agent {
+    /// A node as `cohort-node --config` makes it: the data of its
+    /// `[[tasks]]` ([`load_local_tasks`]) and the model `cfg.backbone` on
+    /// `cfg.backend` from `models` (`ModelRegistry::default()` holds the
+    /// built-ins; register your own there).
+    pub fn from_config(cfg: NodeConfig, models: &ModelRegistry) -> Result<Self, NodeError> {
+        cfg.validate()?;
+        let tasks = load_local_tasks(&cfg)?;
+        let model = models.build(&cfg.backbone, cfg.backend, task_specs(&tasks))?;
+        Self::new(cfg, model, tasks)
+    }
+
+    /// A node with a model and data the caller built (`cfg.tasks`,
+    /// `cfg.backbone` and `cfg.backend` are not read). The data is checked
+    /// against the model ([`check_tasks`]); the identity is created in
+    /// `cfg.data_dir` if needed and the persisted state loaded from there.
+    pub fn new(
+        mut cfg: NodeConfig,
+        model: SharedModel,
+        tasks: Vec<LocalTask>,
+    ) -> Result<Self, NodeError> {
+        cfg.check_settings()?;
+        check_tasks(model.as_ref(), &tasks)?;
+        let (addr, key) = cfg.aggregator()?;
+        let address: Multiaddr = addr
+            .parse()
+            .map_err(|_| NodeError::Config(format!("`{addr}` is not a multiaddr")))?;
+        let Some(Protocol::P2p(aggregator)) = address.iter().last() else {
+            return Err(NodeError::Config(format!(
+                "the aggregator's address must end in /p2p/<its peer id>: {address}"
+            )));
+        };
+        let key: SealPublicKey = key
+            .parse()
+            .map_err(|_| NodeError::Config(format!("`{key}` is not a sealing key")))?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(NodeError::io(&cfg.data_dir))?;
+        let identity = load_or_create_identity(&cfg.data_dir.join("identity.key"))?;
+        let peer_id = identity.public().to_peer_id();
+        let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), model, key);
+        runtime.limits = cfg.limits.clone();
+        let state_path = cfg.data_dir.join("state.bin");
+        runtime.state = load_state(&state_path, &runtime.model.layout())?;
+        Ok(Agent {
+            cfg,
+            identity,
+            aggregator,
+            address,
+            runtime,
+            tasks,
+            state_path,
+        })
+    }
+
+    /// This node's peer id (what the aggregator's allowlist names).
+    pub fn peer_id(&self) -> PeerId {
+        self.identity.public().to_peer_id()
+    }
+
+    /// The federation it joins (from the connect file when one was given).
+    pub fn federation(&self) -> &str {
+        &self.runtime.federation
+    }
+
+    /// The aggregator's address, as dialled.
+    pub fn aggregator(&self) -> &Multiaddr {
+        &self.address
+    }
+
+    /// The model this node trains.
+    pub fn model(&self) -> &SharedModel {
+        &self.runtime.model
+    }
+
+    /// Runs the node until the federation is over (`Ok`), or the aggregator
+    /// refuses it for good ([`NodeError::Refused`]), or its own machinery
+    /// fails. Network trouble is never an error: the node backs off and
+    /// reconnects. Needs a tokio runtime (multi-threaded: training runs on
+    /// its blocking pool).
+    pub async fn run(self) -> Result<(), NodeError> {
+        let Agent {
+            cfg,
+            identity,
+            aggregator,
+            address,
+            runtime,
+            tasks,
+            state_path,
+        } = self;
+        // A node talks to its aggregator only, and only asks: no other peer
+        // holds a connection, and no inbound request is accepted at all.
+        let swarm = build_swarm_with(identity, &cfg.net, Admission::client_of([aggregator]))?;
+        let (client, mut events, lp) = event_loop(swarm);
+        let net = tokio::spawn(lp.run());
+        // The loop reports connections (and would hand over requests): read
+        // them, so that nothing piles up whatever the aggregator does.
+        let drain = tokio::spawn(async move {
+            while let Some(e) = events.next().await {
+                match e {
+                    NetEvent::Connected(p) => debug!(peer = %p, "connected"),
+                    NetEvent::Disconnected(p) => debug!(peer = %p, "disconnected"),
+                    // Never happens (no inbound protocol); dropping the
+                    // channel is the answer.
+                    NetEvent::Request { peer, .. } => debug!(%peer, "inbound request dropped"),
+                    NetEvent::Listening(_) | NetEvent::InboundFailure { .. } => {}
+                }
+            }
+        });
+        let hello = Hello {
+            node: runtime.id.clone(),
+            tasks: tasks
+                .iter()
+                .map(|t| cohort_protocol::messages::TaskSamples {
+                    task: t.name.clone(),
+                    samples: t.train.len() as u64,
+                })
+                .collect(),
+            layout: runtime.model.layout().fingerprint(),
+            version: PROTOCOL_VERSION,
+        };
+        let session = Session {
+            client,
+            aggregator,
+            address,
+            federation: runtime.federation.clone(),
+            runtime: Some(runtime),
+            tasks: Arc::new(tasks),
+            state_path,
+            backoff: cfg.backoff.clone(),
+            hello,
+            request_timeout: Duration::from_secs(
+                cfg.net.request_timeout_s.max(1).saturating_add(30),
+            ),
+            registered: false,
+            held: None,
+            failures: 0,
+        };
+        let result = session.run().await;
+        net.abort();
+        drain.abort();
+        result
+    }
+}
+
+/// One run of the request loop over a live event loop.
+struct Session {
+    client: Client,
+    aggregator: PeerId,
     /// Its address: given to the event loop again before every hello,
     /// because libp2p forgets an address whose dial failed (an aggregator
     /// that is restarting).
-    pub address: Multiaddr,
-    pub federation: String,
-    pub runtime: Option<NodeRuntime>,
-    pub tasks: Arc<Vec<LocalTask>>,
-    pub state_path: PathBuf,
-    pub backoff: Backoff,
-    pub hello: Hello,
+    address: Multiaddr,
+    federation: String,
+    /// Away (`None`) while a round trains on the blocking pool.
+    runtime: Option<NodeRuntime>,
+    tasks: Arc<Vec<LocalTask>>,
+    state_path: PathBuf,
+    backoff: Backoff,
+    hello: Hello,
     /// Longest wait for any answer (beyond the transport's own request
     /// timeout, a guard against a loop that never answers).
-    pub request_timeout: Duration,
+    request_timeout: Duration,
     registered: bool,
     /// The global weights of the version held (for `have_version`).
     held: Option<(u64, ParamGroups)>,
@@ -64,11 +272,11 @@ enum StepError {
     /// An answer that does not check out (bad model bytes, wrong kind):
     /// logged, the cached model dropped, then like `Net`.
     BadAnswer(String),
-    Fatal(anyhow::Error),
+    Fatal(NodeError),
 }
 
-impl From<anyhow::Error> for StepError {
-    fn from(e: anyhow::Error) -> Self {
+impl From<NodeError> for StepError {
+    fn from(e: NodeError) -> Self {
         StepError::Fatal(e)
     }
 }
@@ -86,137 +294,10 @@ fn kind(r: &Response) -> &'static str {
     }
 }
 
-/// The aggregator will never take this node (not allowed, another
-/// federation, protocol version or model).
-#[derive(Debug)]
-pub struct RefusedForGood(pub Refusal);
-
-impl std::fmt::Display for RefusedForGood {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "refused by the aggregator ({:?}): {}",
-            self.0.code, self.0.message
-        )
-    }
-}
-
-impl std::error::Error for RefusedForGood {}
-
-/// Exit code when the aggregator refuses this node for good.
-pub const EXIT_REFUSED: i32 = 3;
-
-/// Loads the node's persisted state; a file that does not fit the model is
-/// an error (the operator decides, nothing is silently dropped).
-pub fn load_state(path: &std::path::Path, runtime: &NodeRuntime) -> anyhow::Result<NodeState> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(NodeState::default()),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let (state, _): (NodeState, usize) = bincode::serde::decode_from_slice(
-        &bytes,
-        bincode::config::standard().with_limit::<{ 1 << 32 }>(),
-    )
-    .map_err(|e| {
-        anyhow!(
-            "{}: not a node state file ({e}); move it aside to start afresh",
-            path.display()
-        )
-    })?;
-    let layout = runtime.model.layout();
-    for (name, values) in state.local.iter() {
-        match layout.group(name) {
-            Some(g) if g.len() == values.len() as u64 => {}
-            _ => anyhow::bail!(
-                "{}: group `{name}` does not fit this node's model; move the file aside to start afresh",
-                path.display()
-            ),
-        }
-    }
-    Ok(state)
-}
-
-/// Writes the state atomically and durably: a temporary file created with
-/// mode 0600 (local heads are private), fsynced, renamed over the old one,
-/// then the folder fsynced.
-pub fn save_state(path: &std::path::Path, state: &NodeState) -> anyhow::Result<()> {
-    use std::io::Write;
-    let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
-        .map_err(|e| anyhow!("encoding the node state: {e}"))?;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    #[cfg(unix)]
-    {
-        // A temporary file left by an older version may have other bits.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("chmod {}", tmp.display()))?;
-    }
-    f.write_all(&bytes)
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
-impl Agent {
-    pub fn new(
-        client: Client,
-        aggregator: PeerId,
-        address: Multiaddr,
-        runtime: NodeRuntime,
-        tasks: Vec<LocalTask>,
-        state_path: PathBuf,
-        backoff: Backoff,
-    ) -> Self {
-        let hello = Hello {
-            node: runtime.id.clone(),
-            tasks: tasks
-                .iter()
-                .map(|t| cohort_protocol::messages::TaskSamples {
-                    task: t.name.clone(),
-                    samples: t.train.len() as u64,
-                })
-                .collect(),
-            layout: runtime.model.layout().fingerprint(),
-            version: PROTOCOL_VERSION,
-        };
-        Agent {
-            client,
-            aggregator,
-            address,
-            federation: runtime.federation.clone(),
-            runtime: Some(runtime),
-            tasks: Arc::new(tasks),
-            state_path,
-            backoff,
-            hello,
-            request_timeout: Duration::from_secs(330),
-            registered: false,
-            held: None,
-            failures: 0,
-        }
-    }
-
+impl Session {
     /// Runs until the federation is over (Ok) or the aggregator refuses the
-    /// node for good (Err holding a [`RefusedForGood`]).
-    pub async fn run(mut self) -> anyhow::Result<()> {
+    /// node for good ([`NodeError::Refused`]).
+    async fn run(mut self) -> Result<(), NodeError> {
         loop {
             match self.step().await {
                 Ok(Flow::Continue) => self.failures = 0,
@@ -243,7 +324,7 @@ impl Agent {
                     RefusalCode::NotAllowed
                     | RefusalCode::VersionMismatch
                     | RefusalCode::LayoutMismatch
-                    | RefusalCode::WrongFederation => return Err(RefusedForGood(r).into()),
+                    | RefusalCode::WrongFederation => return Err(NodeError::Refused(r)),
                     RefusalCode::UnknownNode => self.registered = false,
                     code => {
                         // A late or refused update, a refused download: try
@@ -334,7 +415,7 @@ impl Agent {
     fn runtime(&self) -> Result<&NodeRuntime, StepError> {
         self.runtime
             .as_ref()
-            .ok_or_else(|| StepError::Fatal(anyhow!("training thread lost the runtime")))
+            .ok_or_else(|| StepError::Fatal(NodeError::Internal("training thread lost the runtime".into())))
     }
 
     /// The global weights of `version` for the groups this node needs:
@@ -398,7 +479,7 @@ impl Agent {
         let mut runtime = self
             .runtime
             .take()
-            .ok_or_else(|| StepError::Fatal(anyhow!("training thread lost the runtime")))?;
+            .ok_or_else(|| StepError::Fatal(NodeError::Internal("training thread lost the runtime".into())))?;
         let tasks = Arc::clone(&self.tasks);
         let plan2 = plan.clone();
         // Training is CPU work: off the async runtime, so that the event
@@ -416,7 +497,7 @@ impl Agent {
             (runtime, result)
         })
         .await
-        .map_err(|e| StepError::Fatal(anyhow!("training thread: {e}")))?;
+        .map_err(|e| StepError::Fatal(NodeError::Internal(format!("training thread: {e}"))))?;
         self.runtime = Some(runtime);
         // A plan or weights that break this node's limits, or training that
         // diverged on them: a refusal (back off, ask again), not an exit.
@@ -425,7 +506,7 @@ impl Agent {
             Err(e) if e.is_refusal() => {
                 return Err(StepError::BadAnswer(format!("round {}: {e}", plan.round)))
             }
-            Err(e) => return Err(StepError::Fatal(anyhow!("training: {e}"))),
+            Err(e) => return Err(StepError::Fatal(e)),
         };
         save_state(&self.state_path, &self.runtime()?.state)?;
         let bytes = output.update.sealed.len();
@@ -454,7 +535,7 @@ impl Agent {
             let m = rt
                 .model
                 .evaluate(&params, &t.name, &t.data, Some(&t.test))
-                .map_err(|e| StepError::Fatal(anyhow!("evaluation: {e}")))?;
+                .map_err(|e| StepError::Fatal(e.into()))?;
             println!(
                 "evaluation of version {version}: {} {:.1}% on {} local samples",
                 t.name,
@@ -484,37 +565,3 @@ impl Agent {
     }
 }
 
-#[cfg(test)]
-mod state_file_tests {
-    use super::*;
-
-    /// Before: `std::fs::write` (mode from the umask, usually 0644, no
-    /// fsync). After: 0600, also over an existing world-readable file.
-    #[cfg(unix)]
-    #[test]
-    fn state_file_is_private_and_complete() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = std::env::temp_dir().join(format!("cohort-state-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let path = dir.join("state.bin");
-        std::fs::write(&path, b"old").expect("old");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        std::fs::write(path.with_extension("tmp"), b"stale").expect("stale tmp");
-        std::fs::set_permissions(
-            path.with_extension("tmp"),
-            std::fs::Permissions::from_mode(0o666),
-        )
-        .expect("chmod");
-        let mut state = NodeState::default();
-        state.local.insert("head/x", vec![1.0, 2.0]);
-        save_state(&path, &state).expect("save");
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "mode {mode:o}");
-        assert!(!path.with_extension("tmp").exists());
-        let bytes = std::fs::read(&path).expect("read");
-        let (back, _): (NodeState, usize) =
-            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).expect("decode");
-        assert_eq!(back.local, state.local);
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-}

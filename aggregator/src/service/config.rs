@@ -5,16 +5,45 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use cohort_aggregator::{
-    w0_engine, w0_strategy, EngineConfig, Federation, GroupPolicy, StrategyConfig,
-};
 use cohort_protocol::transport::NetConfig;
 use cohort_tasks::Backend;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 
-/// What the aggregator reads of an experiment file. The sections that only
+use crate::{
+    w0_engine, w0_strategy, AggError, EngineConfig, Federation, GroupPolicy, StrategyConfig,
+};
+
+fn bad(msg: impl Into<String>) -> AggError {
+    AggError::Config(msg.into())
+}
+
+/// Settings files are small: anything beyond 1 MiB is not one.
+const MAX_SETTINGS_BYTES: u64 = 1 << 20;
+/// An allowlist of a million peer ids takes about 53 MB.
+const MAX_ALLOWLIST_BYTES: u64 = 128 << 20;
+
+pub(crate) fn read_small(path: &Path) -> Result<String, AggError> {
+    read_text(path, MAX_SETTINGS_BYTES)
+}
+
+fn read_text(path: &Path, max: u64) -> Result<String, AggError> {
+    use std::io::Read;
+    let io = |source| AggError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let mut text = String::new();
+    f.take(max + 1).read_to_string(&mut text).map_err(io)?;
+    if text.len() as u64 > max {
+        return Err(bad(format!("{}: larger than {max} bytes", path.display())));
+    }
+    Ok(text)
+}
+
+/// What the aggregator reads of an experiment file (e.g.
+/// `simulator/experiments/digits-net.toml`; [`FederationConfig::load`]). The sections that only
 /// a simulation has (`clients.data`, `faults`, `sharing`, `threads`,
 /// `output`, ...) are ignored, so one file drives `cohort-sim` and a real
 /// federation alike.
@@ -38,6 +67,8 @@ pub struct FederationConfig {
     pub eval: EvalConfig,
 }
 
+/// A `[[tasks]]` entry of the experiment file: `name`, and `dataset` or
+/// `classes` (see [`FederationConfig`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TaskConfig {
@@ -60,7 +91,7 @@ impl Default for TaskConfig {
     }
 }
 
-/// How many nodes take part.
+/// How many nodes take part (`[clients]`: `count = 3`, `per_round = 3`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Clients {
@@ -80,6 +111,8 @@ impl Default for Clients {
     }
 }
 
+/// When the global model is evaluated (`[eval]`: `central = true`,
+/// `every = 1`, `federated_every = 0`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct EvalConfig {
@@ -133,46 +166,48 @@ impl Default for FederationConfig {
 }
 
 impl FederationConfig {
-    pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading experiment file {}", path.display()))?;
+    /// Reads an experiment file (the sections only a simulation has are
+    /// ignored) and validates it.
+    pub fn load(path: &Path) -> Result<Self, AggError> {
+        let text = read_small(path)?;
         let cfg: FederationConfig =
-            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+            toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
+    /// Checks the settings; the error names the field.
+    pub fn validate(&self) -> Result<(), AggError> {
         if self.tasks.is_empty() {
-            bail!("at least one task is needed");
+            return Err(bad("at least one task is needed"));
         }
         let mut seen = BTreeSet::new();
         for t in &self.tasks {
             if t.name.is_empty() || t.name.contains('/') || !seen.insert(&t.name) {
-                bail!(
+                return Err(bad(format!(
                     "task names must be unique, non-empty, without `/` (`{}`)",
                     t.name
-                );
+                )));
             }
             if t.dataset.is_none() && t.classes.is_none() {
-                bail!("task `{}`: give a dataset or classes", t.name);
+                return Err(bad(format!("task `{}`: give a dataset or classes", t.name)));
             }
         }
         if self.clients.count == 0 || self.clients.per_round == 0 {
-            bail!("clients.count and clients.per_round must be at least 1");
+            return Err(bad("clients.count and clients.per_round must be at least 1"));
         }
         if self.clients.per_round > self.clients.count {
-            bail!("clients.per_round cannot exceed clients.count");
+            return Err(bad("clients.per_round cannot exceed clients.count"));
         }
         if self.rounds == 0 {
-            bail!("rounds must be at least 1");
+            return Err(bad("rounds must be at least 1"));
         }
         // The engine settings as the engine will get them: bad train or
         // codec settings stop the aggregator here, naming the field, instead
         // of failing every node at its first round.
         self.engine_config()
             .validate()
-            .context("in the [engine] section of the experiment")?;
+            .map_err(|e| bad(format!("in the [engine] section of the experiment: {e}")))?;
         Ok(())
     }
 
@@ -198,7 +233,7 @@ impl FederationConfig {
 }
 
 /// Deployment settings of `cohort-aggregator` (file `--config`, each field
-/// also a flag).
+/// also a flag); the [module docs](super) build one in code.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AggregatorConfig {
@@ -250,8 +285,17 @@ impl Default for AggregatorConfig {
     }
 }
 
-/// Who may join: `None` lets everyone in.
-pub fn allowlist(cfg: &AggregatorConfig) -> anyhow::Result<Option<BTreeSet<PeerId>>> {
+impl AggregatorConfig {
+    /// Reads a deployment file (TOML); unknown keys are errors.
+    pub fn load(path: &Path) -> Result<Self, AggError> {
+        let text = read_small(path)?;
+        toml::from_str(&text).map_err(|e| bad(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Who may join: `None` lets everyone in (`open`); otherwise the peer ids
+/// of `allow` and `allow_file`, each checked.
+pub fn allowlist(cfg: &AggregatorConfig) -> Result<Option<BTreeSet<PeerId>>, AggError> {
     if cfg.open {
         return Ok(None);
     }
@@ -261,8 +305,7 @@ pub fn allowlist(cfg: &AggregatorConfig) -> anyhow::Result<Option<BTreeSet<PeerI
         .map(|s| (s.clone(), "--allow".to_string()))
         .collect();
     if let Some(path) = &cfg.allow_file {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading allowlist {}", path.display()))?;
+        let text = read_text(path, MAX_ALLOWLIST_BYTES)?;
         for (i, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("").trim();
             if !line.is_empty() {
@@ -274,7 +317,7 @@ pub fn allowlist(cfg: &AggregatorConfig) -> anyhow::Result<Option<BTreeSet<PeerI
     for (id, from) in ids {
         let peer: PeerId = id
             .parse()
-            .with_context(|| format!("{from}: `{id}` is not a peer id"))?;
+            .map_err(|_| bad(format!("{from}: `{id}` is not a peer id")))?;
         out.insert(peer);
     }
     Ok(Some(out))

@@ -1,7 +1,40 @@
-//! The aggregator's service: owns the engine, answers the requests that the
-//! event loop hands over, runs rounds on the clock, evaluates, checkpoints.
-//! It never touches the Swarm: it talks to the event loop through a
-//! [`Client`].
+//! The aggregator's network driver: what `cohort-aggregator` runs, as a
+//! library type a program runs with its own model, strategy and evaluator.
+//!
+//! [`Aggregator`] is set up from the same two settings structs as the binary
+//! ([`AggregatorConfig`]: folder, addresses, access; [`FederationConfig`]:
+//! the experiment file) and a model. [`Aggregator::run`] locks the data
+//! folder, resumes from the newest checkpoint or starts from the initial
+//! weights, starts the event loop that owns the Swarm, and serves: the
+//! service task owns the [`Engine`], answers each request the event loop
+//! hands over (through a [`Client`], never touching the Swarm), runs rounds
+//! on the clock, writes a checkpoint per round, evaluates centrally on a
+//! blocking thread, asks nodes for federated evaluations, and appends one
+//! line per round to `metrics.jsonl`.
+//!
+//! ```no_run
+//! use cohort_aggregator::service::{Aggregator, AggregatorConfig, FederationConfig};
+//! use cohort_tasks::ModelRegistry;
+//!
+//! # async fn f() -> Result<(), cohort_aggregator::AggError> {
+//! let cfg = AggregatorConfig { open: true, ..AggregatorConfig::default() };
+//! let fed = FederationConfig::default(); // the embedded W0
+//! let aggregator = Aggregator::from_config(cfg, fed, &ModelRegistry::default())?;
+//! // .with_strategy(|| Box::new(MyStrategy::default())) for your own rule,
+//! // .with_evaluator(..) for your own central evaluation.
+//! aggregator.run().await // Ok after the last round (and the linger time)
+//! # }
+//! ```
+
+mod config;
+mod evaluate;
+mod setup;
+
+pub use setup::{build_model, Aggregator, StrategyFactory};
+pub use config::{
+    allowlist, AggregatorConfig, Clients, EvalConfig, FederationConfig, TaskConfig,
+};
+pub use evaluate::{CentralEvaluator, Score, TestSetEvaluator};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -10,8 +43,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use cohort_aggregator::{AggError, Engine, FailureReason, Mode, NodeInfo, RoundReport};
 use cohort_protocol::codec::{CodecConfig, HEADER_LEN};
 use cohort_protocol::messages::RoundPlan;
 use cohort_protocol::messages::{
@@ -23,7 +54,6 @@ use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair, MAX_SENDER_LE
 use cohort_protocol::transport::{Client, LogBudget, NetEvent};
 use cohort_protocol::PROTOCOL_VERSION;
 use cohort_protocol::{model_delta, Layout, ParamGroups};
-use cohort_tasks::{Dataset, SharedModel};
 use futures::channel::mpsc;
 use futures::StreamExt;
 use libp2p::request_response::ResponseChannel;
@@ -31,7 +61,7 @@ use libp2p::PeerId;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::config::{AggregatorConfig, FederationConfig};
+use crate::{AggError, Engine, FailureReason, Mode, NodeInfo, RoundReport};
 
 /// How long a node waits before asking again when there is nothing to do
 /// and its request could not be held.
@@ -89,15 +119,16 @@ struct Parked {
 /// metrics line is written when the evaluation is done.
 struct Closing {
     report: RoundReport,
-    eval: Option<tokio::task::JoinHandle<anyhow::Result<Vec<Score>>>>,
+    eval: Option<tokio::task::JoinHandle<Vec<Score>>>,
     wall_ms: u64,
 }
 
-pub struct Service {
+/// The task that owns the engine while the aggregator runs (built by
+/// [`Aggregator::run`]).
+struct Service {
     engine: Engine,
     fed: FederationConfig,
-    model: SharedModel,
-    tests: Arc<Vec<(String, Dataset)>>,
+    evaluator: Option<Arc<dyn CentralEvaluator>>,
     /// Rounds closed (checkpoint written) whose metrics line waits for
     /// their evaluation, oldest first; no round starts meanwhile.
     closing: VecDeque<Closing>,
@@ -176,13 +207,6 @@ struct RoundLine<'a> {
     closed_at_ms: u64,
 }
 
-#[derive(Serialize)]
-struct Score {
-    task: String,
-    accuracy: f32,
-    loss: f32,
-}
-
 fn refuse(code: RefusalCode, message: impl Into<String>) -> Response {
     Response::Refused(Refusal {
         code,
@@ -201,29 +225,26 @@ fn request_kind(r: &Request) -> &'static str {
 }
 
 /// What the service is made of; the settings come from [`AggregatorConfig`].
-pub struct Parts {
-    pub engine: Engine,
-    pub fed: FederationConfig,
-    pub model: SharedModel,
-    /// Central test sets, per task that has one.
-    pub tests: Vec<(String, Dataset)>,
-    pub keys: SealKeyPair,
-    pub allow: Option<BTreeSet<PeerId>>,
-    pub client: Client,
-    pub peer_id: PeerId,
+struct Parts {
+    engine: Engine,
+    fed: FederationConfig,
+    evaluator: Option<Arc<dyn CentralEvaluator>>,
+    keys: SealKeyPair,
+    allow: Option<BTreeSet<PeerId>>,
+    client: Client,
+    peer_id: PeerId,
     /// Shared with the codec: the service sets it from the round's plans.
-    pub submit_cap: SubmitCap,
-    pub control_limit: u64,
+    submit_cap: SubmitCap,
+    control_limit: u64,
 }
 
 impl Service {
     /// The service, after printing what node operators need.
-    pub fn new(parts: Parts, cfg: &AggregatorConfig) -> anyhow::Result<Self> {
+    fn new(parts: Parts, cfg: &AggregatorConfig) -> Result<Self, AggError> {
         let Parts {
             engine,
             fed,
-            model,
-            tests,
+            evaluator,
             keys,
             allow,
             client,
@@ -257,12 +278,14 @@ impl Service {
             .create(true)
             .append(true)
             .open(&metrics_path)
-            .with_context(|| format!("opening {}", metrics_path.display()))?;
+            .map_err(|source| AggError::Io {
+                path: metrics_path.clone(),
+                source,
+            })?;
         Ok(Service {
             engine,
             fed,
-            model,
-            tests: Arc::new(tests),
+            evaluator,
             closing: VecDeque::new(),
             close_delay: Duration::from_millis(
                 std::env::var("COHORT_DEBUG_CLOSE_DELAY_MS")
@@ -308,7 +331,7 @@ impl Service {
 
     /// Serves until the run is over (and the linger time has passed) or
     /// the event loop stops.
-    pub async fn run(mut self, mut events: mpsc::Receiver<NetEvent>) -> anyhow::Result<()> {
+    async fn run(mut self, mut events: mpsc::Receiver<NetEvent>) -> Result<(), AggError> {
         self.update_submit_cap();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -324,7 +347,7 @@ impl Service {
                             return Ok(());
                         }
                     }
-                    None => anyhow::bail!("the network event loop stopped"),
+                    None => return Err(AggError::Net("the network event loop stopped".into())),
                 },
                 _ = tick.tick() => {
                     if self.on_tick().await? {
@@ -337,7 +360,7 @@ impl Service {
     }
 
     /// Handles one event; true when the round state may have moved.
-    async fn on_event(&mut self, event: NetEvent) -> anyhow::Result<bool> {
+    async fn on_event(&mut self, event: NetEvent) -> Result<bool, AggError> {
         match event {
             NetEvent::Request {
                 peer,
@@ -388,11 +411,16 @@ impl Service {
         Ok(false)
     }
 
-    fn write_connect_file(&self) -> anyhow::Result<()> {
-        let text = toml::to_string_pretty(&self.connect)?;
+    fn write_connect_file(&self) -> Result<(), AggError> {
+        let text = toml::to_string_pretty(&self.connect)
+            .map_err(|e| AggError::Config(format!("connect file: {e}")))?;
         let tmp = self.connect_file.with_extension("tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &self.connect_file)?;
+        let io = |path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| AggError::Io { path, source }
+        };
+        std::fs::write(&tmp, text).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &self.connect_file).map_err(io(&self.connect_file))?;
         Ok(())
     }
 
@@ -812,17 +840,22 @@ impl Service {
         Response::Ack
     }
 
-    fn write_line<T: Serialize>(&mut self, line: &T) -> anyhow::Result<()> {
-        let mut text = serde_json::to_string(line)?;
+    fn write_line<T: Serialize>(&mut self, line: &T) -> Result<(), AggError> {
+        let mut text =
+            serde_json::to_string(line).map_err(|e| AggError::Config(format!("metrics: {e}")))?;
         text.push('\n');
-        self.metrics.write_all(text.as_bytes())?;
-        self.metrics.flush()?;
-        Ok(())
+        self.metrics
+            .write_all(text.as_bytes())
+            .and_then(|()| self.metrics.flush())
+            .map_err(|source| AggError::Io {
+                path: "metrics.jsonl".into(),
+                source,
+            })
     }
 
     /// Clock work: close the round at all-in or the deadline, start the
     /// next one. Returns true when the process should exit.
-    async fn on_tick(&mut self) -> anyhow::Result<bool> {
+    async fn on_tick(&mut self) -> Result<bool, AggError> {
         self.remember_version();
         let now = self.now_ms();
         // Enough nodes for the first round (async: for the first plans).
@@ -898,7 +931,7 @@ impl Service {
     /// thread that may block), the bookkeeping of the next round, and its
     /// central evaluation on a blocking thread; the metrics line follows in
     /// [`Service::finish_closing`] once the evaluation is done.
-    fn on_round_closed(&mut self, report: RoundReport) -> anyhow::Result<()> {
+    fn on_round_closed(&mut self, report: RoundReport) -> Result<(), AggError> {
         // The checkpoint before the metrics line and before the next round
         // starts: a crash loses at most the round in progress, and every
         // round in metrics.jsonl has its checkpoint. The engine cannot
@@ -926,30 +959,12 @@ impl Service {
         let eval_now = self.fed.eval.central
             && (report.round.is_multiple_of(self.fed.eval.every.max(1))
                 || self.engine.is_finished());
-        let eval = eval_now.then(|| {
-            let global = self.engine.global().clone();
-            let (model, tests, delay) = (self.model.clone(), Arc::clone(&self.tests), self.close_delay);
+        let eval = self.evaluator.as_ref().filter(|_| eval_now).map(|ev| {
+            let (ev, global, delay) = (Arc::clone(ev), self.engine.global().clone(), self.close_delay);
             let round = report.round;
             tokio::task::spawn_blocking(move || {
                 std::thread::sleep(delay);
-                let mut central = Vec::new();
-                for (task, test) in tests.iter() {
-                    let m = match model.evaluate(&global, task, test, None) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            // The round's checkpoint is written: an
-                            // evaluation error loses nothing.
-                            warn!(round, task = %task, error = %e, "central evaluation failed; the round is kept");
-                            continue;
-                        }
-                    };
-                    central.push(Score {
-                        task: task.clone(),
-                        accuracy: m.accuracy,
-                        loss: m.loss,
-                    });
-                }
-                Ok(central)
+                ev.evaluate(round, &global)
             })
         });
         let wall_ms = self
@@ -966,7 +981,7 @@ impl Service {
 
     /// Writes the metrics lines of closed rounds whose evaluation is done,
     /// in order; true when one was written.
-    async fn finish_closing(&mut self) -> anyhow::Result<bool> {
+    async fn finish_closing(&mut self) -> Result<bool, AggError> {
         let mut any = false;
         while let Some(c) = self.closing.front() {
             if c.eval.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -976,7 +991,11 @@ impl Service {
                 break;
             };
             let central = match c.eval {
-                Some(h) => h.await.context("the evaluation thread")??,
+                // A panicking evaluator loses its scores, not the round.
+                Some(h) => h.await.unwrap_or_else(|e| {
+                    warn!(round = c.report.round, %e, "central evaluation panicked");
+                    Vec::new()
+                }),
                 None => Vec::new(),
             };
             self.write_round(&c.report, central, c.wall_ms)?;
@@ -990,7 +1009,7 @@ impl Service {
         report: &RoundReport,
         central: Vec<Score>,
         wall_ms: u64,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), AggError> {
         let scores: Vec<String> = central
             .iter()
             .map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy))
