@@ -6,9 +6,10 @@
 //!   tensor, named and shaped as in the layout (PyTorch's `safetensors`
 //!   opens it);
 //! - `strategy.safetensors`: the strategy's tensors (e.g. `m/backbone`,
-//!   `v/backbone` for FedAdam), bit-exact;
-//! - `state.json`: round, version, strategy name and steps, the sampling RNG
-//!   (seed, stream, word position), the layout and a SHA-256 of the config;
+//!   `v/backbone` for FedAdam; a user's strategy names its own), bit-exact;
+//! - `state.json`: round, version, the strategy's name, steps, scalars and
+//!   opaque JSON data, the sampling RNG (seed, stream, word position), the
+//!   layout and a SHA-256 of the config;
 //! - `checksums.json` (written last): the SHA-256 of each of the three
 //!   files above.
 //!
@@ -27,7 +28,19 @@
 //! mode, plans outstanding and the partly filled buffer.
 //!
 //! Files are read as hostile input: sizes are bounded before reading, every
-//! tensor's dtype, shape and length is checked.
+//! weight tensor's dtype, shape and length is checked.
+//!
+//! The strategy's state is checked without knowing the strategy, at save
+//! and at load alike ([`check_strategy_state`]): tensor and scalar names of
+//! 1..=[`MAX_STATE_NAME_LEN`] bytes of `[A-Za-z0-9_./:-]`, F32 tensors, all
+//! values finite, at most [`MAX_STATE_TENSORS_FACTOR`] times the model's
+//! parameters in all tensors together (and `strategy.safetensors` is
+//! bounded by that before it is read), at most [`MAX_STATE_SCALARS`]
+//! scalars. No naming rule is imposed: the strategy's
+//! [`Strategy::restore`] gets the checkpoint's layout and checks its
+//! tensors' shapes itself (the built-in strategies accept only `m/<group>`
+//! and `v/<group>` of their group's length). Any failure is an
+//! [`AggError`] and the checkpoint is skipped as damaged.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -42,7 +55,9 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::strategy::{Strategy, StrategyState};
+use crate::strategy::{
+    Strategy, StrategyState, MAX_STATE_NAME_LEN, MAX_STATE_SCALARS, MAX_STATE_TENSORS_FACTOR,
+};
 use crate::{AggError, Engine, EngineConfig};
 
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
@@ -396,11 +411,88 @@ fn first_non_finite<'a>(
     None
 }
 
+/// Strategy tensors at most, whatever the model (a model of few groups may
+/// still carry a strategy of many small tensors).
+const MIN_MAX_STATE_TENSORS: usize = 1024;
+
+/// A strategy state that a checkpoint can hold, for a model of `params`
+/// parameters in `groups` groups (see the module docs): names, count and
+/// total size of the tensors, finite values, scalars.
+pub fn check_strategy_state(
+    state: &StrategyState,
+    params: u64,
+    groups: usize,
+) -> Result<(), AggError> {
+    fn check_name(kind: &str, name: &str) -> Result<(), AggError> {
+        let ok = !name.is_empty()
+            && name.len() <= MAX_STATE_NAME_LEN
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_./:-".contains(&b));
+        if ok {
+            Ok(())
+        } else {
+            Err(AggError::Checkpoint(format!(
+                "strategy {kind} name {:?} is not 1..={MAX_STATE_NAME_LEN} bytes of [A-Za-z0-9_./:-]",
+                name.chars().take(MAX_STATE_NAME_LEN + 1).collect::<String>()
+            )))
+        }
+    }
+    let max_tensors = MIN_MAX_STATE_TENSORS.max(groups.saturating_mul(4));
+    if state.tensors.len() > max_tensors {
+        return Err(AggError::Checkpoint(format!(
+            "strategy state holds {} tensors, over the limit of {max_tensors}",
+            state.tensors.len()
+        )));
+    }
+    let limit = params.saturating_mul(MAX_STATE_TENSORS_FACTOR);
+    let mut total = 0u64;
+    for (name, t) in &state.tensors {
+        check_name("tensor", name)?;
+        total = total.saturating_add(t.len() as u64);
+        if let Some(i) = t.iter().position(|v| !v.is_finite()) {
+            return Err(AggError::Checkpoint(format!(
+                "strategy tensor `{name}`[{i}] is not finite"
+            )));
+        }
+    }
+    if total > limit {
+        return Err(AggError::Checkpoint(format!(
+            "strategy tensors hold {total} values, over {MAX_STATE_TENSORS_FACTOR} x the \
+             model's {params} parameters"
+        )));
+    }
+    if state.scalars.len() > MAX_STATE_SCALARS {
+        return Err(AggError::Checkpoint(format!(
+            "strategy state holds {} scalars, over the limit of {MAX_STATE_SCALARS}",
+            state.scalars.len()
+        )));
+    }
+    for (name, v) in &state.scalars {
+        check_name("scalar", name)?;
+        if !v.is_finite() {
+            return Err(AggError::Checkpoint(format!(
+                "strategy scalar `{name}` is not finite"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Writes a checkpoint of the current state into `dir/round-NNNNNN/`
     /// (temp folder + rename) and returns its path. Sync mode: only between
-    /// rounds (after `poll` returned the report).
+    /// rounds (after `poll` returned the report). The same as
+    /// `self.checkpoint()?.write(dir)`.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<PathBuf, AggError> {
+        self.checkpoint()?.write(dir)
+    }
+
+    /// The checkpoint of the current state, encoded in memory and checked
+    /// (finite, a strategy state a resume accepts), ready to be written by
+    /// [`Checkpoint::write`] on another thread: the engine need not wait
+    /// for the disk.
+    pub fn checkpoint(&self) -> Result<Checkpoint, AggError> {
         if self.round_open() {
             return Err(AggError::RoundOpen(self.round));
         }
@@ -421,6 +513,60 @@ impl Engine {
                 "refusing to save a non-finite strategy state: `{t}`[{i}]"
             )));
         }
+        // Never save a strategy state that a resume would refuse.
+        check_strategy_state(
+            &strategy,
+            self.layout.num_params(),
+            self.layout.groups.len(),
+        )?;
+        let weights = weights_to_safetensors(&self.layout, &self.global)?;
+        let strat = tensors_to_safetensors(&strategy.tensors)?;
+        let state = SavedState {
+            format: FORMAT,
+            federation: self.cfg.federation.clone(),
+            round: self.round,
+            version: self.version,
+            strategy,
+            rng_seed: hex(&self.rng.get_seed()),
+            rng_stream: self.rng.get_stream(),
+            rng_word_pos: self.rng.get_word_pos().to_string(),
+            config_hash: config_hash(&self.cfg)?,
+            layout: self.layout.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&state)
+            .map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
+        Ok(Checkpoint {
+            round: self.round,
+            version: self.version,
+            weights,
+            strategy: strat,
+            state: json,
+        })
+    }
+}
+
+/// A checkpoint encoded in memory by [`Engine::checkpoint`]; [`Checkpoint::write`]
+/// puts it on disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    round: u64,
+    version: u64,
+    weights: Vec<u8>,
+    strategy: Vec<u8>,
+    state: Vec<u8>,
+}
+
+impl Checkpoint {
+    /// The round it is the end of.
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Writes it into `dir/round-NNNNNN/`: every file fsynced in a
+    /// temporary folder with its SHA-256 in `checksums.json`, the folder
+    /// renamed into place, the rename fsynced. Returns the folder.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf, AggError> {
+        let (weights, strat, json) = (&self.weights, &self.strategy, &self.state);
         fs::create_dir_all(dir).map_err(io(dir))?;
         let name = round_dir_name(self.round);
         let tmp = dir.join(format!(".tmp-{name}"));
@@ -428,25 +574,9 @@ impl Engine {
             fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
         }
         fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let state = SavedState {
-            format: FORMAT,
-            federation: self.cfg.federation.clone(),
-            round: self.round,
-            version: self.version,
-            strategy: strategy.clone(),
-            rng_seed: hex(&self.rng.get_seed()),
-            rng_stream: self.rng.get_stream(),
-            rng_word_pos: self.rng.get_word_pos().to_string(),
-            config_hash: config_hash(&self.cfg)?,
-            layout: self.layout.clone(),
-        };
-        let weights = weights_to_safetensors(&self.layout, &self.global)?;
-        write_synced(&tmp.join(WEIGHTS_FILE), &weights)?;
-        let strat = tensors_to_safetensors(&strategy.tensors)?;
-        write_synced(&tmp.join(STRATEGY_FILE), &strat)?;
-        let json = serde_json::to_vec_pretty(&state)
-            .map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
-        write_synced(&tmp.join(STATE_FILE), &json)?;
+        write_synced(&tmp.join(WEIGHTS_FILE), weights)?;
+        write_synced(&tmp.join(STRATEGY_FILE), strat)?;
+        write_synced(&tmp.join(STATE_FILE), json)?;
         let sums: BTreeMap<String, String> = [
             (WEIGHTS_FILE, &weights[..]),
             (STRATEGY_FILE, &strat[..]),
@@ -483,6 +613,9 @@ impl Engine {
         info!(round = self.round, version = self.version, path = %dest.display(), "checkpoint written");
         Ok(dest)
     }
+}
+
+impl Engine {
 
     /// Resumes from the newest good checkpoint in `dir` (`None` if there
     /// is none). The config must hash like the one that wrote it (`rounds`
@@ -503,7 +636,7 @@ impl Engine {
         let blank = strategy.state();
         let mut newest_error = None;
         for (round, path) in &found {
-            match Self::load_checked(path, &cfg, strategy.as_mut()) {
+            match Self::load_checked(path, &cfg, strategy.as_mut(), &blank) {
                 Ok((global, state, rng)) => {
                     if newest_error.is_some() {
                         error!(
@@ -521,7 +654,6 @@ impl Engine {
                         error = %e,
                         "CHECKPOINT DAMAGED OR UNUSABLE: skipped, trying the previous one"
                     );
-                    strategy.restore(blank.clone())?;
                     newest_error.get_or_insert(e);
                 }
             }
@@ -538,7 +670,8 @@ impl Engine {
         cfg: EngineConfig,
         mut strategy: Box<dyn Strategy>,
     ) -> Result<Self, AggError> {
-        let (global, state, rng) = Self::load_checked(path, &cfg, strategy.as_mut())?;
+        let blank = strategy.state();
+        let (global, state, rng) = Self::load_checked(path, &cfg, strategy.as_mut(), &blank)?;
         Self::assemble(path, cfg, strategy, global, state, rng)
     }
 
@@ -550,18 +683,20 @@ impl Engine {
         state: SavedState,
         rng: ChaCha8Rng,
     ) -> Result<Self, AggError> {
-        let mut engine = Engine::new(cfg, state.layout, global.clone(), strategy)?;
+        let mut engine = Engine::build(cfg, state.layout, global.clone(), strategy)?;
         engine.restore_parts(global, state.round, state.version, rng);
         info!(round = state.round, version = state.version, path = %path.display(), "resumed");
         Ok(engine)
     }
 
     /// Reads and checks one checkpoint folder, restoring the strategy's
-    /// state into `strategy`.
+    /// state into `strategy` (last: when its `restore` refuses, `blank` is
+    /// restored before the error is returned).
     fn load_checked(
         path: &Path,
         cfg: &EngineConfig,
         strategy: &mut dyn Strategy,
+        blank: &StrategyState,
     ) -> Result<(ParamGroups, SavedState, ChaCha8Rng), AggError> {
         let sums: Option<BTreeMap<String, String>> =
             match read_bounded(&path.join(CHECKSUMS_FILE), MAX_CHECKSUMS_BYTES) {
@@ -620,33 +755,14 @@ impl Engine {
                 "{WEIGHTS_FILE}: `{g}`[{i}] is not finite"
             )));
         }
-        let strat_bytes = read_bounded(
-            &path.join(STRATEGY_FILE),
-            params.saturating_mul(8).saturating_add(HEADER_SLACK),
-        )?;
+        let strat_limit = params
+            .saturating_mul(4 * MAX_STATE_TENSORS_FACTOR)
+            .saturating_add(HEADER_SLACK);
+        let strat_bytes = read_bounded(&path.join(STRATEGY_FILE), strat_limit)?;
         verify(sums.as_ref(), STRATEGY_FILE, &strat_bytes)?;
         let mut strat_state = state.strategy.clone();
         strat_state.tensors = tensors_from_safetensors(&strat_bytes)?;
-        if let Some((t, i)) = first_non_finite(
-            strat_state
-                .tensors
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_slice())),
-        ) {
-            return Err(AggError::Checkpoint(format!(
-                "{STRATEGY_FILE}: `{t}`[{i}] is not finite"
-            )));
-        }
-        for (name, t) in &strat_state.tensors {
-            let group = name.split_once('/').map(|(_, g)| g).unwrap_or("");
-            let expected = state.layout.group(group).map(|g| g.len());
-            if expected != Some(t.len() as u64) {
-                return Err(AggError::Checkpoint(format!(
-                    "strategy tensor `{name}` does not fit the layout"
-                )));
-            }
-        }
-        strategy.restore(strat_state)?;
+        check_strategy_state(&strat_state, params, state.layout.groups.len())?;
         let seed =
             unhex32(&state.rng_seed).ok_or_else(|| AggError::Checkpoint("bad rng seed".into()))?;
         let word_pos: u128 = state
@@ -656,6 +772,14 @@ impl Engine {
         let mut rng = ChaCha8Rng::from_seed(seed);
         rng.set_stream(state.rng_stream);
         rng.set_word_pos(word_pos);
+        // Last, so that nothing after it can fail: a strategy whose restore
+        // refused is put back in its blank state.
+        if let Err(e) = strategy.restore(strat_state, &state.layout) {
+            if let Err(again) = strategy.restore(blank.clone(), &state.layout) {
+                warn!(error = %again, "the strategy refused its own blank state too");
+            }
+            return Err(e);
+        }
         Ok((global, state, rng))
     }
 }

@@ -6,8 +6,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use cohort_protocol::codec::{decode_accumulate, decoded_len};
-use cohort_protocol::messages::{unpack_groups, NodeId, RefusalCode, RoundPlan, UpdateHeader};
-use cohort_protocol::{head_group, task_of_group, Fingerprint, Layout, ParamGroups, BACKBONE};
+use cohort_protocol::messages::{
+    unpack_groups, EvalReport, NodeId, RefusalCode, RoundPlan, UpdateHeader,
+};
+use cohort_protocol::{
+    head_group, mix_seed, task_of_group, Fingerprint, Layout, ParamGroups, BACKBONE,
+};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -15,13 +19,16 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::config::{EngineConfig, GroupPolicy, Mode};
-use crate::strategy::{Collect, Metrics, Strategy};
+use crate::strategy::{AggregateInput, ClientResult, Collect, Metrics, Strategy};
 use crate::AggError;
 
 /// Longest node id the engine accepts.
 pub const MAX_NODE_ID_LEN: usize = 256;
 /// Refusals kept for one report; beyond it they are only counted.
 pub const MAX_REFUSALS_KEPT: usize = 1024;
+/// Salt of the federated-evaluation stream (see
+/// [`Engine::configure_evaluate`]).
+const EVAL_SALT: u64 = 0xE7A1;
 
 /// A node's hello, as the engine needs it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -139,6 +146,8 @@ pub(crate) struct NodeEntry {
 #[derive(Debug)]
 struct Held {
     weight: f64,
+    /// Index of its [`ClientResult`] in the round's results.
+    result: usize,
     /// The delta, already scaled (clipping, staleness discount).
     delta: Vec<f32>,
 }
@@ -171,6 +180,8 @@ struct Collecting {
     groups: BTreeMap<String, GroupAcc>,
     retained_bytes: u64,
     accepted: Vec<NodeId>,
+    /// One per accepted update, in submission order.
+    results: Vec<ClientResult>,
     staleness_sum: u64,
     failures: Vec<(NodeId, FailureReason)>,
     refused: Vec<(NodeId, Refusal)>,
@@ -243,8 +254,39 @@ impl fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// A new engine at version 0, round 0.
+    /// A new engine at version 0, round 0, on `initial` weights or on the
+    /// ones the strategy's [`Strategy::initial_parameters`] gives instead
+    /// (checked against `layout`: every group, its length, finite values;
+    /// [`AggError::Strategy`] otherwise). [`Engine::resume`] does not call
+    /// that hook: it takes the checkpoint's weights.
     pub fn new(
+        cfg: EngineConfig,
+        layout: Layout,
+        initial: ParamGroups,
+        mut strategy: Box<dyn Strategy>,
+    ) -> Result<Self, AggError> {
+        let initial = match strategy.initial_parameters(&layout, &initial) {
+            None => initial,
+            Some(own) => {
+                let bad = |message: String| AggError::Strategy {
+                    strategy: strategy.name().to_string(),
+                    message: format!("initial parameters: {message}"),
+                };
+                layout.check(&own).map_err(|e| bad(e.to_string()))?;
+                if let Some((g, i)) = own
+                    .iter()
+                    .find_map(|(g, w)| w.iter().position(|v| !v.is_finite()).map(|i| (g, i)))
+                {
+                    return Err(bad(format!("`{g}`[{i}] is not finite")));
+                }
+                own
+            }
+        };
+        Self::build(cfg, layout, initial, strategy)
+    }
+
+    /// [`Engine::new`] without the strategy's initial parameters (resume).
+    pub(crate) fn build(
         cfg: EngineConfig,
         layout: Layout,
         initial: ParamGroups,
@@ -968,6 +1010,45 @@ impl Engine {
         // the discount multiplies the delta, the examples weight it, so the
         // mean is sum(n_i s_i d_i) / sum(n_i).
         let scale = clip * discount;
+        // What the strategy sees of this update; it may reweight it (a
+        // strategy method taking `&self`: a refusal still changes nothing).
+        let steps: u64 = h
+            .metrics
+            .iter()
+            .map(|m| m.steps)
+            .fold(0, u64::saturating_add);
+        let mut result = ClientResult {
+            node: h.node.clone(),
+            round: plan.round,
+            base_version: h.base_version,
+            num_examples: h.num_examples,
+            weights: h
+                .groups
+                .iter()
+                .cloned()
+                .zip(weights.iter().copied())
+                .collect(),
+            metrics: h.metrics.clone(),
+            steps: (steps > 0).then_some(steps),
+            norm,
+            clip_scale: clip,
+            staleness,
+            discount,
+        };
+        for (g, w) in h.groups.iter().zip(weights.iter_mut()) {
+            let own = self.strategy.update_weight(g, &result, *w);
+            if !(own > 0.0 && own.is_finite()) {
+                return Err(Refusal::new(
+                    C::BadWeight,
+                    format!("`{g}`: the strategy gave the weight {own}"),
+                ));
+            }
+            *w = own;
+        }
+        for (g, &w) in h.groups.iter().zip(&weights) {
+            result.weights.insert(g.clone(), w);
+        }
+        let result_index = self.collecting.results.len();
         // Accepted: commit.
         let round = plan.round;
         let bytes: u64 = encoded.iter().map(|b| b.len() as u64).sum();
@@ -1022,6 +1103,7 @@ impl Engine {
                     let into_sum = if held.len() < hold {
                         held.push(Held {
                             weight: w,
+                            result: result_index,
                             delta: scaled(),
                         });
                         None
@@ -1038,12 +1120,14 @@ impl Engine {
                                 &mut held[lightest],
                                 Held {
                                     weight: w,
+                                    result: result_index,
                                     delta: scaled(),
                                 },
                             ))
                         } else {
                             Some(Held {
                                 weight: w,
+                                result: result_index,
                                 delta: scaled(),
                             })
                         }
@@ -1069,6 +1153,7 @@ impl Engine {
             }
         }
         self.collecting.accepted.push(h.node.clone());
+        self.collecting.results.push(result);
         self.collecting.bytes += bytes;
         self.collecting.staleness_sum += staleness;
         debug!(node = %h.node, round, staleness, "update accepted");
@@ -1108,6 +1193,7 @@ impl Engine {
         quorum_met: bool,
     ) -> RoundReport {
         let collecting = std::mem::take(&mut self.collecting);
+        let mut results = collecting.results;
         let mut report = RoundReport {
             round,
             version: self.version,
@@ -1136,10 +1222,22 @@ impl Engine {
                     count,
                     held,
                 } => {
-                    let Some(delta) = capped_mean(sum, weight, &held, self.cfg.max_weight_share)
+                    let Some((delta, cap)) =
+                        capped_mean(sum, weight, &held, self.cfg.max_weight_share)
                     else {
                         continue;
                     };
+                    // The weights the held updates were combined with.
+                    if let Some(c) = cap {
+                        for h in &held {
+                            if let Some(w) = results
+                                .get_mut(h.result)
+                                .and_then(|r| r.weights.get_mut(&g))
+                            {
+                                *w = w.min(c);
+                            }
+                        }
+                    }
                     (delta, count)
                 }
                 GroupAcc::Retain { deltas, weights } => {
@@ -1174,12 +1272,14 @@ impl Engine {
             for (g, w) in &saved_weights {
                 engine.global.insert(g, w.clone());
             }
-            engine.strategy.restore(saved_strategy.clone())
+            engine
+                .strategy
+                .restore(saved_strategy.clone(), &engine.layout)
         };
-        if let Err(e) =
-            self.strategy
-                .aggregate(round, &combined, &mut self.global, &report.failures)
-        {
+        let input = AggregateInput::new(round, &combined)
+            .with_results(&results)
+            .with_failures(&report.failures);
+        if let Err(e) = self.strategy.aggregate(&input, &mut self.global) {
             warn!(error = %e, round, "strategy failed to aggregate; model unchanged this round");
             if let Err(e) = restore(self) {
                 warn!(error = %e, round, "could not restore the strategy state");
@@ -1280,6 +1380,55 @@ impl Engine {
         }
     }
 
+    /// Federated evaluation after `round`: the registered nodes (in order)
+    /// the strategy picks with [`Strategy::configure_evaluate`] (default:
+    /// all). Its generator is a stream of its own, ChaCha8 seeded with
+    /// `mix_seed(seed ^ 0xE7A1, round)`: a function of the seed and the
+    /// round only, so evaluating (or not, or twice) never changes the
+    /// sampling of training rounds, and a resumed engine picks the same
+    /// nodes.
+    pub fn configure_evaluate(&mut self, round: u64) -> Vec<NodeId> {
+        let available: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.cfg.seed ^ EVAL_SALT, round));
+        self.strategy
+            .configure_evaluate(round, &available, &mut rng)
+    }
+
+    /// Federated evaluation of `round`: hands the nodes' reports and the
+    /// nodes that did not report to [`Strategy::aggregate_evaluate`].
+    /// Reports are peer input, so the engine passes on only the first
+    /// report of each registered node, and of it only the task entries
+    /// with a finite loss, an accuracy in `[0, 1]` and at least one sample,
+    /// their samples capped by `max_samples_per_node`.
+    pub fn aggregate_evaluate(
+        &mut self,
+        round: u64,
+        results: &[EvalReport],
+        failures: &[(NodeId, FailureReason)],
+    ) -> Option<Metrics> {
+        let mut seen = BTreeSet::new();
+        let cap = self.cfg.max_samples_per_node;
+        let clean: Vec<EvalReport> = results
+            .iter()
+            .filter(|r| self.nodes.contains_key(&r.node) && seen.insert(r.node.as_str()))
+            .map(|r| EvalReport {
+                metrics: r
+                    .metrics
+                    .iter()
+                    .filter(|m| {
+                        m.samples > 0 && m.loss.is_finite() && (0.0..=1.0).contains(&m.accuracy)
+                    })
+                    .map(|m| cohort_protocol::messages::EvalMetrics {
+                        samples: m.samples.min(cap),
+                        ..m.clone()
+                    })
+                    .collect(),
+                ..r.clone()
+            })
+            .collect();
+        self.strategy.aggregate_evaluate(round, &clean, failures)
+    }
+
     /// What a node downloads: the named groups of the global model (unknown
     /// names are skipped). Local groups keep their initial values, which a
     /// new node may start its personal head from.
@@ -1351,8 +1500,14 @@ fn weight_cap(streamed: f64, held: &[f64], share: f64) -> Option<f64> {
 }
 
 /// The weighted mean of a streamed group with the share cap applied to its
-/// held updates; None when the total weight is not positive.
-fn capped_mean(sum: Vec<f32>, streamed: f64, held: &[Held], share: f64) -> Option<Vec<f32>> {
+/// held updates, and the cap if one applied; None when the total weight is
+/// not positive.
+fn capped_mean(
+    sum: Vec<f32>,
+    streamed: f64,
+    held: &[Held],
+    share: f64,
+) -> Option<(Vec<f32>, Option<f64>)> {
     let weights: Vec<f64> = held.iter().map(|h| h.weight).collect();
     let cap = weight_cap(streamed, &weights, share);
     let capped: Vec<f64> = weights
@@ -1364,16 +1519,17 @@ fn capped_mean(sum: Vec<f32>, streamed: f64, held: &[Held], share: f64) -> Optio
         return None;
     }
     if held.is_empty() {
-        return Some(
+        return Some((
             sum.into_iter()
                 .map(|s| (f64::from(s) / total) as f32)
                 .collect(),
-        );
+            None,
+        ));
     }
     if let Some(c) = cap {
         debug!(cap = c, "weight share capped");
     }
-    Some(
+    Some((
         sum.iter()
             .enumerate()
             .map(|(i, &s)| {
@@ -1384,7 +1540,8 @@ fn capped_mean(sum: Vec<f32>, streamed: f64, held: &[Held], share: f64) -> Optio
                 (acc / total) as f32
             })
             .collect(),
-    )
+        cap,
+    ))
 }
 
 /// Sum of squares in f64, in 8 independent lanes so that the compiler can

@@ -6,8 +6,20 @@
 //!
 //! # Calling sequence
 //!
+//! Any [`Strategy`] drives the engine: a built-in one
+//! ([`strategy_from_config`]) or a program's own (`Box::new(MyStrategy)`,
+//! see `examples/own-model/src/strategy.rs`); the engine sees only the
+//! trait. The strategy is handed over once, at construction:
+//!
 //! ```text
-//! let mut e = Engine::new(cfg, layout, initial, strategy_from_config(&scfg))?;   // or Engine::resume(dir, cfg, strategy)?
+//! // Start: Engine::new calls strategy.initial_parameters(&layout, &initial) once
+//! // (checked against the layout); a restart resumes instead, with a fresh strategy
+//! // value whose restore(state, &layout) the checkpoint calls (never initial_parameters):
+//! let mut e = match Engine::resume(dir, cfg.clone(), make_strategy())? {
+//!     Some(e) => e,                                           // newest good checkpoint
+//!     None => Engine::new(cfg, layout, initial, make_strategy())?,
+//! };
+//! e.check_layout(&model_layout)?;                             // after a resume: same model?
 //! e.register(NodeInfo { id, tasks, fingerprint })?;           // hello; sub-layout fingerprint checked
 //! // synchronous rounds
 //! let plans = e.start_round(now)?;                            // sample + one RoundPlan per node
@@ -16,9 +28,31 @@
 //!   -> Ok(SubmitOutcome) | Err(Refusal { code, message })    // refusals change nothing
 //! e.fail(node, FailureReason::Dropout); e.unregister(node);   // what the transport saw
 //! if let Some(report) = e.poll(now) { e.save_checkpoint(dir)?; }   // closes at all-in or at the deadline
+//! //   closing calls strategy.aggregate(&AggregateInput { round, combined, results, failures }, &mut global)
+//! // federated evaluation after a round (optional):
+//! let asked = e.configure_evaluate(round);                    // strategy.configure_evaluate (default: all)
+//! //   send Evaluate to `asked`, collect EvalReports (and who did not answer)
+//! let metrics = e.aggregate_evaluate(round, &reports, &failures);   // sanitized, then strategy.aggregate_evaluate
 //! // asynchronous (FedBuff): no start_round; e.plan_for(node, now) on request,
 //! // submit as above; the model steps every K accepted updates; poll hands out the reports.
 //! ```
+//!
+//! # Strategies
+//!
+//! [`Strategy`] follows Flower's: `initial_parameters`, `configure` (pick
+//! nodes and their [`TrainConfig`](cohort_protocol::messages::TrainConfig);
+//! randomness only from the `&mut dyn RngCore` the engine passes, its own
+//! checkpointed ChaCha8), `update_weight` (per update and group, e.g.
+//! FedNova's `examples / steps`), `combine` (robust strategies), `aggregate`
+//! (the server step, with an [`AggregateInput`]: the combined deltas, one
+//! [`ClientResult`] per accepted update (node, claimed examples, the weight
+//! it was combined with, its header's training metrics, local steps, L2
+//! norm before clipping, clip factor, staleness, discount) and the
+//! failures), `configure_evaluate` / `aggregate_evaluate` (federated
+//! evaluation; default: all nodes, sample-weighted means per task), and
+//! `state` / `restore` ([`StrategyState`]: steps, free-named tensors,
+//! scalars, opaque JSON), which the checkpoints store without a naming
+//! rule (see [`checkpoint`] for the bounds they check).
 //!
 //! # Decisions
 //! - Weights: the backbone by `header.num_examples`, `head/<t>` by the
@@ -55,7 +89,9 @@
 //!   `max_staleness` it is refused.
 //! - Sampling uses ChaCha8 seeded from `cfg.seed`; its position is saved in
 //!   checkpoints, so a resumed engine (with the same nodes registered)
-//!   samples and steps bit-identically.
+//!   samples and steps bit-identically. Federated evaluation draws from a
+//!   separate stream derived from the seed and the round
+//!   ([`Engine::configure_evaluate`]), so it never shifts training sampling.
 //! - A sync round closes when every sampled node is accepted or failed, or at
 //!   the deadline (unanswered nodes become `Timeout`, or `Refused(code)` if
 //!   their updates were refused). Below quorum the model does not move, and
@@ -82,7 +118,8 @@ pub use engine::{
 pub use error::AggError;
 pub use experiment::Federation;
 pub use strategy::{
-    server_strategy, strategy_from_config, AdaptiveParams, Collect, Combiner, KrumParams, Metrics,
+    default_configure, server_strategy, strategy_from_config, weighted_eval_metrics,
+    AdaptiveParams, AggregateInput, ClientResult, Collect, Combiner, KrumParams, Metrics,
     MomentumParams, ProxParams, ServerOpt, ServerStrategy, Strategy, StrategyConfig, StrategyKind,
-    StrategyState, TrimParams,
+    StrategyState, TrimParams, MAX_STATE_NAME_LEN, MAX_STATE_SCALARS, MAX_STATE_TENSORS_FACTOR,
 };

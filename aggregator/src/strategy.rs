@@ -1,7 +1,17 @@
-//! Strategies, in the spirit of Flower's: a strategy picks the nodes of a
-//! round and their training settings (`configure`), combines the accepted
-//! updates of each group (`combine`, or a streamed weighted mean), steps the
-//! global model with a server optimizer (`aggregate`) and may evaluate it.
+//! Strategies, in the spirit of Flower's: a strategy may propose the initial
+//! parameters (`initial_parameters`), picks the nodes of a round and their
+//! training settings (`configure`), may reweight each accepted update
+//! (`update_weight`), combines the accepted updates of each group
+//! (`combine`, or a streamed weighted mean), steps the global model with a
+//! server optimizer (`aggregate`, which also sees the per-client results and
+//! the failures of the round), and configures and aggregates federated
+//! evaluation (`configure_evaluate`, `aggregate_evaluate`). Its state
+//! (`state` / `restore`) goes into the checkpoints.
+//!
+//! A strategy can live outside this crate: implement [`Strategy`] and hand a
+//! `Box<dyn Strategy>` to [`crate::Engine::new`] / [`crate::Engine::resume`]
+//! (the simulator takes a factory, see `cohort_simulator::Simulation`).
+//! `examples/own-model/src/strategy.rs` is one.
 //!
 //! Conventions (all strategies):
 //! - A group's input is the **delta** `w_local - w_global` of each update.
@@ -20,15 +30,17 @@
 //! - The adaptive optimizers follow Reddi et al. (2021), Algorithm 2, without
 //!   bias correction, with `m` and `v` starting at zero; the pseudo-gradient
 //!   is the mean delta `Δ`, and the step is `w += lr * m / (sqrt(v) + tau)`.
+//! - Randomness comes only from the generator the engine passes in
+//!   (`&mut dyn RngCore`, seeded and checkpointed by the engine), so that a
+//!   run is a function of its seed.
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use cohort_protocol::messages::{NodeId, TrainConfig};
-use cohort_protocol::ParamGroups;
+use cohort_protocol::messages::{EvalReport, NodeId, TaskMetrics, TrainConfig};
+use cohort_protocol::{Layout, ParamGroups};
 use rand::seq::index::sample as sample_indices;
 use rand::RngCore;
-use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -50,19 +62,149 @@ pub enum Collect {
 }
 
 /// State of a strategy that must survive a restart (server optimizer
-/// moments). Tensors are stored bit-exactly in the checkpoint.
+/// moments, step counters, schedules).
+///
+/// In a checkpoint, `name`, `steps`, `scalars` and `data` go to
+/// `state.json`, `tensors` to `strategy.safetensors` (bit-exact). The
+/// checkpoint checks what it can without knowing the strategy (see
+/// [`crate::checkpoint`]): names of 1..=[`MAX_STATE_NAME_LEN`] bytes of
+/// `[A-Za-z0-9_./:-]`, finite values, at most
+/// [`MAX_STATE_TENSORS_FACTOR`] times the model's parameters in all tensors
+/// together and at most [`MAX_STATE_SCALARS`] scalars. Shapes are the
+/// strategy's business: [`Strategy::restore`] gets the layout to check them.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StrategyState {
     pub name: String,
     /// Server steps taken.
     pub steps: u64,
+    /// Named flat `f32` tensors, named freely (the built-in strategies use
+    /// `m/<group>` and `v/<group>`).
     #[serde(skip)]
     pub tensors: BTreeMap<String, Vec<f32>>,
+    /// Named finite scalars (a schedule's position, a running loss, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub scalars: BTreeMap<String, f64>,
+    /// Anything else the strategy wants back, as JSON (opaque to the
+    /// checkpoint; `null` when unused). It counts against the size bound
+    /// of `state.json`.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub data: serde_json::Value,
+}
+
+/// Longest name of a strategy tensor or scalar a checkpoint accepts.
+pub const MAX_STATE_NAME_LEN: usize = 128;
+/// A strategy's tensors hold at most this many times the model's
+/// parameters in all (FedAdam holds 2: `m` and `v` per group).
+pub const MAX_STATE_TENSORS_FACTOR: u64 = 4;
+/// At most this many scalars in a strategy's state.
+pub const MAX_STATE_SCALARS: usize = 4096;
+
+/// One accepted update, as the strategy sees it in
+/// [`Strategy::update_weight`] and [`AggregateInput::results`].
+///
+/// The metrics, loss and steps are what the node claims in its clear
+/// header: only the sample counts are checked (against its registration)
+/// and bounded (`max_samples_per_node`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientResult {
+    pub node: NodeId,
+    /// The round of the plan the update answers (async: the model version
+    /// it was planned on).
+    pub round: u64,
+    /// The model version the node trained from.
+    pub base_version: u64,
+    /// Examples claimed for the backbone (`UpdateHeader::num_examples`).
+    pub num_examples: u64,
+    /// The weight of each group the update carries. In
+    /// [`Strategy::update_weight`]: the engine's weight (examples, capped
+    /// by `max_samples_per_node`). In [`AggregateInput::results`]: the
+    /// weight it was combined with, after `update_weight` and, in a
+    /// streamed mean, after the `max_weight_share` cap.
+    pub weights: BTreeMap<String, f64>,
+    /// Per-task training metrics from the header (loss, samples, steps).
+    pub metrics: Vec<TaskMetrics>,
+    /// Local optimizer steps (the sum over the header's tasks), when the
+    /// node reported any.
+    pub steps: Option<u64>,
+    /// L2 norm of the update over all its groups, before clipping.
+    pub norm: f64,
+    /// The factor clipping scaled the delta by (1: not clipped).
+    pub clip_scale: f64,
+    /// Versions between its base and the model it went into (async; 0 in
+    /// sync mode).
+    pub staleness: u64,
+    /// The staleness discount that multiplied its delta (1 in sync mode).
+    pub discount: f64,
+}
+
+impl ClientResult {
+    /// The weight of `group` (see [`ClientResult::weights`]).
+    pub fn weight(&self, group: &str) -> Option<f64> {
+        self.weights.get(group).copied()
+    }
+}
+
+/// What [`Strategy::aggregate`] gets. Built by the engine; the fields may
+/// grow, so a strategy's own tests build it with [`AggregateInput::new`].
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct AggregateInput<'a> {
+    /// The round (async: the model step) being closed.
+    pub round: u64,
+    /// One combined delta per group that had contributors this round.
+    pub combined: &'a BTreeMap<String, Vec<f32>>,
+    /// Every accepted update of the round, in submission order.
+    pub results: &'a [ClientResult],
+    /// Nodes that did not contribute, with the reason.
+    pub failures: &'a [(NodeId, FailureReason)],
+}
+
+impl<'a> AggregateInput<'a> {
+    /// An input without results or failures.
+    pub fn new(round: u64, combined: &'a BTreeMap<String, Vec<f32>>) -> Self {
+        AggregateInput {
+            round,
+            combined,
+            results: &[],
+            failures: &[],
+        }
+    }
+
+    /// The same, with these per-client results.
+    pub fn with_results(mut self, results: &'a [ClientResult]) -> Self {
+        self.results = results;
+        self
+    }
+
+    /// The same, with these failures.
+    pub fn with_failures(mut self, failures: &'a [(NodeId, FailureReason)]) -> Self {
+        self.failures = failures;
+        self
+    }
 }
 
 /// A federated strategy. The engine owns one and drives it; it does no I/O.
+///
+/// Only [`Strategy::name`], [`Strategy::aggregate`], [`Strategy::state`]
+/// and [`Strategy::restore`] must be written; everything else has a
+/// default that behaves like FedAvg.
 pub trait Strategy: Send + fmt::Debug {
+    /// The strategy's name; a checkpoint of another name is refused by the
+    /// built-in strategies' `restore`.
     fn name(&self) -> &str;
+
+    /// Initial parameters: called once by [`crate::Engine::new`] (never on
+    /// resume) with the model's seeded initial weights. `Some` replaces
+    /// them; the engine checks them against the layout (every group, its
+    /// length, finite values) and refuses bad ones with
+    /// [`AggError::Strategy`]. Default: `None` (keep the proposal).
+    fn initial_parameters(
+        &mut self,
+        _layout: &Layout,
+        _proposed: &ParamGroups,
+    ) -> Option<ParamGroups> {
+        None
+    }
 
     /// How updates are collected for [`Strategy::combine`].
     fn collect(&self) -> Collect {
@@ -83,28 +225,29 @@ pub trait Strategy: Send + fmt::Debug {
     /// Picks the nodes of a synchronous round among `available` (sorted) and
     /// gives each its training settings. The default samples uniformly
     /// without replacement and draws one training seed per node, all from
-    /// `rng`, so that a round is a function of the seed and of its position.
+    /// `rng` (the engine's seeded, checkpointed generator), so that a round
+    /// is a function of the seed and of its position.
     fn configure(
         &mut self,
         round: u64,
         available: &[NodeId],
         sampling: &Sampling,
         base: &TrainConfig,
-        rng: &mut ChaCha8Rng,
+        rng: &mut dyn RngCore,
     ) -> Vec<(NodeId, TrainConfig)> {
-        let n = sampling.sample_size(available.len());
-        let mut picked: Vec<usize> = sample_indices(rng, available.len(), n).into_vec();
-        // Plans in node order, whatever order the sampler drew them in.
-        picked.sort_unstable();
-        picked
-            .into_iter()
-            .filter_map(|i| available.get(i))
-            .map(|node| {
-                let mut train = self.train_config(round, node, base);
-                train.seed = rng.next_u64();
-                (node.clone(), train)
-            })
-            .collect()
+        default_configure(self, round, available, sampling, base, rng)
+    }
+
+    /// The weight of one accepted update in `group`'s combination, from
+    /// the engine's `weight` (examples; see [`ClientResult::weights`]).
+    /// Called once per group of each update, after all its checks passed
+    /// and before it counts, so it applies to streamed and retained groups
+    /// alike; `max_weight_share` still caps the result in a streamed mean.
+    /// A weight that is not finite and positive refuses the update
+    /// (`BadWeight`). Default: `weight` (FedNova would divide by
+    /// `result.steps`).
+    fn update_weight(&self, _group: &str, _result: &ClientResult, weight: f64) -> f64 {
+        weight
     }
 
     /// Combines retained deltas of one group (only called when
@@ -119,15 +262,42 @@ pub trait Strategy: Send + fmt::Debug {
         weighted_mean(deltas, weights)
     }
 
-    /// Steps the global model: `combined` holds one combined delta per group
-    /// that had contributors this round; other groups must stay unchanged.
+    /// Steps the global model: `input.combined` holds one combined delta
+    /// per group that had contributors this round; other groups must stay
+    /// unchanged. `input.results` are the accepted updates, `input.failures`
+    /// the nodes that did not contribute. An error, or a step that leaves a
+    /// weight or the strategy's state non-finite, is undone by the engine
+    /// (weights and [`Strategy::state`] as before) and the round fails.
     fn aggregate(
         &mut self,
-        round: u64,
-        combined: &BTreeMap<String, Vec<f32>>,
+        input: &AggregateInput<'_>,
         global: &mut ParamGroups,
-        failures: &[(NodeId, FailureReason)],
     ) -> Result<(), AggError>;
+
+    /// Federated evaluation: which of the `available` nodes (sorted)
+    /// evaluate the model after `round`. `rng` is a stream of its own
+    /// (see [`crate::Engine::configure_evaluate`]). Default: all of them.
+    fn configure_evaluate(
+        &mut self,
+        _round: u64,
+        available: &[NodeId],
+        _rng: &mut dyn RngCore,
+    ) -> Vec<NodeId> {
+        available.to_vec()
+    }
+
+    /// Federated evaluation: combines the nodes' reports of `round` (and
+    /// the nodes that did not report) into metrics. Default:
+    /// [`weighted_eval_metrics`] (per task, the sample-weighted mean
+    /// accuracy and loss).
+    fn aggregate_evaluate(
+        &mut self,
+        _round: u64,
+        results: &[EvalReport],
+        failures: &[(NodeId, FailureReason)],
+    ) -> Option<Metrics> {
+        weighted_eval_metrics(results, failures)
+    }
 
     /// Evaluation hook, called after each model step. The engine also
     /// accepts a caller-supplied evaluator, which takes precedence.
@@ -135,19 +305,93 @@ pub trait Strategy: Send + fmt::Debug {
         None
     }
 
+    /// The state to checkpoint (and to restore if a step is undone).
     fn state(&self) -> StrategyState;
 
-    fn restore(&mut self, state: StrategyState) -> Result<(), AggError>;
+    /// Restores a state from [`Strategy::state`] (a checkpoint, or the
+    /// state before a step that the engine undid). `layout` is the model's:
+    /// check the tensors' shapes against it and refuse a state that does
+    /// not fit with a typed error ([`AggError::Checkpoint`]). After an
+    /// error the engine does not use the strategy as is: it restores
+    /// another state or drops it.
+    fn restore(&mut self, state: StrategyState, layout: &Layout) -> Result<(), AggError>;
 
-    /// Every tensor of the strategy's state (momentum, moments) is finite.
+    /// Every tensor and scalar of the strategy's state is finite.
     /// The engine checks it after every server step and undoes a step that
     /// breaks it. The default looks at [`Strategy::state`].
     fn is_finite(&self) -> bool {
-        self.state()
-            .tensors
-            .values()
-            .all(|t| t.iter().all(|v| v.is_finite()))
+        let s = self.state();
+        s.tensors.values().all(|t| t.iter().all(|v| v.is_finite()))
+            && s.scalars.values().all(|v| v.is_finite())
     }
+}
+
+/// The default [`Strategy::configure`]: samples `sampling.sample_size`
+/// nodes uniformly without replacement from `available`, then, in node
+/// order, asks `strategy.train_config` for each and draws its training
+/// seed from `rng`. A strategy that overrides `configure` can call it.
+pub fn default_configure<S: Strategy + ?Sized>(
+    strategy: &mut S,
+    round: u64,
+    available: &[NodeId],
+    sampling: &Sampling,
+    base: &TrainConfig,
+    rng: &mut dyn RngCore,
+) -> Vec<(NodeId, TrainConfig)> {
+    let n = sampling.sample_size(available.len());
+    let mut picked: Vec<usize> = sample_indices(rng, available.len(), n).into_vec();
+    // Plans in node order, whatever order the sampler drew them in.
+    picked.sort_unstable();
+    picked
+        .into_iter()
+        .filter_map(|i| available.get(i))
+        .map(|node| {
+            let mut train = strategy.train_config(round, node, base);
+            train.seed = rng.next_u64();
+            (node.clone(), train)
+        })
+        .collect()
+}
+
+/// The default federated-evaluation aggregate: per task `t`,
+/// `accuracy/<t>` and `loss/<t>` (means weighted by samples) and
+/// `samples/<t>`, plus `nodes` (reports with at least one usable task) and
+/// `failures`. A task entry with no samples or a non-finite accuracy or
+/// loss is skipped. `None` when nothing is usable.
+pub fn weighted_eval_metrics(
+    results: &[EvalReport],
+    failures: &[(NodeId, FailureReason)],
+) -> Option<Metrics> {
+    // Per task: (samples, accuracy * samples, loss * samples).
+    let mut sums: BTreeMap<&str, (f64, f64, f64)> = BTreeMap::new();
+    let mut nodes = 0u64;
+    for r in results {
+        let mut used = false;
+        for m in &r.metrics {
+            if m.samples == 0 || !m.accuracy.is_finite() || !m.loss.is_finite() {
+                continue;
+            }
+            let n = m.samples as f64;
+            let e = sums.entry(m.task.as_str()).or_default();
+            e.0 += n;
+            e.1 += f64::from(m.accuracy) * n;
+            e.2 += f64::from(m.loss) * n;
+            used = true;
+        }
+        nodes += u64::from(used);
+    }
+    if sums.is_empty() {
+        return None;
+    }
+    let mut out = Metrics::new();
+    for (task, (n, acc, loss)) in sums {
+        out.insert(format!("accuracy/{task}"), acc / n);
+        out.insert(format!("loss/{task}"), loss / n);
+        out.insert(format!("samples/{task}"), n);
+    }
+    out.insert("nodes".into(), nodes as f64);
+    out.insert("failures".into(), failures.len() as f64);
+    Some(out)
 }
 
 /// How the deltas of one group are combined.
@@ -375,12 +619,10 @@ impl Strategy for ServerStrategy {
 
     fn aggregate(
         &mut self,
-        _round: u64,
-        combined: &BTreeMap<String, Vec<f32>>,
+        input: &AggregateInput<'_>,
         global: &mut ParamGroups,
-        _failures: &[(NodeId, FailureReason)],
     ) -> Result<(), AggError> {
-        for (group, delta) in combined {
+        for (group, delta) in input.combined {
             let Some(w) = global.get_mut(group) else {
                 return Err(AggError::Strategy {
                     strategy: self.name.clone(),
@@ -405,6 +647,7 @@ impl Strategy for ServerStrategy {
             name: self.name.clone(),
             steps: self.steps,
             tensors,
+            ..StrategyState::default()
         }
     }
 
@@ -415,27 +658,38 @@ impl Strategy for ServerStrategy {
             .all(|t| t.iter().all(|v| v.is_finite()))
     }
 
-    fn restore(&mut self, state: StrategyState) -> Result<(), AggError> {
+    /// Refuses a state of another strategy name, a tensor not named
+    /// `m/<group>` or `v/<group>`, and one whose length is not its group's
+    /// in `layout`. Checks everything before it changes anything.
+    fn restore(&mut self, state: StrategyState, layout: &Layout) -> Result<(), AggError> {
         if state.name != self.name {
             return Err(AggError::Checkpoint(format!(
                 "checkpoint holds strategy `{}`, the engine was given `{}`",
                 state.name, self.name
             )));
         }
-        self.steps = state.steps;
-        self.m.clear();
-        self.v.clear();
+        let mut m = BTreeMap::new();
+        let mut v = BTreeMap::new();
         for (k, t) in state.tensors {
-            if let Some(g) = k.strip_prefix("m/") {
-                self.m.insert(g.to_string(), t);
+            let (map, g) = if let Some(g) = k.strip_prefix("m/") {
+                (&mut m, g)
             } else if let Some(g) = k.strip_prefix("v/") {
-                self.v.insert(g.to_string(), t);
+                (&mut v, g)
             } else {
                 return Err(AggError::Checkpoint(format!(
                     "unknown strategy tensor `{k}`"
                 )));
+            };
+            if layout.group(g).map(|gl| gl.len()) != Some(t.len() as u64) {
+                return Err(AggError::Checkpoint(format!(
+                    "strategy tensor `{k}` does not fit the layout"
+                )));
             }
+            map.insert(g.to_string(), t);
         }
+        self.steps = state.steps;
+        self.m = m;
+        self.v = v;
         Ok(())
     }
 }

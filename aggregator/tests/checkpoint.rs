@@ -347,10 +347,8 @@ fn non_finite_checkpoints_are_neither_loaded_nor_saved() {
         }
         fn aggregate(
             &mut self,
-            _: u64,
-            _: &std::collections::BTreeMap<String, Vec<f32>>,
+            _: &cohort_aggregator::AggregateInput<'_>,
             _: &mut cohort_protocol::ParamGroups,
-            _: &[(String, cohort_aggregator::FailureReason)],
         ) -> Result<(), AggError> {
             Ok(())
         }
@@ -362,7 +360,11 @@ fn non_finite_checkpoints_are_neither_loaded_nor_saved() {
             s.tensors.insert("m/backbone".into(), vec![f32::NAN; 6]);
             s
         }
-        fn restore(&mut self, _: cohort_aggregator::StrategyState) -> Result<(), AggError> {
+        fn restore(
+            &mut self,
+            _: cohort_aggregator::StrategyState,
+            _: &cohort_protocol::Layout,
+        ) -> Result<(), AggError> {
             Ok(())
         }
     }

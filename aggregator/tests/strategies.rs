@@ -7,7 +7,8 @@ use cohort_aggregator::strategy::{
     MomentumParams, ProxParams, TrimParams,
 };
 use cohort_aggregator::{
-    server_strategy, strategy_from_config, Sampling, Strategy, StrategyConfig, StrategyKind,
+    server_strategy, strategy_from_config, AggregateInput, Sampling, Strategy, StrategyConfig,
+    StrategyKind,
 };
 use cohort_protocol::messages::TrainConfig;
 use cohort_protocol::ParamGroups;
@@ -33,7 +34,8 @@ fn two_steps(s: &mut dyn Strategy) -> (Vec<f32>, Vec<f32>) {
     let step = |s: &mut dyn Strategy, w: &mut ParamGroups, d: Vec<f32>| {
         let mut c = BTreeMap::new();
         c.insert("backbone".to_string(), d);
-        s.aggregate(1, &c, w, &[]).expect("aggregate");
+        s.aggregate(&AggregateInput::new(1, &c), w)
+            .expect("aggregate");
     };
     step(s, &mut w, vec![2.0, -1.0]);
     let after1 = w.get("backbone").expect("g").to_vec();
@@ -122,7 +124,8 @@ fn group_without_contributors_is_untouched_and_its_state_not_advanced() {
     w.insert("head/a", vec![7.0, 8.0]);
     let mut c = BTreeMap::new();
     c.insert("backbone".to_string(), vec![2.0, -1.0]);
-    s.aggregate(1, &c, &mut w, &[]).expect("aggregate");
+    s.aggregate(&AggregateInput::new(1, &c), &mut w)
+        .expect("aggregate");
     assert_eq!(w.get("head/a"), Some(&[7.0f32, 8.0][..]));
     let st = s.state();
     assert!(st.tensors.contains_key("m/backbone"));

@@ -24,8 +24,10 @@ pub use error::SimError;
 pub use metrics::{RoundMetrics, TaskScore};
 pub use run::{
     build_model, client_id, engine_config, federation, local_only, PersonalScore, Simulation,
+    StrategyFactory,
 };
 
+use cohort_aggregator::{strategy_from_config, Metrics};
 use cohort_tasks::ModelRegistry;
 use config::Sharing;
 
@@ -38,6 +40,14 @@ pub struct ExperimentResult {
     /// Central accuracy per task after the last round.
     pub final_central: Vec<TaskScore>,
     pub personalized: Vec<PersonalScore>,
+    /// Federated evaluation after the last round, as the strategy's
+    /// `aggregate_evaluate` combined the clients' reports (the default:
+    /// `accuracy/<task>`, `loss/<task>`, `samples/<task>`, `nodes`,
+    /// `failures`). Computed with `eval.personalized`, from the same
+    /// evaluations as `personalized[..].before`. With `sharing =
+    /// "separate"`, the maps of the per-task federations merged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federated: Option<Metrics>,
     /// Local-only baseline: per task, accuracy on the clients' own held-out
     /// data (`before`) and on the central test set (`after`).
     pub local_only: Vec<PersonalScore>,
@@ -84,6 +94,36 @@ pub fn run_experiment_on(
     cfg: &ExperimentConfig,
     models: &ModelRegistry,
     tasks: Vec<LoadedTask>,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    let strategy = cfg.strategy.clone();
+    let make = move || strategy_from_config(&strategy);
+    run_experiment_custom(cfg, models, tasks, &make, on_round)
+}
+
+/// [`run_experiment_with`] driven by the strategies `make_strategy`
+/// builds instead of the one `cfg.strategy` names: a program's own
+/// [`Strategy`](cohort_aggregator::Strategy) runs here exactly as a built-in one (and the same value
+/// can drive `cohort_aggregator::Engine` in a deployment). It is called
+/// once per engine: once, or once per task with `sharing = "separate"`.
+pub fn run_experiment_with_strategy(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    make_strategy: StrategyFactory<'_>,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    cfg.validate()?;
+    let tasks = data::load_tasks(cfg)?;
+    run_experiment_custom(cfg, models, tasks, make_strategy, on_round)
+}
+
+/// The general form of the above: a program's own data ([`run_experiment_on`])
+/// and its own strategy ([`run_experiment_with_strategy`]) together.
+pub fn run_experiment_custom(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    tasks: Vec<LoadedTask>,
+    make_strategy: StrategyFactory<'_>,
     mut on_round: impl FnMut(&RoundMetrics),
 ) -> Result<ExperimentResult, SimError> {
     cfg.validate()?;
@@ -116,11 +156,11 @@ pub fn run_experiment_on(
     };
     match cfg.sharing {
         Sharing::SharedBackbone => {
-            let mut sim = simulation(cfg.clone(), models, tasks)?;
+            let mut sim = simulation(cfg.clone(), models, tasks, make_strategy())?;
             result.rounds = sim.run(&mut record)?;
             result.final_central = sim.evaluate_central()?;
             if cfg.eval.personalized {
-                result.personalized = sim.personalized_eval()?;
+                (result.personalized, result.federated) = sim.client_eval()?;
             }
         }
         Sharing::Separate => {
@@ -133,12 +173,16 @@ pub fn run_experiment_on(
                     ..t.clone()
                 }];
                 one.output = None;
-                let mut sim = simulation(one, models, vec![data])?;
+                let mut sim = simulation(one, models, vec![data], make_strategy())?;
                 let rounds = sim.run(|_| {})?;
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
                 if cfg.eval.personalized {
-                    result.personalized.extend(sim.personalized_eval()?);
+                    let (personal, federated) = sim.client_eval()?;
+                    result.personalized.extend(personal);
+                    if let Some(f) = federated {
+                        result.federated.get_or_insert_with(Metrics::new).extend(f);
+                    }
                 }
             }
             for m in &result.rounds {
@@ -174,10 +218,11 @@ fn simulation(
     cfg: ExperimentConfig,
     models: &ModelRegistry,
     tasks: Vec<LoadedTask>,
+    strategy: Box<dyn cohort_aggregator::Strategy>,
 ) -> Result<Simulation, SimError> {
     let pop = data::Population::from_tasks(&cfg, tasks)?;
     let model = build_model(&cfg, &pop, models)?;
-    Simulation::with_model(cfg, pop, model)
+    Simulation::with_model_and_strategy(cfg, pop, model, strategy)
 }
 
 fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {

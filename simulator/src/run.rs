@@ -7,15 +7,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cohort_aggregator::{
-    strategy_from_config, Engine, EngineConfig, FailureReason, Federation, Mode, NodeInfo,
-    RefusalCode,
+    strategy_from_config, Engine, EngineConfig, FailureReason, Federation, Metrics, Mode, NodeInfo,
+    RefusalCode, Strategy,
 };
 use cohort_node::{mix_seed, NodeRuntime, NodeState};
 use cohort_protocol::codec::{self, CodecConfig, ErrorFeedback, Rounding};
-use cohort_protocol::messages::{RoundPlan, TrainConfig};
+use cohort_protocol::messages::{EvalMetrics, EvalReport, RoundPlan, TrainConfig};
 use cohort_protocol::seal::{ReplayGuard, SealContext, SealKeyPair};
 use cohort_protocol::{head_group, Fingerprint, ParamGroups, BACKBONE};
 use cohort_tasks::{Dataset, ModelRegistry, SharedModel, TaskData};
+
+/// Builds a fresh strategy for each engine a run makes (`sharing =
+/// "separate"` makes one engine per task).
+pub type StrategyFactory<'a> = &'a dyn Fn() -> Box<dyn Strategy>;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
@@ -182,10 +186,23 @@ impl Simulation {
     /// [`Simulation::new`] with the model names of `models` (a program's
     /// own models registered next to the built-in ones).
     pub fn with_models(cfg: ExperimentConfig, models: &ModelRegistry) -> Result<Self, SimError> {
+        let strategy = strategy_from_config(&cfg.strategy);
+        Self::with_strategy(cfg, models, strategy)
+    }
+
+    /// [`Simulation::with_models`] driven by `strategy` instead of the one
+    /// `cfg.strategy` names: any [`Strategy`], defined in this crate or
+    /// not. The engine calls its `initial_parameters` on the model's
+    /// seeded weights, as `cohort-aggregator` does.
+    pub fn with_strategy(
+        cfg: ExperimentConfig,
+        models: &ModelRegistry,
+        strategy: Box<dyn Strategy>,
+    ) -> Result<Self, SimError> {
         cfg.validate()?;
         let pop = Population::new(&cfg)?;
         let model = build_model(&cfg, &pop, models)?;
-        Self::with_model(cfg, pop, model)
+        Self::with_model_and_strategy(cfg, pop, model, strategy)
     }
 
     /// Same as [`Simulation::new`] on an already built population, with
@@ -202,11 +219,22 @@ impl Simulation {
         pop: Population,
         model: SharedModel,
     ) -> Result<Self, SimError> {
+        let strategy = strategy_from_config(&cfg.strategy);
+        Self::with_model_and_strategy(cfg, pop, model, strategy)
+    }
+
+    /// [`Simulation::with_model`] driven by `strategy` (see
+    /// [`Simulation::with_strategy`]).
+    pub fn with_model_and_strategy(
+        cfg: ExperimentConfig,
+        pop: Population,
+        model: SharedModel,
+        strategy: Box<dyn Strategy>,
+    ) -> Result<Self, SimError> {
         crate::data::check_fit(&*model, &pop.tasks)?;
         let spec = model;
         let layout = spec.layout();
         let initial = spec.init(federation(&cfg).init_seed());
-        let strategy = strategy_from_config(&cfg.strategy);
         let engine = Engine::new(engine_config(&cfg), layout, initial, strategy)?;
         let threads = if cfg.threads == 0 {
             rayon::current_num_threads()
@@ -824,27 +852,29 @@ pub struct PersonalScore {
     pub after: f32,
 }
 
+/// One client's results: per task (task index, held-out samples, the
+/// first evaluation, the second number).
+type ClientScores = Vec<(usize, usize, EvalMetrics, f32)>;
+
 /// Runs `eval(client, task, single-task spec, train indices, held-out
-/// indices)` for every task of clients `0..k` that has both training and
-/// held-out samples, in parallel on `pool`, and returns per task the number
-/// of clients and the means of the two numbers `eval` gives, weighted by
-/// held-out samples.
-fn per_client_task<F>(
+/// indices)` for every task of each of `clients` that has both training
+/// and held-out samples, in parallel on `pool`; returns the results per
+/// client, in the order of `clients`.
+fn per_client_scores<F>(
     pool: &rayon::ThreadPool,
     pop: &Population,
     spec: &SharedModel,
-    k: usize,
+    clients: &[usize],
     eval: F,
-) -> Result<Vec<PersonalScore>, SimError>
+) -> Result<Vec<(usize, ClientScores)>, SimError>
 where
-    F: Fn(usize, usize, &SharedModel, &[usize], &[usize]) -> Result<(f32, f32), SimError> + Sync,
+    F: Fn(usize, usize, &SharedModel, &[usize], &[usize]) -> Result<(EvalMetrics, f32), SimError>
+        + Sync,
 {
-    // Per client: (task, held-out samples, the two numbers).
-    type Scores = Vec<(usize, usize, f32, f32)>;
-    let results: Vec<Result<Scores, SimError>> = pool.install(|| {
-        (0..k)
-            .into_par_iter()
-            .map(|c| {
+    let results: Vec<Result<(usize, ClientScores), SimError>> = pool.install(|| {
+        clients
+            .par_iter()
+            .map(|&c| {
                 let mut out = Vec::new();
                 for t in pop.client_tasks(c) {
                     let (tr, held) = pop.client_data(c, t);
@@ -855,22 +885,28 @@ where
                     let (a, b) = eval(c, t, &s, &tr, &held)?;
                     out.push((t, held.len(), a, b));
                 }
-                Ok(out)
+                Ok((c, out))
             })
             .collect()
     });
+    results.into_iter().collect()
+}
+
+/// Per task: the number of clients and the means of the two numbers of
+/// [`per_client_scores`] (the first evaluation's accuracy, the second
+/// number), weighted by held-out samples, summed in client order.
+fn combine_scores(pop: &Population, scores: &[(usize, ClientScores)]) -> Vec<PersonalScore> {
     let mut sums = vec![(0usize, 0.0f64, 0.0f64, 0usize); pop.tasks.len()];
-    for r in results {
-        for (t, n, a, b) in r? {
-            let s = &mut sums[t];
+    for (_, r) in scores {
+        for (t, n, a, b) in r {
+            let s = &mut sums[*t];
             s.0 += n;
-            s.1 += f64::from(a) * n as f64;
-            s.2 += f64::from(b) * n as f64;
+            s.1 += f64::from(a.accuracy) * *n as f64;
+            s.2 += f64::from(*b) * *n as f64;
             s.3 += 1;
         }
     }
-    Ok(pop
-        .tasks
+    pop.tasks
         .iter()
         .zip(sums)
         .filter(|(_, s)| s.0 > 0)
@@ -880,7 +916,7 @@ where
             before: (s.1 / s.0 as f64) as f32,
             after: (s.2 / s.0 as f64) as f32,
         })
-        .collect())
+        .collect()
 }
 
 /// The groups of `spec` taken from `w`.
@@ -897,42 +933,95 @@ impl Simulation {
     /// `eval.personalize_epochs` epochs on their own training data, then
     /// evaluate on their held-out split. Needs `eval.holdout > 0`.
     pub fn personalized_eval(&mut self) -> Result<Vec<PersonalScore>, SimError> {
+        Ok(self.client_eval()?.0)
+    }
+
+    /// Federated and personalized evaluation in one pass. The clients are
+    /// the first `eval.personalize_clients` of those the strategy picks
+    /// with `Engine::configure_evaluate` (by default every client, so
+    /// clients `0..k`). Each evaluates the global model with its own local
+    /// heads on its held-out split (federated evaluation: these reports go
+    /// to the strategy's `aggregate_evaluate`, whose metrics are the
+    /// second value), then fine-tunes its heads as
+    /// [`Simulation::personalized_eval`] describes (the first value:
+    /// `before` is the federated accuracy, `after` the fine-tuned one).
+    /// The strategy gets no failures: a virtual client does not fail to
+    /// evaluate (an error stops the run), and a picked client without
+    /// training or held-out data is left out.
+    pub fn client_eval(&mut self) -> Result<(Vec<PersonalScore>, Option<Metrics>), SimError> {
         let k = self.cfg.eval.personalize_clients.min(self.pop.clients());
+        let round = self.engine.round();
+        let clients: Vec<usize> = self
+            .engine
+            .configure_evaluate(round)
+            .iter()
+            .filter_map(|id| client_index(id))
+            .filter(|&c| c < self.pop.clients())
+            .take(k)
+            .collect();
         let mut train = self.engine.config().train.clone();
         train.epochs = self.cfg.eval.personalize_epochs.max(1);
         train.frozen = vec![BACKBONE.to_string()];
         let global = self.engine.global();
         let states = &self.states;
         let pop = &self.pop;
-        per_client_task(&self.pool, pop, &self.model, k, |c, t, s, tr, held| {
-            let mut params = groups_of(s, global);
-            // A client's own (local) heads replace the aggregator's copies.
-            if let Some(st) = states.get(&c) {
-                for (name, v) in st.local.iter() {
-                    if params.contains(name) {
-                        params.insert(name, v.to_vec());
+        let scores = per_client_scores(
+            &self.pool,
+            pop,
+            &self.model,
+            &clients,
+            |c, t, s, tr, held| {
+                let mut params = groups_of(s, global);
+                // A client's own (local) heads replace the aggregator's copies.
+                if let Some(st) = states.get(&c) {
+                    for (name, v) in st.local.iter() {
+                        if params.contains(name) {
+                            params.insert(name, v.to_vec());
+                        }
                     }
                 }
-            }
-            let name = pop.tasks[t].name.as_str();
-            let data = &pop.tasks[t].split.train;
-            let before = s.evaluate(&params, name, data, Some(held))?;
-            let cfg = TrainConfig {
-                seed: mix_seed(train.seed, c as u64),
-                ..train.clone()
-            };
-            let tuned = s.train(
-                &params,
-                &[TaskData {
-                    task: name,
-                    data,
-                    indices: tr,
-                }],
-                &cfg,
-            )?;
-            let after = s.evaluate(&tuned.params, name, data, Some(held))?;
-            Ok((before.accuracy, after.accuracy))
-        })
+                let name = pop.tasks[t].name.as_str();
+                let data = &pop.tasks[t].split.train;
+                let before = s.evaluate(&params, name, data, Some(held))?;
+                let cfg = TrainConfig {
+                    seed: mix_seed(train.seed, c as u64),
+                    ..train.clone()
+                };
+                let tuned = s.train(
+                    &params,
+                    &[TaskData {
+                        task: name,
+                        data,
+                        indices: tr,
+                    }],
+                    &cfg,
+                )?;
+                let after = s.evaluate(&tuned.params, name, data, Some(held))?;
+                Ok((eval_metrics(name, &before), after.accuracy))
+            },
+        )?;
+        let reports: Vec<EvalReport> = scores
+            .iter()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(c, r)| EvalReport {
+                node: client_id(*c),
+                round,
+                version: self.engine.version(),
+                metrics: r.iter().map(|(_, _, m, _)| m.clone()).collect(),
+            })
+            .collect();
+        let federated = self.engine.aggregate_evaluate(round, &reports, &[]);
+        Ok((combine_scores(&self.pop, &scores), federated))
+    }
+}
+
+/// The wire's evaluation metrics of `task` from the model's.
+fn eval_metrics(task: &str, m: &cohort_tasks::EvalMetrics) -> EvalMetrics {
+    EvalMetrics {
+        task: task.to_string(),
+        accuracy: m.accuracy,
+        loss: m.loss,
+        samples: m.samples,
     }
 }
 
@@ -963,7 +1052,8 @@ pub fn local_only(
         .build()
         .map_err(|e| SimError::Config(format!("thread pool: {e}")))?;
     let k = cfg.eval.personalize_clients.min(pop.clients());
-    per_client_task(&pool, pop, &spec, k, |c, t, s, tr, held| {
+    let clients: Vec<usize> = (0..k).collect();
+    let scores = per_client_scores(&pool, pop, &spec, &clients, |c, t, s, tr, held| {
         let name = pop.tasks[t].name.as_str();
         let data = &pop.tasks[t].split.train;
         let cfg_c = TrainConfig {
@@ -981,6 +1071,7 @@ pub fn local_only(
         )?;
         let local = s.evaluate(&trained.params, name, data, Some(held))?;
         let central = s.evaluate(&trained.params, name, &pop.tasks[t].split.test, None)?;
-        Ok((local.accuracy, central.accuracy))
-    })
+        Ok((eval_metrics(name, &local), central.accuracy))
+    })?;
+    Ok(combine_scores(pop, &scores))
 }

@@ -115,11 +115,12 @@ struct Parked {
     since: Instant,
 }
 
-/// A closed round whose central evaluation runs on a blocking thread; its
-/// metrics line is written when the evaluation is done.
+/// A closed round whose checkpoint write and central evaluation run on a
+/// blocking thread; its metrics line is written when both are done.
 struct Closing {
     report: RoundReport,
-    eval: Option<tokio::task::JoinHandle<Vec<Score>>>,
+    /// The checkpoint written, then the scores (none: not evaluated).
+    work: tokio::task::JoinHandle<Result<Option<Vec<Score>>, AggError>>,
     wall_ms: u64,
 }
 
@@ -151,6 +152,11 @@ struct Service {
     /// Evaluations asked of nodes and not reported yet: a report is
     /// accepted only against one of these.
     eval_asked: BTreeMap<String, (u64, u64)>,
+    /// Federated evaluations in progress, by round: who was asked (the
+    /// strategy's `configure_evaluate`) and the reports so far; handed to
+    /// the strategy's `aggregate_evaluate` when all are in, when the next
+    /// evaluation starts, or at exit.
+    fed_evals: BTreeMap<u64, FedEval>,
     /// The bound of `Submit` frames read by the codec.
     submit_cap: SubmitCap,
     /// Bound of requests other than `Submit` (the codec's `max_control`).
@@ -170,6 +176,13 @@ struct Service {
     deltas: HashMap<(String, u64), Vec<u8>>,
     /// Model bytes sent since the last round closed (full, delta).
     sent: (u64, u64),
+}
+
+/// One federated evaluation: the nodes asked and their reports so far.
+#[derive(Default)]
+struct FedEval {
+    asked: BTreeSet<String>,
+    reports: Vec<EvalReport>,
 }
 
 /// What a node operator needs, printed at start and written to
@@ -307,6 +320,7 @@ impl Service {
             waiting_first: true,
             eval_due: BTreeMap::new(),
             eval_asked: BTreeMap::new(),
+            fed_evals: BTreeMap::new(),
             submit_cap,
             control_limit,
             refusal_log: LogBudget::new(LOG_LINES, LOG_WINDOW),
@@ -821,6 +835,7 @@ impl Service {
             );
         }
         self.eval_asked.remove(node);
+        let round = report.round;
         for m in &report.metrics {
             info!(node, round = report.round, task = %m.task, accuracy = m.accuracy, samples = m.samples, "federated evaluation");
         }
@@ -837,7 +852,60 @@ impl Service {
         if let Err(e) = self.write_line(&line) {
             warn!(%e, "metrics file");
         }
+        let done = match self.fed_evals.get_mut(&round) {
+            Some(fe) => {
+                fe.reports.push(report);
+                fe.reports.len() >= fe.asked.len()
+            }
+            None => false,
+        };
+        if done {
+            self.finish_fed_eval(round);
+        }
         Response::Ack
+    }
+
+    /// Hands a federated evaluation to the strategy (`aggregate_evaluate`):
+    /// the reports, and as failures the nodes asked that did not report
+    /// (`Timeout`). Writes its summary line.
+    fn finish_fed_eval(&mut self, round: u64) {
+        let Some(fe) = self.fed_evals.remove(&round) else {
+            return;
+        };
+        let failures: Vec<(String, FailureReason)> = fe
+            .asked
+            .iter()
+            .filter(|n| !fe.reports.iter().any(|r| &r.node == *n))
+            .map(|n| (n.clone(), FailureReason::Timeout))
+            .collect();
+        let metrics = self.engine.aggregate_evaluate(round, &fe.reports, &failures);
+        if let Some(m) = &metrics {
+            let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
+            println!(
+                "federated evaluation of round {round}: {} ({} reports, {} missing)",
+                shown.join(", "),
+                fe.reports.len(),
+                failures.len()
+            );
+        }
+        #[derive(Serialize)]
+        struct Summary<'a> {
+            kind: &'static str,
+            round: u64,
+            reports: usize,
+            missing: Vec<&'a str>,
+            metrics: Option<&'a crate::Metrics>,
+        }
+        let line = Summary {
+            kind: "federated_summary",
+            round,
+            reports: fe.reports.len(),
+            missing: failures.iter().map(|(n, _)| n.as_str()).collect(),
+            metrics: metrics.as_ref(),
+        };
+        if let Err(e) = self.write_line(&line) {
+            warn!(%e, "metrics file");
+        }
     }
 
     fn write_line<T: Serialize>(&mut self, line: &T) -> Result<(), AggError> {
@@ -875,7 +943,14 @@ impl Service {
         }
         if self.over() {
             let at = *self.finished_at.get_or_insert_with(Instant::now);
-            return Ok(at.elapsed() >= self.linger);
+            let leaving = at.elapsed() >= self.linger;
+            if leaving {
+                let open: Vec<u64> = self.fed_evals.keys().copied().collect();
+                for r in open {
+                    self.finish_fed_eval(r);
+                }
+            }
+            return Ok(leaving);
         }
         if matches!(self.engine.config().mode, Mode::Sync) && !self.engine.round_open() {
             if !self.ready() {
@@ -927,19 +1002,18 @@ impl Service {
         }
     }
 
-    /// A round closed: its checkpoint now (before anything else, on a
-    /// thread that may block), the bookkeeping of the next round, and its
-    /// central evaluation on a blocking thread; the metrics line follows in
-    /// [`Service::finish_closing`] once the evaluation is done.
+    /// A round closed: its checkpoint encoded now, the bookkeeping of the
+    /// next round, then on a blocking thread the checkpoint written and the
+    /// central evaluation; the metrics line follows in
+    /// [`Service::finish_closing`] once both are done, and no round starts
+    /// before.
     fn on_round_closed(&mut self, report: RoundReport) -> Result<(), AggError> {
         // The checkpoint before the metrics line and before the next round
         // starts: a crash loses at most the round in progress, and every
-        // round in metrics.jsonl has its checkpoint. The engine cannot
-        // leave this task, so the write runs in place (the runtime moves
-        // its other tasks, the event loop among them, to another thread).
-        let (engine, dir) = (&self.engine, &self.checkpoints);
-        tokio::task::block_in_place(|| engine.save_checkpoint(dir))?;
-        self.prune_checkpoints();
+        // round in metrics.jsonl has its checkpoint. It is encoded here (a
+        // copy of the model) and written to disk on a blocking thread, so
+        // that the service keeps answering while the disk works.
+        let checkpoint = self.engine.checkpoint()?;
         // A node that let the deadline pass leaves the pool (later rounds
         // do not wait for it again); it says hello again when it returns.
         for (node, reason) in &report.failures {
@@ -950,22 +1024,38 @@ impl Service {
         self.replay.prune_below(report.round.saturating_sub(1));
         let every = self.fed.eval.federated_every;
         if self.engine.is_finished() || (every > 0 && report.round.is_multiple_of(every)) {
+            // An older evaluation still open ends now, with whoever reported.
+            let open: Vec<u64> = self.fed_evals.keys().copied().collect();
+            for r in open {
+                self.finish_fed_eval(r);
+            }
             let version = self.engine.version();
-            let nodes: Vec<String> = self.engine.node_ids().map(str::to_string).collect();
-            for n in nodes {
-                self.eval_due.insert(n, (report.round, version));
+            let nodes = self.engine.configure_evaluate(report.round);
+            if !nodes.is_empty() {
+                let fe = self.fed_evals.entry(report.round).or_default();
+                for n in nodes {
+                    fe.asked.insert(n.clone());
+                    self.eval_due.insert(n, (report.round, version));
+                }
             }
         }
         let eval_now = self.fed.eval.central
             && (report.round.is_multiple_of(self.fed.eval.every.max(1))
                 || self.engine.is_finished());
-        let eval = self.evaluator.as_ref().filter(|_| eval_now).map(|ev| {
-            let (ev, global, delay) = (Arc::clone(ev), self.engine.global().clone(), self.close_delay);
-            let round = report.round;
-            tokio::task::spawn_blocking(move || {
+        let eval = self
+            .evaluator
+            .as_ref()
+            .filter(|_| eval_now)
+            .map(|ev| (Arc::clone(ev), self.engine.global().clone()));
+        let (dir, delay, round) = (self.checkpoints.clone(), self.close_delay, report.round);
+        // Written first, evaluated after: an evaluation that fails or
+        // crashes the process never loses the round.
+        let work = tokio::task::spawn_blocking(move || {
+            checkpoint.write(&dir)?;
+            Ok(eval.map(|(ev, global)| {
                 std::thread::sleep(delay);
                 ev.evaluate(round, &global)
-            })
+            }))
         });
         let wall_ms = self
             .round_started
@@ -973,7 +1063,7 @@ impl Service {
             .unwrap_or(0);
         self.closing.push_back(Closing {
             report,
-            eval,
+            work,
             wall_ms,
         });
         Ok(())
@@ -984,20 +1074,24 @@ impl Service {
     async fn finish_closing(&mut self) -> Result<bool, AggError> {
         let mut any = false;
         while let Some(c) = self.closing.front() {
-            if c.eval.as_ref().is_some_and(|h| !h.is_finished()) {
+            if !c.work.is_finished() {
                 break;
             }
             let Some(c) = self.closing.pop_front() else {
                 break;
             };
-            let central = match c.eval {
-                // A panicking evaluator loses its scores, not the round.
-                Some(h) => h.await.unwrap_or_else(|e| {
+            let central = match c.work.await {
+                // A checkpoint that cannot be written stops the aggregator:
+                // going on would break "every round has its checkpoint".
+                Ok(done) => done?.unwrap_or_default(),
+                // A panicking evaluator loses its scores, not the round
+                // (the checkpoint was written before it ran).
+                Err(e) => {
                     warn!(round = c.report.round, %e, "central evaluation panicked");
                     Vec::new()
-                }),
-                None => Vec::new(),
+                }
             };
+            self.prune_checkpoints();
             self.write_round(&c.report, central, c.wall_ms)?;
             any = true;
         }

@@ -9,8 +9,14 @@
 
 pub mod net;
 
+pub mod strategy;
+
 use cohort_simulator::config::TaskConfig;
-use cohort_simulator::{run_experiment_with, ExperimentConfig, ExperimentResult, RoundMetrics};
+use cohort_aggregator::Strategy;
+use cohort_simulator::{
+    run_experiment_with, run_experiment_with_strategy, ExperimentConfig, ExperimentResult,
+    RoundMetrics,
+};
 use cohort_tasks::dfdx::nn::builders::{DropoutOneIn, LayerNorm1D, Linear, ReLU, Residual};
 use cohort_tasks::{Backend, ModelRegistry};
 
@@ -54,6 +60,32 @@ pub fn run(rounds: u64) -> anyhow::Result<ExperimentResult> {
 /// Any experiment with our model in the registry, simulated.
 pub fn simulate(cfg: &ExperimentConfig) -> anyhow::Result<ExperimentResult> {
     Ok(run_experiment_with(cfg, &registry(), print_round)?)
+}
+
+/// Our strategy ([`strategy::ScheduledMomentum`]) as the network mode uses
+/// it: server momentum 0.5, a server learning rate warming up over 2 rounds
+/// to 1 and decaying to 0.1 by round `rounds`, FedNova's normalization by
+/// local steps.
+pub fn scheduled_momentum(rounds: u64) -> Box<dyn Strategy> {
+    let schedule = strategy::LrSchedule {
+        peak: 1.0,
+        warmup: 2,
+        total: rounds,
+        floor: 0.1,
+    };
+    Box::new(strategy::ScheduledMomentum::new(schedule, 0.5, true))
+}
+
+/// [`simulate`] with our strategy instead of the experiment's.
+pub fn simulate_with_our_strategy(cfg: &ExperimentConfig) -> anyhow::Result<ExperimentResult> {
+    let rounds = cfg.rounds;
+    let make = move || scheduled_momentum(rounds);
+    Ok(run_experiment_with_strategy(
+        cfg,
+        &registry(),
+        &make,
+        print_round,
+    )?)
 }
 
 fn print_round(m: &RoundMetrics) {

@@ -40,6 +40,9 @@ enum Mode {
         /// An experiment file instead (cohort-sim's format).
         #[arg(long)]
         experiment: Option<PathBuf>,
+        /// With this program's own strategy (see `aggregator --our-strategy`).
+        #[arg(long)]
+        our_strategy: bool,
     },
     /// The aggregator of a real federation (see cohort-aggregator --help).
     Aggregator {
@@ -58,6 +61,11 @@ enum Mode {
         /// Let any peer join (demos and tests only).
         #[arg(long)]
         open: bool,
+        /// Aggregate with this program's own strategy (server momentum with
+        /// a warmup + cosine server learning rate, FedNova-normalized)
+        /// instead of the experiment's.
+        #[arg(long)]
+        our_strategy: bool,
     },
     /// A node (see cohort-node --help): its node file may name `my_resmlp`.
     Node {
@@ -74,6 +82,7 @@ fn main() -> anyhow::Result<()> {
     let mode = Args::parse().mode.unwrap_or(Mode::Sim {
         rounds: 15,
         experiment: None,
+        our_strategy: false,
     });
     if !matches!(mode, Mode::Sim { .. }) {
         tracing_subscriber::fmt()
@@ -86,12 +95,19 @@ fn main() -> anyhow::Result<()> {
     }
     let runtime = || tokio::runtime::Runtime::new().context("tokio runtime");
     match mode {
-        Mode::Sim { rounds, experiment } => {
+        Mode::Sim {
+            rounds,
+            experiment,
+            our_strategy,
+        } => {
             let result = match experiment {
                 Some(path) => {
-                    let text = std::fs::read_to_string(&path)
-                        .with_context(|| format!("reading {}", path.display()))?;
-                    cohort_example_own_model::simulate(&ExperimentConfig::from_toml(&text)?)?
+                    let cfg = ExperimentConfig::from_file(&path)?;
+                    if our_strategy {
+                        cohort_example_own_model::simulate_with_our_strategy(&cfg)?
+                    } else {
+                        cohort_example_own_model::simulate(&cfg)?
+                    }
                 }
                 None => cohort_example_own_model::run(rounds)?,
             };
@@ -108,6 +124,7 @@ fn main() -> anyhow::Result<()> {
             listen,
             allow,
             open,
+            our_strategy,
         } => {
             let cfg = AggregatorConfig {
                 data_dir,
@@ -116,7 +133,7 @@ fn main() -> anyhow::Result<()> {
                 open,
                 ..AggregatorConfig::default()
             };
-            let aggregator = cohort_example_own_model::net::aggregator(cfg, &experiment)?;
+            let aggregator = cohort_example_own_model::net::aggregator(cfg, &experiment, our_strategy)?;
             runtime()?.block_on(aggregator.run())?;
         }
         Mode::Node { config, connect } => {

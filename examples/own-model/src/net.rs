@@ -10,14 +10,26 @@ use std::path::Path;
 use cohort_aggregator::service::{Aggregator, AggregatorConfig, FederationConfig};
 use cohort_node::agent::{Agent, NodeConfig};
 
-use crate::registry;
+use crate::{registry, scheduled_momentum};
 
 /// The aggregator of `experiment` (cohort-sim's format: `backbone =
 /// "my_resmlp"` names our model), with its folder, addresses and access
-/// from `cfg`.
-pub fn aggregator(cfg: AggregatorConfig, experiment: &Path) -> anyhow::Result<Aggregator> {
+/// from `cfg`; with `our_strategy`, it aggregates with
+/// [`crate::strategy::ScheduledMomentum`] instead of the experiment's
+/// strategy.
+pub fn aggregator(
+    cfg: AggregatorConfig,
+    experiment: &Path,
+    our_strategy: bool,
+) -> anyhow::Result<Aggregator> {
     let fed = FederationConfig::load(experiment)?;
-    Ok(Aggregator::from_config(cfg, fed, &registry())?)
+    let rounds = fed.rounds;
+    let agg = Aggregator::from_config(cfg, fed, &registry())?;
+    Ok(if our_strategy {
+        agg.with_strategy(move || scheduled_momentum(rounds))
+    } else {
+        agg
+    })
 }
 
 /// A node of a node file whose `backbone` may name our model.

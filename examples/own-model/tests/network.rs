@@ -2,7 +2,8 @@
 //! processes of this crate's binary on 127.0.0.1 (real libp2p, sealed
 //! updates), on `experiment.toml`; the held-out accuracy the aggregator
 //! measures after the last round must be in the band of the same experiment
-//! simulated in this process.
+//! simulated in this process. The aggregator aggregates with the user's own
+//! strategy (`ScheduledMomentum`, defined in this crate), in both.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,11 +28,13 @@ fn start_node(name: &str, dir: &Path, connect: &Path) -> Proc {
     Proc::spawn(name, cmd, dir)
 }
 
+/// The user's model, and the user's strategy
+/// (`cohort_example_own_model::strategy::ScheduledMomentum`, defined
+/// outside the aggregator crate) in the aggregator service.
 #[test]
-fn own_model_federates_over_the_network_like_in_the_simulator() {
-    let text = std::fs::read_to_string(experiment()).expect("experiment.toml");
-    let cfg = ExperimentConfig::from_toml(&text).expect("experiment");
-    let sim = cohort_example_own_model::simulate(&cfg).expect("simulation");
+fn own_model_and_strategy_federate_over_the_network_like_in_the_simulator() {
+    let cfg = ExperimentConfig::from_file(&experiment()).expect("experiment");
+    let sim = cohort_example_own_model::simulate_with_our_strategy(&cfg).expect("simulation");
     let sim_acc = f64::from(sim.accuracy("digits").expect("simulated accuracy"));
 
     let dir = TestDir::new();
@@ -42,7 +45,7 @@ fn own_model_federates_over_the_network_like_in_the_simulator() {
         &experiment(),
         &dir.path().join("aggregator"),
         "/ip4/127.0.0.1/tcp/0",
-        &["--open"],
+        &["--open", "--our-strategy"],
     );
     let connect = agg.connect_file();
     let mut nodes: Vec<Proc> = (0..3)
@@ -63,6 +66,12 @@ fn own_model_federates_over_the_network_like_in_the_simulator() {
     assert!(
         rounds.iter().all(|r| r["accepted"] == 3),
         "all three nodes contribute to every round: {rounds:?}"
+    );
+    // The strategy's own federated evaluation summary after the last round.
+    let summaries = agg.metrics("federated_summary");
+    assert!(
+        summaries.iter().any(|s| s["round"] == 8 && s["reports"] == 3),
+        "federated evaluation of the last round by all three nodes: {summaries:?}"
     );
     let net_acc = agg.accuracy("digits");
     println!("held-out digits accuracy: network {net_acc:.3}, simulator {sim_acc:.3}");
