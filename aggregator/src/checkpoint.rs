@@ -616,7 +616,6 @@ impl Checkpoint {
 }
 
 impl Engine {
-
     /// Resumes from the newest good checkpoint in `dir` (`None` if there
     /// is none). The config must hash like the one that wrote it (`rounds`
     /// may differ) and `strategy` must be the same kind. Nodes must

@@ -204,7 +204,9 @@ impl FederationConfig {
             }
         }
         if self.clients.count == 0 || self.clients.per_round == 0 {
-            return Err(bad("clients.count and clients.per_round must be at least 1"));
+            return Err(bad(
+                "clients.count and clients.per_round must be at least 1",
+            ));
         }
         if self.clients.per_round > self.clients.count {
             return Err(bad("clients.per_round cannot exceed clients.count"));

@@ -30,11 +30,9 @@ mod config;
 mod evaluate;
 mod setup;
 
-pub use setup::{build_model, Aggregator, StrategyFactory};
-pub use config::{
-    allowlist, AggregatorConfig, Clients, EvalConfig, FederationConfig, TaskConfig,
-};
+pub use config::{allowlist, AggregatorConfig, Clients, EvalConfig, FederationConfig, TaskConfig};
 pub use evaluate::{CentralEvaluator, Score, TestSetEvaluator};
+pub use setup::{build_model, Aggregator, StrategyFactory};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
@@ -122,6 +120,8 @@ struct Closing {
     /// The checkpoint written, then the scores (none: not evaluated).
     work: tokio::task::JoinHandle<Result<Option<Vec<Score>>, AggError>>,
     wall_ms: u64,
+    /// A line written after a restart (see `Service::recover_last_line`).
+    recovered: bool,
 }
 
 /// The task that owns the engine while the aggregator runs (built by
@@ -141,6 +141,7 @@ struct Service {
     checkpoints: PathBuf,
     keep_checkpoints: usize,
     metrics: File,
+    metrics_path: PathBuf,
     linger: Duration,
     connect_file: PathBuf,
     connect: ConnectInfo,
@@ -199,6 +200,11 @@ pub struct ConnectInfo {
 struct RoundLine<'a> {
     kind: &'static str,
     round: u64,
+    /// Written after a restart for a round whose checkpoint was written but
+    /// whose line was not (the process died in between): its counts were
+    /// lost with the process, its weights were not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    recovered: bool,
     version: u64,
     stepped: bool,
     quorum_met: bool,
@@ -218,6 +224,31 @@ struct RoundLine<'a> {
     wall_ms: u64,
     /// When the round closed, in ms since the process started.
     closed_at_ms: u64,
+}
+
+/// The highest round of a `round` line among the last 1 MiB of a metrics
+/// file (0 when there is none or it cannot be read).
+fn last_round_line(path: &std::path::Path) -> u64 {
+    use std::io::{Read, Seek, SeekFrom};
+    const TAIL: u64 = 1 << 20;
+    let Ok(mut f) = File::open(path) else {
+        return 0;
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).is_err() {
+        return 0;
+    }
+    let mut bytes = Vec::new();
+    if f.take(TAIL).read_to_end(&mut bytes).is_err() {
+        return 0;
+    }
+    String::from_utf8_lossy(&bytes)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "round")
+        .filter_map(|v| v["round"].as_u64())
+        .max()
+        .unwrap_or(0)
 }
 
 fn refuse(code: RefusalCode, message: impl Into<String>) -> Response {
@@ -312,6 +343,7 @@ impl Service {
             checkpoints: data_dir.join("checkpoints"),
             keep_checkpoints: cfg.keep_checkpoints,
             metrics,
+            metrics_path,
             linger: Duration::from_secs(cfg.linger_s),
             connect_file: data_dir.join("connect.toml"),
             connect,
@@ -346,6 +378,7 @@ impl Service {
     /// Serves until the run is over (and the linger time has passed) or
     /// the event loop stops.
     async fn run(mut self, mut events: mpsc::Receiver<NetEvent>) -> Result<(), AggError> {
+        self.recover_last_line();
         self.update_submit_cap();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -423,6 +456,39 @@ impl Service {
             NetEvent::InboundFailure { .. } => {}
         }
         Ok(false)
+    }
+
+    /// After a restart: when the round the engine resumed at has no line in
+    /// `metrics.jsonl` (killed between its checkpoint and its line), its
+    /// line is written now, marked `recovered`, with its central
+    /// evaluation, before the next round starts.
+    fn recover_last_line(&mut self) {
+        let round = self.engine.round();
+        if round == 0 || self.engine.round_open() || last_round_line(&self.metrics_path) >= round {
+            return;
+        }
+        warn!(
+            round,
+            "the last round's metrics line is missing (killed after its checkpoint); writing it"
+        );
+        let report = RoundReport {
+            round,
+            version: self.engine.version(),
+            ..RoundReport::default()
+        };
+        let eval = self
+            .evaluator
+            .as_ref()
+            .filter(|_| self.fed.eval.central)
+            .map(|ev| (Arc::clone(ev), self.engine.global().clone()));
+        let work =
+            tokio::task::spawn_blocking(move || Ok(eval.map(|(ev, g)| ev.evaluate(round, &g))));
+        self.closing.push_back(Closing {
+            report,
+            work,
+            wall_ms: 0,
+            recovered: true,
+        });
     }
 
     fn write_connect_file(&self) -> Result<(), AggError> {
@@ -878,7 +944,9 @@ impl Service {
             .filter(|n| !fe.reports.iter().any(|r| &r.node == *n))
             .map(|n| (n.clone(), FailureReason::Timeout))
             .collect();
-        let metrics = self.engine.aggregate_evaluate(round, &fe.reports, &failures);
+        let metrics = self
+            .engine
+            .aggregate_evaluate(round, &fe.reports, &failures);
         if let Some(m) = &metrics {
             let shown: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             println!(
@@ -1065,6 +1133,7 @@ impl Service {
             report,
             work,
             wall_ms,
+            recovered: false,
         });
         Ok(())
     }
@@ -1092,7 +1161,7 @@ impl Service {
                 }
             };
             self.prune_checkpoints();
-            self.write_round(&c.report, central, c.wall_ms)?;
+            self.write_round(&c.report, central, c.wall_ms, c.recovered)?;
             any = true;
         }
         Ok(any)
@@ -1103,6 +1172,7 @@ impl Service {
         report: &RoundReport,
         central: Vec<Score>,
         wall_ms: u64,
+        recovered: bool,
     ) -> Result<(), AggError> {
         let scores: Vec<String> = central
             .iter()
@@ -1125,6 +1195,7 @@ impl Service {
         let line = RoundLine {
             kind: "round",
             round: report.round,
+            recovered,
             version: report.version,
             stepped: report.stepped,
             quorum_met: report.quorum_met,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use cohort_protocol::p2p::SubmitCap;
 use cohort_protocol::seal::SealKeyPair;
-use cohort_protocol::transport::{build_swarm_with, event_loop, load_or_create_identity, Admission};
+use cohort_protocol::transport::{
+    build_swarm_with, event_loop, load_or_create_identity, Admission,
+};
 use cohort_protocol::{Layout, ParamGroups};
 use cohort_tasks::{check_input, Dataset, ModelRegistry, SharedModel, TaskSpec};
 use libp2p::Multiaddr;

@@ -11,8 +11,8 @@ pub mod net;
 
 pub mod strategy;
 
-use cohort_simulator::config::TaskConfig;
 use cohort_aggregator::Strategy;
+use cohort_simulator::config::TaskConfig;
 use cohort_simulator::{
     run_experiment_with, run_experiment_with_strategy, ExperimentConfig, ExperimentResult,
     RoundMetrics,

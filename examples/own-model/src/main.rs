@@ -133,7 +133,8 @@ fn main() -> anyhow::Result<()> {
                 open,
                 ..AggregatorConfig::default()
             };
-            let aggregator = cohort_example_own_model::net::aggregator(cfg, &experiment, our_strategy)?;
+            let aggregator =
+                cohort_example_own_model::net::aggregator(cfg, &experiment, our_strategy)?;
             runtime()?.block_on(aggregator.run())?;
         }
         Mode::Node { config, connect } => {
@@ -142,7 +143,11 @@ fn main() -> anyhow::Result<()> {
                 cfg.connect_file = connect;
             }
             let agent = cohort_example_own_model::net::node(cfg)?;
-            println!("own-model node {}: aggregator {}", agent.peer_id(), agent.aggregator());
+            println!(
+                "own-model node {}: aggregator {}",
+                agent.peer_id(),
+                agent.aggregator()
+            );
             match runtime()?.block_on(agent.run()) {
                 Ok(()) => println!("federation finished"),
                 Err(NodeError::Refused(r)) => {

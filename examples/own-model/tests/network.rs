@@ -70,7 +70,9 @@ fn own_model_and_strategy_federate_over_the_network_like_in_the_simulator() {
     // The strategy's own federated evaluation summary after the last round.
     let summaries = agg.metrics("federated_summary");
     assert!(
-        summaries.iter().any(|s| s["round"] == 8 && s["reports"] == 3),
+        summaries
+            .iter()
+            .any(|s| s["round"] == 8 && s["reports"] == 3),
         "federated evaluation of the last round by all three nodes: {summaries:?}"
     );
     let net_acc = agg.accuracy("digits");

@@ -54,10 +54,9 @@ pub fn load_local_tasks(cfg: &NodeConfig) -> Result<Vec<LocalTask>, NodeError> {
         let idx: Vec<usize> = match &t.shard {
             Some(s) => {
                 let mut parts = partition(&s.partitioner, &data.labels, None, s.count, s.seed)?;
-                parts
-                    .get_mut(s.index)
-                    .map(std::mem::take)
-                    .ok_or_else(|| NodeError::Config(format!("task `{}`: no shard {}", t.name, s.index)))?
+                parts.get_mut(s.index).map(std::mem::take).ok_or_else(|| {
+                    NodeError::Config(format!("task `{}`: no shard {}", t.name, s.index))
+                })?
             }
             None => (0..data.len()).collect(),
         };
@@ -113,7 +112,10 @@ pub fn check_tasks(model: &dyn Model, tasks: &[LocalTask]) -> Result<(), NodeErr
             return bad(format!("task `{}`: no training samples", t.name));
         }
         if t.train.iter().chain(&t.test).any(|&i| i >= t.data.len()) {
-            return bad(format!("task `{}`: a sample index is out of bounds", t.name));
+            return bad(format!(
+                "task `{}`: a sample index is out of bounds",
+                t.name
+            ));
         }
     }
     Ok(())

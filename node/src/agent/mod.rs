@@ -413,9 +413,11 @@ impl Session {
     }
 
     fn runtime(&self) -> Result<&NodeRuntime, StepError> {
-        self.runtime
-            .as_ref()
-            .ok_or_else(|| StepError::Fatal(NodeError::Internal("training thread lost the runtime".into())))
+        self.runtime.as_ref().ok_or_else(|| {
+            StepError::Fatal(NodeError::Internal(
+                "training thread lost the runtime".into(),
+            ))
+        })
     }
 
     /// The global weights of `version` for the groups this node needs:
@@ -476,10 +478,11 @@ impl Session {
             deadline_ms = plan.deadline_ms,
             "training"
         );
-        let mut runtime = self
-            .runtime
-            .take()
-            .ok_or_else(|| StepError::Fatal(NodeError::Internal("training thread lost the runtime".into())))?;
+        let mut runtime = self.runtime.take().ok_or_else(|| {
+            StepError::Fatal(NodeError::Internal(
+                "training thread lost the runtime".into(),
+            ))
+        })?;
         let tasks = Arc::clone(&self.tasks);
         let plan2 = plan.clone();
         // Training is CPU work: off the async runtime, so that the event
@@ -564,4 +567,3 @@ impl Session {
         }
     }
 }
-

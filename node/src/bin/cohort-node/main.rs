@@ -115,8 +115,8 @@ fn main() -> anyhow::Result<()> {
         println!("{}", peer_id_of(&cfg.data_dir)?);
         return Ok(());
     }
-    let agent = Agent::from_config(cfg, &ModelRegistry::default())
-        .context("setting up the node")?;
+    let agent =
+        Agent::from_config(cfg, &ModelRegistry::default()).context("setting up the node")?;
     println!(
         "cohort-node {}: federation `{}`, aggregator {}",
         agent.peer_id(),
