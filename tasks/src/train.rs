@@ -26,7 +26,7 @@
 //! the result does not depend on the rayon pool training is called from
 //! (tested with 1 and 2 threads in `tasks/tests/backends.rs`).
 //!
-//! Both backends share this module's schedule ([`run_schedule`]) and
+//! Both backends share this module's schedule (`run_schedule`) and
 //! evaluation loop, so they differ only in how one batch steps the
 //! weights.
 

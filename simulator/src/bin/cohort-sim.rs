@@ -140,7 +140,7 @@ struct Cli {
     /// Fraction of Byzantine clients.
     #[arg(long)]
     byzantine: Option<f64>,
-    /// Attack of the Byzantine clients: sign_flip[:SCALE], scale:FACTOR,
+    /// Attack of the Byzantine clients: `sign_flip[:SCALE]`, scale:FACTOR,
     /// noise:STD, label_flip.
     #[arg(long)]
     attack: Option<String>,
