@@ -392,6 +392,62 @@ pub fn load_csv(path: &Path, spec: &CsvSpec) -> Result<Vec<Dataset>, TasksError>
 
 /// Parses CSV content; each data set comes with the 0-based record number
 /// of each of its samples.
+/// A CSV file opened for reading: its header (cells trimmed) if it has
+/// one, its records, and its column count (the header's, or the first
+/// record's).
+pub(crate) struct CsvTable<'a> {
+    pub(crate) header: Option<Vec<String>>,
+    pub(crate) records: std::iter::Peekable<csv::StringRecordsIntoIter<&'a [u8]>>,
+    pub(crate) width: usize,
+}
+
+impl<'a> CsvTable<'a> {
+    pub(crate) fn open(path: &Path, bytes: &'a [u8], has_header: bool) -> Result<Self, TasksError> {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(has_header)
+            .flexible(false)
+            .from_reader(bytes);
+        let header: Option<Vec<String>> = if has_header {
+            let h = rdr.headers().map_err(|e| {
+                TasksError::bad_file(path, FileProblem::Malformed(format!("header: {e}")))
+            })?;
+            Some(h.iter().map(|s| s.trim().to_string()).collect())
+        } else {
+            None
+        };
+        let mut records = rdr.into_records().peekable();
+        let width = match (&header, records.peek()) {
+            (Some(h), _) => h.len(),
+            (None, Some(Ok(r))) => r.len(),
+            (None, _) => 0,
+        };
+        Ok(CsvTable {
+            header,
+            records,
+            width,
+        })
+    }
+}
+
+/// The 0-based index of a column of a file with `width` columns.
+pub(crate) fn resolve_column(
+    path: &Path,
+    header: Option<&[String]>,
+    width: usize,
+    c: &Column,
+) -> Result<usize, TasksError> {
+    let bad = |p| TasksError::bad_file(path, p);
+    match c {
+        Column::Index(i) if *i < width => Ok(*i),
+        Column::Index(i) => Err(bad(FileProblem::UnknownColumn(format!(
+            "#{i} (the file has {width} columns)"
+        )))),
+        Column::Name(n) => header
+            .and_then(|h| h.iter().position(|x| x == n))
+            .ok_or_else(|| bad(FileProblem::UnknownColumn(n.clone()))),
+    }
+}
+
 pub(crate) fn parse_csv(
     path: &Path,
     bytes: &[u8],
@@ -403,36 +459,12 @@ pub(crate) fn parse_csv(
             "the CSV spec names no label column".into(),
         )));
     }
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(spec.has_header)
-        .flexible(false)
-        .from_reader(bytes);
-    let header: Option<Vec<String>> = if spec.has_header {
-        let h = rdr
-            .headers()
-            .map_err(|e| bad(FileProblem::Malformed(format!("header: {e}"))))?;
-        Some(h.iter().map(|s| s.trim().to_string()).collect())
-    } else {
-        None
-    };
-    let mut records = rdr.records().peekable();
-    let width = match (&header, records.peek()) {
-        (Some(h), _) => h.len(),
-        (None, Some(Ok(r))) => r.len(),
-        (None, _) => 0,
-    };
-    let resolve = |c: &Column| -> Result<usize, TasksError> {
-        match c {
-            Column::Index(i) if *i < width => Ok(*i),
-            Column::Index(i) => Err(bad(FileProblem::UnknownColumn(format!(
-                "#{i} (the file has {width} columns)"
-            )))),
-            Column::Name(n) => header
-                .as_ref()
-                .and_then(|h| h.iter().position(|x| x == n))
-                .ok_or_else(|| bad(FileProblem::UnknownColumn(n.clone()))),
-        }
-    };
+    let CsvTable {
+        header,
+        records,
+        width,
+    } = CsvTable::open(path, bytes, spec.has_header)?;
+    let resolve = |c: &Column| resolve_column(path, header.as_deref(), width, c);
     let label_cols: Vec<usize> = spec
         .labels
         .iter()

@@ -76,9 +76,9 @@ use serde::de::{self, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::data::{
-    builtin, builtin_names, load_idx_classes, parse_csv, read_file, standardize,
-    stratified_split_fraction, Column, CsvSpec, Dataset, LabelClasses, LabelColumn, Split,
-    SPLIT_SEED, TEST_FRACTION,
+    builtin, builtin_names, load_idx_classes, parse_csv, read_file, resolve_column, standardize,
+    stratified_split_fraction, Column, CsvSpec, CsvTable, Dataset, LabelClasses, LabelColumn,
+    Split, SPLIT_SEED, TEST_FRACTION,
 };
 use crate::error::FileProblem;
 use crate::model::{Model, MAX_CLASSES};
@@ -392,37 +392,15 @@ fn scan_labels(
     values: &mut BTreeSet<String>,
 ) -> Result<usize, TasksError> {
     let bad = |p| TasksError::bad_file(path, p);
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(c.header)
-        .flexible(false)
-        .from_reader(bytes);
-    let header: Option<Vec<String>> = if c.header {
-        let h = rdr
-            .headers()
-            .map_err(|e| bad(FileProblem::Malformed(format!("header: {e}"))))?;
-        Some(h.iter().map(|s| s.trim().to_string()).collect())
-    } else {
-        None
-    };
-    let mut records = rdr.records().peekable();
-    let width = match (&header, records.peek()) {
-        (Some(h), _) => h.len(),
-        (None, Some(Ok(r))) => r.len(),
-        (None, _) => 0,
-    };
+    let CsvTable {
+        header,
+        records,
+        width,
+    } = CsvTable::open(path, bytes, c.header)?;
     let col = match &c.label {
         None if width > 0 => width - 1,
         None => return Err(bad(FileProblem::Dimensions("no column".into()))),
-        Some(Column::Index(i)) if *i < width => *i,
-        Some(Column::Index(i)) => {
-            return Err(bad(FileProblem::UnknownColumn(format!(
-                "#{i} (the file has {width} columns)"
-            ))))
-        }
-        Some(Column::Name(n)) => header
-            .as_ref()
-            .and_then(|h| h.iter().position(|x| x == n))
-            .ok_or_else(|| bad(FileProblem::UnknownColumn(n.clone())))?,
+        Some(column) => resolve_column(path, header.as_deref(), width, column)?,
     };
     if !collect {
         return Ok(col);
