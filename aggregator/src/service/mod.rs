@@ -476,11 +476,7 @@ impl Service {
             version: self.engine.version(),
             ..RoundReport::default()
         };
-        let eval = self
-            .evaluator
-            .as_ref()
-            .filter(|_| self.fed.eval.central)
-            .map(|ev| (Arc::clone(ev), self.engine.global().clone()));
+        let eval = self.central_job(true);
         let work =
             tokio::task::spawn_blocking(move || Ok(eval.map(|(ev, g)| ev.evaluate(round, &g))));
         self.closing.push_back(Closing {
@@ -931,6 +927,23 @@ impl Service {
         Response::Ack
     }
 
+    /// Ends every federated evaluation still open.
+    fn finish_fed_evals(&mut self) {
+        let open: Vec<u64> = self.fed_evals.keys().copied().collect();
+        for r in open {
+            self.finish_fed_eval(r);
+        }
+    }
+
+    /// The evaluator and a copy of the global model, when the central
+    /// evaluation is on and `due`.
+    fn central_job(&self, due: bool) -> Option<(Arc<dyn CentralEvaluator>, ParamGroups)> {
+        self.evaluator
+            .as_ref()
+            .filter(|_| due && self.fed.eval.central)
+            .map(|ev| (Arc::clone(ev), self.engine.global().clone()))
+    }
+
     /// Hands a federated evaluation to the strategy (`aggregate_evaluate`):
     /// the reports, and as failures the nodes asked that did not report
     /// (`Timeout`). Writes its summary line.
@@ -1013,10 +1026,7 @@ impl Service {
             let at = *self.finished_at.get_or_insert_with(Instant::now);
             let leaving = at.elapsed() >= self.linger;
             if leaving {
-                let open: Vec<u64> = self.fed_evals.keys().copied().collect();
-                for r in open {
-                    self.finish_fed_eval(r);
-                }
+                self.finish_fed_evals();
             }
             return Ok(leaving);
         }
@@ -1093,10 +1103,7 @@ impl Service {
         let every = self.fed.eval.federated_every;
         if self.engine.is_finished() || (every > 0 && report.round.is_multiple_of(every)) {
             // An older evaluation still open ends now, with whoever reported.
-            let open: Vec<u64> = self.fed_evals.keys().copied().collect();
-            for r in open {
-                self.finish_fed_eval(r);
-            }
+            self.finish_fed_evals();
             let version = self.engine.version();
             let nodes = self.engine.configure_evaluate(report.round);
             if !nodes.is_empty() {
@@ -1107,14 +1114,9 @@ impl Service {
                 }
             }
         }
-        let eval_now = self.fed.eval.central
-            && (report.round.is_multiple_of(self.fed.eval.every.max(1))
-                || self.engine.is_finished());
-        let eval = self
-            .evaluator
-            .as_ref()
-            .filter(|_| eval_now)
-            .map(|ev| (Arc::clone(ev), self.engine.global().clone()));
+        let eval = self.central_job(
+            report.round.is_multiple_of(self.fed.eval.every.max(1)) || self.engine.is_finished(),
+        );
         let (dir, delay, round) = (self.checkpoints.clone(), self.close_delay, report.round);
         // Written first, evaluated after: an evaluation that fails or
         // crashes the process never loses the round.
