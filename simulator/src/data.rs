@@ -194,10 +194,12 @@ impl Population {
         let mut slot = Vec::with_capacity(self.tasks.len());
         for (t, task) in self.tasks.iter().enumerate() {
             let holders: Vec<usize> = (0..self.clients).filter(|&c| self.holds(c, t)).collect();
+            // Text data sets key each sample by its document (e.g. a
+            // speaking role): the natural partitioner's keys.
             let p = cohort_tasks::partition(
                 partitioner,
                 &task.split.train.labels,
-                None,
+                task.split.train.keys(),
                 holders.len(),
                 mix_seed(self.seed, TASK_SALT + t as u64),
             )?;

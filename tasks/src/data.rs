@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -27,17 +27,25 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::FileProblem;
+use crate::text::TokenWindows;
 use crate::TasksError;
 
 /// Features as `f32` row-major (`n x dim`), already scaled (e.g. pixels /
-/// 255), labels as `u32` class ids.
+/// 255), labels as `u32` class ids. Text data sets hold no feature rows:
+/// their samples are views into a token buffer (`windows`; see
+/// [`crate::text`]), `dim` tokens each; read any sample with
+/// [`Dataset::copy_row`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Dataset {
     pub name: String,
     pub dim: usize,
     pub classes: usize,
+    /// Dense rows; empty when `windows` holds the samples.
     pub features: Vec<f32>,
     pub labels: Vec<u32>,
+    /// Text samples: windows of a shared token buffer (not serialized).
+    #[serde(skip)]
+    pub windows: Option<Arc<TokenWindows>>,
 }
 
 impl Dataset {
@@ -49,31 +57,85 @@ impl Dataset {
         self.labels.is_empty()
     }
 
-    /// The features of sample `i`. Panics if `i >= len()`.
+    /// The features of sample `i` of a dense data set. Panics if
+    /// `i >= len()` or on a text data set (use [`Dataset::copy_row`]).
     pub fn row(&self, i: usize) -> &[f32] {
         &self.features[i * self.dim..(i + 1) * self.dim]
     }
 
-    /// A copy of the samples `idx` (in that order). Panics on an index out
-    /// of range (indices come from our own partitioners and splits).
-    pub fn subset(&self, idx: &[usize]) -> Dataset {
-        let mut features = Vec::with_capacity(idx.len() * self.dim);
-        let mut labels = Vec::with_capacity(idx.len());
-        for &i in idx {
-            features.extend_from_slice(self.row(i));
-            labels.push(self.labels[i]);
+    /// Writes the `dim` features of sample `i` to `out` (a text sample's
+    /// token ids as `f32`). Panics if `i >= len()` or `out.len() != dim`.
+    pub fn copy_row(&self, i: usize, out: &mut [f32]) {
+        match &self.windows {
+            None => out.copy_from_slice(self.row(i)),
+            Some(w) => {
+                for (o, &t) in out.iter_mut().zip(w.window(i)) {
+                    *o = f32::from(t);
+                }
+            }
         }
+    }
+
+    /// The document of each sample of a text data set (the natural
+    /// partition's keys).
+    pub fn keys(&self) -> Option<&[u32]> {
+        self.windows.as_deref().map(TokenWindows::keys)
+    }
+
+    /// The samples `idx` (in that order): copies of dense rows, or windows
+    /// of the same token buffer. Panics on an index out of range (indices
+    /// come from our own partitioners and splits).
+    pub fn subset(&self, idx: &[usize]) -> Dataset {
+        let labels = idx.iter().map(|&i| self.labels[i]).collect();
+        let (features, windows) = match &self.windows {
+            Some(w) => (Vec::new(), Some(Arc::new(w.subset(idx)))),
+            None => {
+                let mut f = Vec::with_capacity(idx.len() * self.dim);
+                for &i in idx {
+                    f.extend_from_slice(self.row(i));
+                }
+                (f, None)
+            }
+        };
         Dataset {
             name: self.name.clone(),
             dim: self.dim,
             classes: self.classes,
             features,
             labels,
+            windows,
+        }
+    }
+
+    /// Whether the sample storage agrees with `len()` and `dim`.
+    pub(crate) fn shape_error(&self) -> Option<String> {
+        match &self.windows {
+            Some(w) if w.len() != self.labels.len() || w.context() != self.dim => Some(format!(
+                "{} windows of {} tokens for {} samples of {} features",
+                w.len(),
+                w.context(),
+                self.labels.len(),
+                self.dim
+            )),
+            Some(_) if !self.features.is_empty() => {
+                Some("both feature rows and token windows".into())
+            }
+            Some(_) => None,
+            None if Some(self.features.len()) != self.labels.len().checked_mul(self.dim) => {
+                Some(format!(
+                    "{} feature values for {} samples of {} features",
+                    self.features.len(),
+                    self.labels.len(),
+                    self.dim
+                ))
+            }
+            None => None,
         }
     }
 
     /// Checks what a data set built in code may get wrong and training
-    /// relies on: `features.len() == len() * dim`, `dim >= 1`,
+    /// relies on: `features.len() == len() * dim` (or one window of `dim`
+    /// tokens per sample), `dim >= 1`,
     /// `1 <= classes <= MAX_CLASSES`, every label `< classes`, every feature
     /// finite. The error names the data set.
     pub fn validate(&self) -> Result<(), TasksError> {
@@ -93,13 +155,8 @@ impl Dataset {
                 crate::MAX_CLASSES
             ));
         }
-        if Some(self.features.len()) != self.labels.len().checked_mul(self.dim) {
-            return bad(format!(
-                "{} feature values for {} samples of {} features",
-                self.features.len(),
-                self.labels.len(),
-                self.dim
-            ));
+        if let Some(m) = self.shape_error() {
+            return bad(m);
         }
         if let Some(i) = self.labels.iter().position(|&y| y as usize >= self.classes) {
             return bad(format!(
@@ -305,6 +362,7 @@ fn idx_from_bytes(
         classes,
         features: pixels.iter().map(|&p| f32::from(p) / 255.0).collect(),
         labels: out_labels,
+        windows: None,
     })
 }
 
@@ -495,6 +553,7 @@ pub(crate) fn parse_csv(
                     classes: l.classes.count(),
                     features: Vec::new(),
                     labels: Vec::new(),
+                    windows: None,
                 },
                 Vec::new(),
             )

@@ -41,6 +41,26 @@
 //!             test_images = "test-x.gz", test_labels = "test-y.gz", classes = 5 }
 //! ```
 //!
+//! A text file (`text` = a CSV of documents with a header; see
+//! [`crate::text`]): every window of `context` characters is a sample.
+//!
+//! ```toml
+//! [tasks.dataset]
+//! text = "data/shakespeare.csv.gz"
+//! id = "role_id"          # default; the document id, the natural partition's key
+//! column = "text"         # default; the text column
+//! label = "next_char"     # default: the character after the window; or a column
+//!                         # holding one class per document, e.g. "genre"
+//! # classes = "auto"      # of a label column, as for `csv`
+//! context = 80            # characters per window (LEAF: 80)
+//! train_fraction = 0.8    # the first 80% of each document's lines train, the rest test
+//! max_vocab = 128         # vocabulary: the training text's characters, most frequent
+//!                         # first, at most 127 of them, plus the unknown symbol (id 0)
+//! # vocab = "etoa ..."    # or exactly these characters (ids 1..)
+//! # documents = 40        # keep 40 documents evenly spread over the file
+//! test_stride = 1         # keep every n-th test window
+//! ```
+//!
 //! Unnamed IDX files default to the MNIST names (`train-images-idx3-ubyte.gz`,
 //! `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`,
 //! `t10k-labels-idx1-ubyte.gz`), `classes` to 10; a label `>= classes` is an
@@ -82,6 +102,7 @@ use crate::data::{
 };
 use crate::error::FileProblem;
 use crate::model::{Model, MAX_CLASSES};
+use crate::text::{load_text, TextLabel, TextSource};
 use crate::TasksError;
 
 /// Most classes `classes = "auto"` infers from a label column; more distinct
@@ -107,6 +128,8 @@ pub enum DatasetSpec {
     Csv(CsvSource),
     /// A pair of IDX files for each split.
     Idx(IdxSource),
+    /// A CSV file of documents read as text windows ([`crate::text`]).
+    Text(TextSource),
 }
 
 /// A CSV file and how to read it; one label column.
@@ -295,6 +318,7 @@ impl DatasetSpec {
                 }
             }
             DatasetSpec::Idx(i) => i.folder = join(Some(base_dir), &i.folder),
+            DatasetSpec::Text(t) => t.path = join(Some(base_dir), &t.path),
         }
         s
     }
@@ -320,6 +344,11 @@ impl DatasetSpec {
                         i.classes
                     ));
                 }
+            }
+            DatasetSpec::Text(t) => {
+                t.validate().map_err(|m| {
+                    TasksError::InvalidSpec(format!("data set `{self}`: {m}"))
+                })?;
             }
             DatasetSpec::Csv(c) => {
                 match &c.classes {
@@ -375,6 +404,10 @@ impl DatasetSpec {
                 }
             }
             DatasetSpec::Csv(c) => load_csv_source(c, base_dir, &name)?,
+            DatasetSpec::Text(t) => {
+                let path = join(base_dir, &t.path);
+                load_text(&path, &read_file(&path)?, t)?.split
+            }
         };
         split.train.name.clone_from(&name);
         split.test.name = name;
@@ -605,6 +638,14 @@ impl fmt::Display for DatasetSpec {
                     None => Ok(()),
                 }
             }
+            DatasetSpec::Text(t) => {
+                write!(f, "text:{}", t.path.display())?;
+                match &t.label {
+                    TextLabel::NextChar => Ok(()),
+                    TextLabel::Column(Column::Name(n)) => write!(f, "[{n}]"),
+                    TextLabel::Column(Column::Index(i)) => write!(f, "[#{i}]"),
+                }
+            }
             DatasetSpec::Idx(i) if i.has_mnist_names() => write!(f, "idx:{}", i.folder.display()),
             DatasetSpec::Idx(i) => write!(f, "idx:{}", i.folder.join(&i.train_images).display()),
         }
@@ -645,6 +686,24 @@ struct Table {
     csv: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     idx: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<Column>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<Column>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    train_fraction: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_vocab: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vocab: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    documents: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    test_stride: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     header: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -699,10 +758,48 @@ impl Table {
                 .map(|(n, _)| format!("`{n}`"))
                 .collect()
         };
+        let text_keys = given(&[
+            ("id", self.id.is_some()),
+            ("column", self.column.is_some()),
+            ("context", self.context.is_some()),
+            ("train_fraction", self.train_fraction.is_some()),
+            ("max_vocab", self.max_vocab.is_some()),
+            ("vocab", self.vocab.is_some()),
+            ("documents", self.documents.is_some()),
+            ("test_stride", self.test_stride.is_some()),
+        ]);
+        if let Some(path) = self.text {
+            if self.csv.is_some() || self.idx.is_some() {
+                return Err("a data set table has one of `csv`, `idx` or `text`".into());
+            }
+            return Self::text_spec(path, self.label, self.classes, [
+                ("features", self.features.is_some()),
+                ("header", self.header.is_some()),
+                ("scale", self.scale.is_some()),
+                ("na", self.na.is_some()),
+                ("missing", self.missing.is_some()),
+                ("test", self.test.is_some()),
+                ("test_file", self.test_file.is_some()),
+                ("train_images", self.train_images.is_some()),
+            ].iter().filter(|(_, g)| *g).map(|(n, _)| format!("`{n}`")).collect(), TextSource {
+                id: self.id.unwrap_or_else(|| TextSource::new("").id),
+                column: self.column.unwrap_or_else(|| TextSource::new("").column),
+                context: self.context.unwrap_or(80),
+                train_fraction: self.train_fraction.unwrap_or(0.8),
+                max_vocab: self.max_vocab.unwrap_or(128),
+                vocab: self.vocab,
+                documents: self.documents,
+                test_stride: self.test_stride.unwrap_or(1),
+                ..TextSource::new("")
+            });
+        }
+        if !text_keys.is_empty() {
+            return Err(format!("{} belong to `text`", text_keys.join(", ")));
+        }
         match (self.csv, self.idx) {
             (Some(_), Some(_)) => Err("a data set table has `csv` or `idx`, not both".into()),
             (None, None) => Err(
-                "a data set table needs `csv = \"PATH\"` or `idx = \"FOLDER\"` (or write a name: `dataset = \"mnist5k\"`)"
+                "a data set table needs `csv = \"PATH\"`, `idx = \"FOLDER\"` or `text = \"PATH\"` (or write a name: `dataset = \"mnist5k\"`)"
                     .into(),
             ),
             (Some(path), None) => {
@@ -774,9 +871,56 @@ impl Table {
         }
     }
 
+    /// The `text` form: `label = "next_char"` (the default) or a column.
+    fn text_spec(
+        path: PathBuf,
+        label: Option<Column>,
+        classes: Option<ClassesSpec>,
+        wrong: Vec<String>,
+        settings: TextSource,
+    ) -> Result<DatasetSpec, String> {
+        if !wrong.is_empty() {
+            return Err(format!("{} do not belong to `text`", wrong.join(", ")));
+        }
+        let label = match label {
+            None => TextLabel::NextChar,
+            Some(Column::Name(n)) if n == "next_char" => TextLabel::NextChar,
+            Some(c) => TextLabel::Column(c),
+        };
+        if label == TextLabel::NextChar && classes.is_some() {
+            return Err("`classes` of a next-character task is its vocabulary: set `max_vocab` or `vocab`".into());
+        }
+        Ok(DatasetSpec::Text(TextSource {
+            path,
+            label,
+            classes: classes.unwrap_or_default(),
+            ..settings
+        }))
+    }
+
     fn from_spec(spec: &DatasetSpec) -> Option<Table> {
         match spec {
             DatasetSpec::Builtin(_) => None,
+            DatasetSpec::Text(t) => Some(Table {
+                text: Some(t.path.clone()),
+                id: Some(t.id.clone()),
+                column: Some(t.column.clone()),
+                label: Some(match &t.label {
+                    TextLabel::NextChar => Column::Name("next_char".into()),
+                    TextLabel::Column(c) => c.clone(),
+                }),
+                classes: match t.label {
+                    TextLabel::NextChar => None,
+                    TextLabel::Column(_) => Some(t.classes.clone()),
+                },
+                context: Some(t.context),
+                train_fraction: Some(t.train_fraction),
+                max_vocab: Some(t.max_vocab),
+                vocab: t.vocab.clone(),
+                documents: t.documents,
+                test_stride: Some(t.test_stride),
+                ..Table::default()
+            }),
             DatasetSpec::Csv(c) => {
                 let (test, test_file) = match &c.test {
                     TestSplit::Fraction { fraction, seed } => (

@@ -21,6 +21,8 @@
 //!   their data (built-in, `csv`, `idx`), [`DatasetSpec::load`], and
 //!   [`check_input`] (does the data fit the model?).
 //! - [`partition`](mod@partition): [`Partitioner`], [`partition()`].
+//! - [`text`]: documents of a CSV file as next-character windows
+//!   ([`TextSource`], [`TokenWindows`], [`Vocab`]).
 //!
 //! A program that defines its own dfdx model uses the dfdx this crate
 //! builds with: [`dfdx`] is re-exported.
@@ -33,6 +35,7 @@ pub mod gemm;
 mod linalg;
 pub mod model;
 pub mod partition;
+pub mod text;
 pub mod train;
 
 /// The dfdx (0.13.0) that the dfdx backend uses; define your models with it.
@@ -55,4 +58,5 @@ pub use model::{
     validate_tasks, Backend, Model, ModelFactory, ModelRegistry, SharedModel, TaskSpec, MAX_CLASSES,
 };
 pub use partition::{partition, Partitioner};
+pub use text::{TextLabel, TextSource, TextSplit, TokenWindows, Vocab};
 pub use train::{EvalMetrics, TaskData, TrainOutcome, MAX_BATCH};

@@ -131,7 +131,9 @@ pub fn partition(
         }
         Partitioner::Natural => {
             let Some(keys) = keys else {
-                return bad("the natural partitioner needs a key per sample".into());
+                return bad(
+                    "the natural partitioner needs a key per sample (text data sets key each window by its document)".into(),
+                );
             };
             if keys.len() != n {
                 return bad(format!("{} keys for {n} samples", keys.len()));

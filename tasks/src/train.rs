@@ -119,11 +119,8 @@ fn check_task_data(model: &dyn Model, classes: usize, td: &TaskData<'_>) -> Resu
             model.name(),
         )));
     }
-    if d.features.len() != d.labels.len() * d.dim {
-        return Err(TasksError::DataMismatch(format!(
-            "data set `{}` has inconsistent lengths",
-            d.name
-        )));
+    if let Some(m) = d.shape_error() {
+        return Err(TasksError::DataMismatch(format!("data set `{}`: {m}", d.name)));
     }
     for &i in td.indices {
         let Some(&y) = d.labels.get(i) else {
@@ -218,8 +215,7 @@ pub(crate) fn run_schedule(
             let x = stepper.input(idx.len());
             labels.clear();
             for (r, &i) in idx.iter().enumerate() {
-                x[r * dim..(r + 1) * dim]
-                    .copy_from_slice(&td.data.features[i * dim..(i + 1) * dim]);
+                td.data.copy_row(i, &mut x[r * dim..(r + 1) * dim]);
                 labels.push(td.data.labels[i]);
             }
             let loss = stepper.step(t, &labels)?;
@@ -313,7 +309,7 @@ pub(crate) fn eval_loop(
     for chunk in idx.chunks(EVAL_BATCH) {
         labels.clear();
         for (r, &i) in chunk.iter().enumerate() {
-            x[r * dim..(r + 1) * dim].copy_from_slice(&data.features[i * dim..(i + 1) * dim]);
+            data.copy_row(i, &mut x[r * dim..(r + 1) * dim]);
             labels.push(data.labels[i]);
         }
         let scores = logits(&x[..chunk.len() * dim], chunk.len())?;

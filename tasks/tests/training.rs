@@ -249,6 +249,7 @@ fn plain_sgd_step_worked_by_hand() {
             classes: 3,
             features: vec![1.0, -2.0, 0.5, 3.0],
             labels: vec![2],
+            windows: None,
         };
         let cfg = TrainConfig {
             epochs: 1,

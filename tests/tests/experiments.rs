@@ -56,6 +56,40 @@ fn digits_iid_file_runs_and_writes_outputs() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+fn from_file(name: &str) -> ExperimentConfig {
+    ExperimentConfig::from_file(&experiments().join(name)).expect("experiment file")
+}
+
+/// Both text tasks learn on one backbone: next character well above the
+/// most frequent character (about 16%), genre at least the most frequent
+/// genre of the held-out lines.
+#[test]
+fn shakespeare_small_file_trains_next_char_and_genre() {
+    let cfg = from_file("shakespeare-small.toml");
+    let r = run_experiment(&cfg, |_| {}).expect("runs");
+    let (next, genre) = (
+        r.accuracy("next_char").expect("next_char"),
+        r.accuracy("genre").expect("genre"),
+    );
+    let pop = cohort_simulator::Population::new(&cfg).expect("data");
+    let counts = pop.tasks[1].split.test.class_counts();
+    let majority = *counts.iter().max().expect("classes") as f32 / pop.tasks[1].split.test.len() as f32;
+    println!("shakespeare-small: next_char {next:.4}, genre {genre:.4} (most frequent genre {majority:.4})");
+    assert!(next > 0.28, "next_char {next}");
+    assert!(genre >= majority - 0.02, "genre {genre} vs {majority}");
+}
+
+/// The benchmark file (W2) runs: one round over all 457 roles.
+#[test]
+fn shakespeare_benchmark_file_runs_a_round() {
+    let mut cfg = from_file("shakespeare.toml");
+    cfg.rounds = 1;
+    let r = run_experiment(&cfg, |_| {}).expect("runs");
+    assert_eq!(r.rounds.len(), 1);
+    assert_eq!(r.rounds[0].accepted, cfg.clients.per_round);
+    assert!(r.accuracy("next_char").expect("evaluated") > 0.16);
+}
+
 #[test]
 fn scale_file_holds_no_state_for_idle_clients() {
     let mut cfg = load("scale.toml");

@@ -22,6 +22,7 @@
 //! kernels stay dfdx's.
 
 pub mod builtin;
+pub mod text;
 
 use std::fmt;
 use std::marker::PhantomData;
