@@ -31,13 +31,14 @@ fn natural_partition_gives_each_role_its_own_client() {
 }
 
 /// FedAvg by role against centralized training of the same model on the
-/// same training characters, for as many passes over them (3 rounds of
-/// every client's 1 local epoch; 3 epochs), next character only.
+/// same training characters, for as many passes over them (6 rounds of
+/// every client's 1 local epoch; 6 epochs, the best held-out accuracy after
+/// any of them), next character only.
 #[test]
 fn federated_by_role_is_within_3_points_of_centralized() {
     let mut cfg = small();
     cfg.tasks.retain(|t| t.name == "next_char");
-    cfg.rounds = 3;
+    cfg.rounds = 6;
     let fl = run_experiment(&cfg, |_| {})
         .expect("runs")
         .accuracy("next_char")
@@ -49,6 +50,7 @@ fn federated_by_role_is_within_3_points_of_centralized() {
         .expect("model");
     let idx: Vec<usize> = (0..task.split.train.len()).collect();
     let mut params = model.init(cfg.seed);
+    let mut by_epoch = Vec::new();
     for epoch in 0..cfg.rounds {
         let mut train = cfg.engine.train.clone();
         train.seed = epoch;
@@ -58,14 +60,13 @@ fn federated_by_role_is_within_3_points_of_centralized() {
             indices: &idx,
         }];
         params = model.train(&params, &data, &train).expect("trains").params;
+        let ev = model.evaluate(&params, "next_char", &task.split.test, None);
+        by_epoch.push(ev.expect("evaluates").accuracy);
     }
-    let central = model
-        .evaluate(&params, "next_char", &task.split.test, None)
-        .expect("evaluates")
-        .accuracy;
+    let central = by_epoch.iter().copied().fold(0.0f32, f32::max);
     println!(
-        "next character on the held-out lines of {} roles: federated {fl:.4}, centralized {central:.4}",
-        cfg.clients.count
+        "next character on the held-out lines of {} roles: federated {fl:.4} after {} rounds, centralized best {central:.4} (by epoch {by_epoch:?})",
+        cfg.clients.count, cfg.rounds
     );
     assert!(central > 0.3, "centralized {central}");
     assert!(fl >= central - 0.03, "federated {fl} vs centralized {central}");

@@ -170,3 +170,64 @@ fn text_tables_parse_and_bad_settings_are_refused() {
     let missing = DatasetSpec::Text(TextSource::new("/nonexistent/x.csv")).load(None);
     assert!(missing.is_err());
 }
+
+/// The GRU (dfdx tensor ops through 20 steps) learns: 150 steps of 32
+/// windows move its held-out accuracy well past the most frequent
+/// character, and its layout names every gate.
+#[test]
+fn char_gru_learns_from_real_text() {
+    let split = load(TextSource {
+        documents: Some(12),
+        test_stride: 8,
+        ..TextSource::new(shakespeare())
+    });
+    let top = split.test.class_counts().into_iter().max().unwrap_or(0);
+    let baseline = top as f32 / split.test.len() as f32;
+    let model = ModelRegistry::default()
+        .build(
+            "char_gru80",
+            Backend::Dfdx,
+            vec![TaskSpec::new("next_char", split.train.classes)],
+        )
+        .expect("model");
+    let names: Vec<String> = model.layout().groups[0]
+        .tensors
+        .iter()
+        .map(|t| t.name.clone())
+        .collect();
+    for gate in ["xr", "xz", "xn", "hr", "hz", "hn"] {
+        assert!(names.contains(&format!("backbone.{gate}.weight")), "{names:?}");
+    }
+    let idx: Vec<usize> = (0..split.train.len()).collect();
+    let cfg = TrainConfig {
+        batch_size: 32,
+        lr: 0.005,
+        optimizer: Optimizer::Adam {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+        max_steps: Some(150),
+        seed: 1,
+        ..TrainConfig::default()
+    };
+    let data = [TaskData {
+        task: "next_char",
+        data: &split.train,
+        indices: &idx,
+    }];
+    let start = model.init(2);
+    let before = model
+        .evaluate(&start, "next_char", &split.test, None)
+        .expect("evaluates");
+    let out = model.train(&start, &data, &cfg).expect("trains");
+    let after = model
+        .evaluate(&out.params, "next_char", &split.test, None)
+        .expect("evaluates");
+    println!(
+        "char_gru80, 150 steps: held-out accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3}; most frequent {baseline:.3}",
+        before.accuracy, after.accuracy, before.loss, after.loss
+    );
+    assert!(after.loss < before.loss - 0.5, "{} -> {}", before.loss, after.loss);
+    assert!(after.accuracy > baseline + 0.05, "{} vs {baseline}", after.accuracy);
+}
