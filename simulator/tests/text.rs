@@ -24,7 +24,10 @@ fn natural_partition_gives_each_role_its_own_client() {
         let (idx, _) = pop.client_data(c, 0);
         assert!(!idx.is_empty(), "client {c} holds no role");
         let role = keys[idx[0]];
-        assert!(idx.iter().all(|&i| keys[i] == role), "client {c} mixes roles");
+        assert!(
+            idx.iter().all(|&i| keys[i] == role),
+            "client {c} mixes roles"
+        );
         // Both tasks: the same windows of the same role.
         assert_eq!(pop.client_data(c, 1).0, idx);
     }
@@ -69,5 +72,8 @@ fn federated_by_role_is_within_3_points_of_centralized() {
         cfg.clients.count, cfg.rounds
     );
     assert!(central > 0.3, "centralized {central}");
-    assert!(fl >= central - 0.03, "federated {fl} vs centralized {central}");
+    assert!(
+        fl >= central - 0.03,
+        "federated {fl} vs centralized {central}"
+    );
 }

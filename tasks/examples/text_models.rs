@@ -47,11 +47,19 @@ fn main() -> Result<()> {
             let cfg = TrainConfig {
                 batch_size: 32,
                 lr: 0.002,
-                optimizer: Optimizer::Adam { beta1: 0.9, beta2: 0.999, eps: 1e-8 },
+                optimizer: Optimizer::Adam {
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                },
                 seed: u64::from(e),
                 ..TrainConfig::default()
             };
-            let data = [TaskData { task: "next_char", data: &split.train, indices: &idx }];
+            let data = [TaskData {
+                task: "next_char",
+                data: &split.train,
+                indices: &idx,
+            }];
             let t = Instant::now();
             params = model.train(&params, &data, &cfg)?.params;
             let dt = t.elapsed().as_secs_f64();

@@ -346,9 +346,8 @@ impl DatasetSpec {
                 }
             }
             DatasetSpec::Text(t) => {
-                t.validate().map_err(|m| {
-                    TasksError::InvalidSpec(format!("data set `{self}`: {m}"))
-                })?;
+                t.validate()
+                    .map_err(|m| TasksError::InvalidSpec(format!("data set `{self}`: {m}")))?;
             }
             DatasetSpec::Csv(c) => {
                 match &c.classes {
@@ -772,26 +771,36 @@ impl Table {
             if self.csv.is_some() || self.idx.is_some() {
                 return Err("a data set table has one of `csv`, `idx` or `text`".into());
             }
-            return Self::text_spec(path, self.label, self.classes, [
-                ("features", self.features.is_some()),
-                ("header", self.header.is_some()),
-                ("scale", self.scale.is_some()),
-                ("na", self.na.is_some()),
-                ("missing", self.missing.is_some()),
-                ("test", self.test.is_some()),
-                ("test_file", self.test_file.is_some()),
-                ("train_images", self.train_images.is_some()),
-            ].iter().filter(|(_, g)| *g).map(|(n, _)| format!("`{n}`")).collect(), TextSource {
-                id: self.id.unwrap_or_else(|| TextSource::new("").id),
-                column: self.column.unwrap_or_else(|| TextSource::new("").column),
-                context: self.context.unwrap_or(80),
-                train_fraction: self.train_fraction.unwrap_or(0.8),
-                max_vocab: self.max_vocab.unwrap_or(128),
-                vocab: self.vocab,
-                documents: self.documents,
-                test_stride: self.test_stride.unwrap_or(1),
-                ..TextSource::new("")
-            });
+            return Self::text_spec(
+                path,
+                self.label,
+                self.classes,
+                [
+                    ("features", self.features.is_some()),
+                    ("header", self.header.is_some()),
+                    ("scale", self.scale.is_some()),
+                    ("na", self.na.is_some()),
+                    ("missing", self.missing.is_some()),
+                    ("test", self.test.is_some()),
+                    ("test_file", self.test_file.is_some()),
+                    ("train_images", self.train_images.is_some()),
+                ]
+                .iter()
+                .filter(|(_, g)| *g)
+                .map(|(n, _)| format!("`{n}`"))
+                .collect(),
+                TextSource {
+                    id: self.id.unwrap_or_else(|| TextSource::new("").id),
+                    column: self.column.unwrap_or_else(|| TextSource::new("").column),
+                    context: self.context.unwrap_or(80),
+                    train_fraction: self.train_fraction.unwrap_or(0.8),
+                    max_vocab: self.max_vocab.unwrap_or(128),
+                    vocab: self.vocab,
+                    documents: self.documents,
+                    test_stride: self.test_stride.unwrap_or(1),
+                    ..TextSource::new("")
+                },
+            );
         }
         if !text_keys.is_empty() {
             return Err(format!("{} belong to `text`", text_keys.join(", ")));
@@ -888,7 +897,10 @@ impl Table {
             Some(c) => TextLabel::Column(c),
         };
         if label == TextLabel::NextChar && classes.is_some() {
-            return Err("`classes` of a next-character task is its vocabulary: set `max_vocab` or `vocab`".into());
+            return Err(
+                "`classes` of a next-character task is its vocabulary: set `max_vocab` or `vocab`"
+                    .into(),
+            );
         }
         Ok(DatasetSpec::Text(TextSource {
             path,

@@ -22,7 +22,7 @@ use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::data::{resolve_column, CsvTable, Column, Dataset, Split};
+use crate::data::{resolve_column, Column, CsvTable, Dataset, Split};
 use crate::dataset_spec::ClassesSpec;
 use crate::error::FileProblem;
 use crate::{TasksError, MAX_CLASSES};
@@ -198,7 +198,10 @@ impl Vocab {
     /// The character of `id` (`None` for the unknown symbol or an id out of
     /// range).
     pub fn symbol(&self, id: u16) -> Option<char> {
-        (id as usize).checked_sub(1).and_then(|i| self.symbols.get(i)).copied()
+        (id as usize)
+            .checked_sub(1)
+            .and_then(|i| self.symbols.get(i))
+            .copied()
     }
 
     /// The known characters in id order.
@@ -381,7 +384,10 @@ fn document_classes(
     classes: &ClassesSpec,
 ) -> Result<(Vec<u32>, usize), TasksError> {
     let bad = |m: String| TasksError::bad_file(path, FileProblem::Malformed(m));
-    let cells: Vec<&str> = docs.iter().map(|d| d.label.as_deref().unwrap_or("")).collect();
+    let cells: Vec<&str> = docs
+        .iter()
+        .map(|d| d.label.as_deref().unwrap_or(""))
+        .collect();
     let names: Vec<String> = match classes {
         ClassesSpec::Auto => {
             let set: std::collections::BTreeSet<&str> = cells.iter().copied().collect();
@@ -442,7 +448,10 @@ fn windows_of(
             });
         }
     }
-    Ok((TokenWindows::new(tokens.into(), starts, keys, context)?, labels))
+    Ok((
+        TokenWindows::new(tokens.into(), starts, keys, context)?,
+        labels,
+    ))
 }
 
 /// A split's data set of windows.
@@ -467,7 +476,11 @@ pub struct TextSplit {
 }
 
 /// Loads `src` from the file's `bytes` (read and bounded by the caller).
-pub(crate) fn load_text(path: &Path, bytes: &[u8], src: &TextSource) -> Result<TextSplit, TasksError> {
+pub(crate) fn load_text(
+    path: &Path,
+    bytes: &[u8],
+    src: &TextSource,
+) -> Result<TextSplit, TasksError> {
     src.validate().map_err(TasksError::InvalidSpec)?;
     let (ids, docs) = read_documents(path, bytes, src)?;
     let vocab = match &src.vocab {
@@ -501,7 +514,8 @@ pub(crate) fn load_text(path: &Path, bytes: &[u8], src: &TextSource) -> Result<T
 mod tests {
     use super::*;
 
-    const CSV: &str = "role_id,genre,text\nA,comedy,\"abab\nabab\nabab\nabab\nzz\"\nB,tragedy,\"ccccc\ncc\"\n";
+    const CSV: &str =
+        "role_id,genre,text\nA,comedy,\"abab\nabab\nabab\nabab\nzz\"\nB,tragedy,\"ccccc\ncc\"\n";
 
     fn src(label: TextLabel) -> TextSource {
         TextSource {
@@ -513,8 +527,12 @@ mod tests {
 
     #[test]
     fn windows_are_views_with_the_next_token_as_label() {
-        let t = load_text(Path::new("t.csv"), CSV.as_bytes(), &src(TextLabel::NextChar))
-            .expect("load");
+        let t = load_text(
+            Path::new("t.csv"),
+            CSV.as_bytes(),
+            &src(TextLabel::NextChar),
+        )
+        .expect("load");
         // Train: A's first 4 of 5 lines, B's first of 2 lines.
         let tr = &t.split.train;
         let w = tr.windows.as_ref().expect("windows");

@@ -120,7 +120,10 @@ fn check_task_data(model: &dyn Model, classes: usize, td: &TaskData<'_>) -> Resu
         )));
     }
     if let Some(m) = d.shape_error() {
-        return Err(TasksError::DataMismatch(format!("data set `{}`: {m}", d.name)));
+        return Err(TasksError::DataMismatch(format!(
+            "data set `{}`: {m}",
+            d.name
+        )));
     }
     for &i in td.indices {
         let Some(&y) = d.labels.get(i) else {

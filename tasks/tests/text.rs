@@ -26,7 +26,12 @@ fn all_roles_load_as_views_of_one_buffer() {
     assert_eq!(keys.iter().max().copied(), Some(456));
     assert_eq!(tr.classes, 66, "65 symbols and the unknown one");
     let w = tr.windows.as_ref().expect("windows");
-    assert!(tr.len() > 3_000_000 && te.len() > 600_000, "{} / {}", tr.len(), te.len());
+    assert!(
+        tr.len() > 3_000_000 && te.len() > 600_000,
+        "{} / {}",
+        tr.len(),
+        te.len()
+    );
     assert!(tr.features.is_empty(), "no feature rows");
     // 2 bytes a character and 8 a window (start, document), not 80 floats.
     let per_window = w.heap_bytes() as f64 / tr.len() as f64;
@@ -55,17 +60,21 @@ fn test_lines_follow_the_training_lines_of_each_role() {
     // lines of 80 characters repeated in a play would break this, and
     // Shakespeare does not repeat himself that much).
     let mut train_windows = std::collections::HashSet::new();
-    for i in 0..tr.len() {
+    for (i, &k) in trk.iter().enumerate() {
         tr.copy_row(i, &mut row);
-        train_windows.insert((trk[i], row.iter().map(|&v| v as u16).collect::<Vec<_>>()));
+        train_windows.insert((k, row.iter().map(|&v| v as u16).collect::<Vec<_>>()));
     }
     let mut seen = 0;
-    for i in 0..te.len() {
+    for (i, &k) in tek.iter().enumerate() {
         te.copy_row(i, &mut row);
         let w: Vec<u16> = row.iter().map(|&v| v as u16).collect();
-        seen += usize::from(train_windows.contains(&(tek[i], w)));
+        seen += usize::from(train_windows.contains(&(k, w)));
     }
-    assert!(seen * 100 < te.len(), "{seen} of {} test windows seen", te.len());
+    assert!(
+        seen * 100 < te.len(),
+        "{seen} of {} test windows seen",
+        te.len()
+    );
 }
 
 #[test]
@@ -76,13 +85,22 @@ fn the_genre_label_is_the_plays_for_every_window() {
         ..TextSource::new(shakespeare())
     });
     let tr = &split.train;
-    assert_eq!(tr.classes, 6, "comedies, histories, problems, roman, romances, tragedies");
+    assert_eq!(
+        tr.classes, 6,
+        "comedies, histories, problems, roman, romances, tragedies"
+    );
     let keys = tr.keys().expect("keys");
     let mut genre_of = std::collections::BTreeMap::new();
     for (k, y) in keys.iter().zip(&tr.labels) {
         assert_eq!(*genre_of.entry(*k).or_insert(*y), *y, "one genre per role");
     }
-    assert!(genre_of.values().collect::<std::collections::BTreeSet<_>>().len() >= 5);
+    assert!(
+        genre_of
+            .values()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            >= 5
+    );
 }
 
 /// Centralized training of `char_mlp80` on 12 roles: the next-character
@@ -196,7 +214,10 @@ fn char_gru_learns_from_real_text() {
         .map(|t| t.name.clone())
         .collect();
     for gate in ["xr", "xz", "xn", "hr", "hz", "hn"] {
-        assert!(names.contains(&format!("backbone.{gate}.weight")), "{names:?}");
+        assert!(
+            names.contains(&format!("backbone.{gate}.weight")),
+            "{names:?}"
+        );
     }
     let idx: Vec<usize> = (0..split.train.len()).collect();
     let cfg = TrainConfig {
@@ -228,6 +249,15 @@ fn char_gru_learns_from_real_text() {
         "char_gru80, 150 steps: held-out accuracy {:.3} -> {:.3}, loss {:.3} -> {:.3}; most frequent {baseline:.3}",
         before.accuracy, after.accuracy, before.loss, after.loss
     );
-    assert!(after.loss < before.loss - 0.5, "{} -> {}", before.loss, after.loss);
-    assert!(after.accuracy > baseline + 0.05, "{} vs {baseline}", after.accuracy);
+    assert!(
+        after.loss < before.loss - 0.5,
+        "{} -> {}",
+        before.loss,
+        after.loss
+    );
+    assert!(
+        after.accuracy > baseline + 0.05,
+        "{} vs {baseline}",
+        after.accuracy
+    );
 }

@@ -73,7 +73,8 @@ fn shakespeare_small_file_trains_next_char_and_genre() {
     );
     let pop = cohort_simulator::Population::new(&cfg).expect("data");
     let counts = pop.tasks[1].split.test.class_counts();
-    let majority = *counts.iter().max().expect("classes") as f32 / pop.tasks[1].split.test.len() as f32;
+    let majority =
+        *counts.iter().max().expect("classes") as f32 / pop.tasks[1].split.test.len() as f32;
     println!("shakespeare-small: next_char {next:.4}, genre {genre:.4} (most frequent genre {majority:.4})");
     assert!(next > 0.28, "next_char {next}");
     assert!(genre >= majority - 0.02, "genre {genre} vs {majority}");

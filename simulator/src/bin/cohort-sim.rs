@@ -84,7 +84,7 @@ struct Cli {
     /// List the model names and the backends that train each, and exit.
     #[arg(long)]
     list_models: bool,
-    /// Partitioner: iid, dirichlet:ALPHA, shards:PER_CLIENT, quantity:SIGMA,
+    /// Partitioner: iid, natural (one client per document of a text data set), dirichlet:ALPHA, shards:PER_CLIENT, quantity:SIGMA,
     /// or sampled:SAMPLES:ALPHA (clients draw their data on demand; for very
     /// large populations).
     #[arg(long)]
@@ -207,11 +207,12 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
         };
         cfg.clients.data = match parts[0] {
             "iid" => ClientData::Partition { partitioner: Partitioner::Iid },
+            "natural" => ClientData::Partition { partitioner: Partitioner::Natural },
             "dirichlet" => ClientData::Partition { partitioner: Partitioner::Dirichlet { alpha: num(1)? } },
             "shards" => ClientData::Partition { partitioner: Partitioner::Shards { shards_per_client: num(1)? as usize } },
             "quantity" => ClientData::Partition { partitioner: Partitioner::QuantitySkew { sigma: num(1)? } },
             "sampled" => ClientData::Sampled { samples: num(1)? as usize, alpha: num(2)? },
-            other => bail!("--partition: unknown partitioner `{other}` (iid, dirichlet:A, shards:K, quantity:S, sampled:N:A)"),
+            other => bail!("--partition: unknown partitioner `{other}` (iid, natural, dirichlet:A, shards:K, quantity:S, sampled:N:A)"),
         };
     }
     if cli.strategy.is_some() || !cli.strategy_params.is_empty() {

@@ -110,10 +110,19 @@ impl<
     type Error = CpuError;
 
     fn try_forward(&self, x: Window<IN, T>) -> Result<Self::Output, CpuError> {
-        const { assert!(K >= 1 && K <= IN && K * E == OUT, "CharEmbedding: K <= IN, OUT = K * E") };
+        const {
+            assert!(
+                K >= 1 && K <= IN && K * E == OUT,
+                "CharEmbedding: K <= IN, OUT = K * E"
+            )
+        };
         let n = x.shape().0;
         let all = ids_of::<V, IN, T>(&x);
-        let ids: Vec<usize> = all.chunks_exact(IN).flat_map(|w| &w[IN - K..]).copied().collect();
+        let ids: Vec<usize> = all
+            .chunks_exact(IN)
+            .flat_map(|w| &w[IN - K..])
+            .copied()
+            .collect();
         let (x, tape) = x.split_tape();
         let ids = x.device().try_tensor_from_vec(ids, (n, Const::<K>))?;
         let e = self.embed.try_forward(ids.put_tape(tape))?;
@@ -154,8 +163,15 @@ impl<const V: usize, const E: usize, const H: usize, const IN: usize, const STEP
     type Built = GruModule<V, E, H, IN, STEPS, f32, Cpu>;
 }
 
-impl<const V: usize, const E: usize, const H: usize, const IN: usize, const STEPS: usize, Ty, D>
-    TensorCollection<Ty, D> for GruModule<V, E, H, IN, STEPS, Ty, D>
+impl<
+        const V: usize,
+        const E: usize,
+        const H: usize,
+        const IN: usize,
+        const STEPS: usize,
+        Ty,
+        D,
+    > TensorCollection<Ty, D> for GruModule<V, E, H, IN, STEPS, Ty, D>
 where
     Ty: Dtype + num_traits::Float + rand_distr::uniform::SampleUniform,
     D: Device<Ty>,
@@ -192,8 +208,15 @@ where
     }
 }
 
-impl<const V: usize, const E: usize, const H: usize, const IN: usize, const STEPS: usize, Ty, D>
-    NonMutableModule for GruModule<V, E, H, IN, STEPS, Ty, D>
+impl<
+        const V: usize,
+        const E: usize,
+        const H: usize,
+        const IN: usize,
+        const STEPS: usize,
+        Ty,
+        D,
+    > NonMutableModule for GruModule<V, E, H, IN, STEPS, Ty, D>
 where
     Ty: Dtype,
     D: dfdx::tensor::Storage<Ty>,
@@ -220,9 +243,21 @@ impl<const V: usize, const E: usize, const H: usize, const IN: usize, const STEP
         let hn = self.hn.try_forward(h.with_empty_tape())?;
         let (h, tape) = h.split_tape();
         let x = self.embed.try_forward(ids.put_tape(tape))?;
-        let r = self.xr.try_forward(x.with_empty_tape())?.try_add(hr)?.try_sigmoid()?;
-        let z = self.xz.try_forward(x.with_empty_tape())?.try_add(hz)?.try_sigmoid()?;
-        let c = self.xn.try_forward(x)?.try_add(r.try_mul(hn)?)?.try_tanh()?;
+        let r = self
+            .xr
+            .try_forward(x.with_empty_tape())?
+            .try_add(hr)?
+            .try_sigmoid()?;
+        let z = self
+            .xz
+            .try_forward(x.with_empty_tape())?
+            .try_add(hz)?
+            .try_sigmoid()?;
+        let c = self
+            .xn
+            .try_forward(x)?
+            .try_add(r.try_mul(hn)?)?
+            .try_tanh()?;
         let keep = c.with_empty_tape().try_negate()?.try_add(h)?;
         c.try_add(z.try_mul(keep)?)
     }
