@@ -718,7 +718,10 @@ impl Engine {
                 .collect();
             let mut denominators = BTreeMap::new();
             for g in self.layout.group_names() {
-                if self.cfg.policy(g) != GroupPolicy::Global {
+                // Only groups that can be uploaded get a (noised) mean.
+                if self.cfg.policy(g) != GroupPolicy::Global
+                    || self.cfg.train.frozen.iter().any(|f| f == g)
+                {
                     continue;
                 }
                 let holders = self

@@ -159,6 +159,31 @@ struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Differential privacy: central (noise at the aggregator), client
+    /// (each node adds its share) or off. Any other --dp-* flag implies
+    /// central unless the file or this flag says otherwise.
+    #[arg(long)]
+    dp_mode: Option<String>,
+    /// Differential privacy: solve the noise multiplier so that the
+    /// planned rounds spend this epsilon.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// Differential privacy: the noise multiplier (noise std / clip norm).
+    #[arg(long)]
+    dp_noise_multiplier: Option<f64>,
+    /// Differential privacy: the clip norm (initial one when adaptive).
+    #[arg(long)]
+    dp_clip: Option<f64>,
+    /// Differential privacy: delta.
+    #[arg(long)]
+    dp_delta: Option<f64>,
+    /// Differential privacy: adaptive clipping to this quantile of the
+    /// update norms (e.g. 0.5).
+    #[arg(long)]
+    dp_adaptive_quantile: Option<f64>,
+    /// Differential privacy: stop before a round that would spend more.
+    #[arg(long)]
+    dp_budget: Option<f64>,
 }
 
 fn parse_kv(s: &str) -> Result<(&str, &str)> {
@@ -325,6 +350,46 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
     if let Some(o) = &cli.output {
         cfg.output = Some(o.clone());
     }
+    apply_privacy(cli, &mut cfg.privacy)
+}
+
+fn apply_privacy(cli: &Cli, p: &mut cohort_aggregator::PrivacyConfig) -> Result<()> {
+    use cohort_aggregator::{AdaptiveClip, PrivacyMode};
+    let any = cli.dp_epsilon.is_some()
+        || cli.dp_noise_multiplier.is_some()
+        || cli.dp_clip.is_some()
+        || cli.dp_delta.is_some()
+        || cli.dp_adaptive_quantile.is_some()
+        || cli.dp_budget.is_some();
+    match cli.dp_mode.as_deref() {
+        None if any && p.is_off() => p.mode = PrivacyMode::Central,
+        None => {}
+        Some("central") => p.mode = PrivacyMode::Central,
+        Some("client") => p.mode = PrivacyMode::Client,
+        Some("off") => p.mode = PrivacyMode::Off,
+        Some(m) => bail!("--dp-mode `{m}`: use central, client or off"),
+    }
+    // A flag replaces the file's way of fixing the noise.
+    if let Some(e) = cli.dp_epsilon {
+        p.target_epsilon = Some(e);
+        p.noise_multiplier = None;
+    }
+    if let Some(z) = cli.dp_noise_multiplier {
+        p.noise_multiplier = Some(z);
+        p.target_epsilon = None;
+    }
+    if let Some(c) = cli.dp_clip {
+        p.clip = c;
+    }
+    if let Some(d) = cli.dp_delta {
+        p.delta = d;
+    }
+    if let Some(q) = cli.dp_adaptive_quantile {
+        p.adaptive.get_or_insert_with(AdaptiveClip::default).target_quantile = q;
+    }
+    if let Some(b) = cli.dp_budget {
+        p.budget_epsilon = Some(b);
+    }
     Ok(())
 }
 
@@ -349,6 +414,9 @@ fn describe(m: &RoundMetrics) -> String {
         },
         m.wall_ms
     ));
+    if let Some(p) = &m.privacy {
+        s.push_str(&format!("  eps {:.3} (clip {:.3})", p.epsilon, p.clip));
+    }
     s
 }
 
