@@ -561,8 +561,11 @@ fn central_dp_over_the_network_reports_the_simulators_epsilon() {
     );
     let mut ns = nodes(root.path(), 4, &agg);
     finish(&mut agg, &mut ns);
-    let net_eps: Vec<f64> = agg
-        .rounds()
+    let rounds = agg.rounds();
+    let accepted: Vec<u64> = rounds.iter().filter_map(|r| r["accepted"].as_u64()).collect();
+    println!("accepted per round: {accepted:?}");
+    assert!(accepted.iter().all(|&a| a == 4), "every node in every round: {accepted:?}");
+    let net_eps: Vec<f64> = rounds
         .iter()
         .map(|r| r["privacy"]["epsilon"].as_f64().expect("epsilon in the round line"))
         .collect();
