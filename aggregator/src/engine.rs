@@ -279,6 +279,9 @@ pub struct Engine {
     /// The effective bound on an update's L2 norm.
     norm_bound: f32,
     pub(crate) dp: Option<Dp>,
+    /// Mixed into the DP noise streams when set (see
+    /// [`Engine::set_noise_secret`]).
+    noise_secret: Option<u64>,
 }
 
 impl fmt::Debug for Engine {
@@ -405,6 +408,7 @@ impl Engine {
             evaluator: None,
             norm_bound,
             dp,
+            noise_secret: None,
         })
     }
 
@@ -488,6 +492,25 @@ impl Engine {
             clip: r.clip as f32,
             noise_std: (dp.z * r.clip / m.sqrt()) as f32,
         })
+    }
+
+    /// Mixes `secret` into the DP noise streams. Without it the noise is a
+    /// function of the seed and the round (runs are reproducible, as the
+    /// simulator needs), so anyone who knows the seed could subtract it: a
+    /// deployment sets a secret from the operating system's randomness
+    /// (`service::Aggregator` does). Not checkpointed; a resumed engine
+    /// gets a new one.
+    pub fn set_noise_secret(&mut self, secret: u64) {
+        self.noise_secret = Some(secret);
+    }
+
+    /// The seed of a DP noise stream of `round`.
+    fn noise_seed(&self, salt: u64, round: u64) -> u64 {
+        let s = mix_seed(self.cfg.seed ^ salt, round);
+        match self.noise_secret {
+            Some(k) => mix_seed(s, k),
+            None => s,
+        }
     }
 
     /// Differential privacy: the accounted noise multiplier (configured,
@@ -1582,7 +1605,7 @@ impl Engine {
     ) -> BTreeMap<String, GroupAcc> {
         let central = self.cfg.privacy.mode == PrivacyMode::Central;
         let std = r.sum_z * r.clip;
-        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.cfg.seed ^ DP_SALT, round));
+        let mut rng = ChaCha8Rng::seed_from_u64(self.noise_seed(DP_SALT, round));
         let normal = rand_distr::Normal::new(0.0f64, std).ok();
         let mut out = BTreeMap::new();
         for (g, &den) in &r.denominators {
@@ -1629,7 +1652,7 @@ impl Engine {
     fn adapt_clip(&mut self, r: &DpRound, accepted: usize, round: u64) -> Option<f64> {
         let a = self.cfg.privacy.adaptive.clone()?;
         let std = r.count_std?;
-        let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.cfg.seed ^ DP_SALT ^ 0xC0, round));
+        let mut rng = ChaCha8Rng::seed_from_u64(self.noise_seed(DP_SALT ^ 0xC0, round));
         let noise = rand_distr::Normal::new(0.0f64, std)
             .map(|n| rand_distr::Distribution::sample(&n, &mut rng))
             .unwrap_or(0.0);

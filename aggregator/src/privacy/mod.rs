@@ -62,6 +62,12 @@
 //! (z^-2 - (2 sigma_b)^-2)^(-1/2)`, so the accountant uses `z` and the sum's
 //! noise is `z_delta * C`.
 //!
+//! The noise comes from ChaCha8 streams of the seed and the round, so that
+//! a simulation is reproducible; a deployment mixes in a secret from the
+//! operating system (`Engine::set_noise_secret`, which the aggregator
+//! service calls), since a noise anyone can recompute from the seed
+//! protects nothing.
+//!
 //! The guarantee covers the sequence of global models (and what is derived
 //! from them). The aggregator's own logs and metrics lines also report
 //! per-round counts and the nodes' claimed training losses, which are not
