@@ -385,3 +385,41 @@ fn accountant_state_survives_a_checkpoint() {
     a.compose(0.5, 1.0, 3);
     assert_eq!(r.epsilon(), Some(a.epsilon(1e-5)));
 }
+
+#[test]
+fn client_mode_plans_carry_the_noise_share_and_account_what_arrived() {
+    let l = big_layout(4);
+    let mut cfg = dp_config(1.0, 1.2, 0.5);
+    cfg.privacy.mode = PrivacyMode::Client;
+    // A lossy codec would keep an error-feedback residual: refused.
+    let mut lossy = cfg.clone();
+    lossy.codec.bits = 8;
+    assert!(lossy.validate().is_err());
+    let mut e = dp_engine(cfg, &l, 4);
+    let plans = e.start_round(0).expect("round");
+    assert_eq!(plans.len(), 4);
+    for (_, p) in &plans {
+        let noise = p.privacy.expect("client noise in the plan");
+        assert_eq!(noise.clip, 0.5);
+        // 4 expected shares of std z C / 2 add up to std z C.
+        assert!((f64::from(noise.noise_std) - 1.2 * 0.5 / 2.0).abs() < 1e-6);
+    }
+    // Two of the four answer: the sum holds half the noise variance.
+    for (id, plan) in plans.iter().take(2) {
+        e.submit(update(id, plan, &[(BACKBONE, vec![0.1; 4])]), 1)
+            .expect("accepted");
+    }
+    for (id, _) in plans.iter().skip(2) {
+        e.fail(id, cohort_aggregator::FailureReason::Dropout);
+    }
+    let p = e.poll(1).expect("closed").privacy.expect("privacy");
+    let z = 1.2 * (2.0f64 / 4.0).sqrt();
+    assert!((p.noise_multiplier - z).abs() < 1e-12, "{}", p.noise_multiplier);
+    let want = accountant::epsilon(1.0, z, 1, 1e-5);
+    assert!((p.epsilon - want).abs() < 1e-9 * want);
+    // The aggregator adds no noise in client mode: two updates of 0.1
+    // over the denominator 4 move the backbone by exactly 0.05.
+    for w in e.global().get(BACKBONE).expect("backbone") {
+        assert!((w - 0.05).abs() < 1e-6, "{w}");
+    }
+}

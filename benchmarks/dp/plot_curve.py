@@ -15,7 +15,7 @@ for r in rows:
         baseline.append(float(r["accuracy"]))
     else:
         # Round to the target (the spent epsilon is just under it).
-        by_eps[round(float(r["epsilon"]), 1)].append(float(r["accuracy"]))
+        by_eps[round(float(r["epsilon"]), 2)].append(float(r["accuracy"]))
 points = sorted((e, sum(a) / len(a), min(a), max(a)) for e, a in by_eps.items())
 base = sum(baseline) / len(baseline)
 

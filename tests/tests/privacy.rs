@@ -59,7 +59,7 @@ fn accuracy_epsilon_curve() {
         let acc = pct(&run_experiment(&plain, |_| {}).expect("run"), "digits");
         println!("seed {seed} no DP: {acc:.2}%");
         let _ = writeln!(csv, "inf,0,{acc:.4},{seed}");
-        for eps in [0.5, 1.0, 2.0, 4.0, 8.0, 16.0] {
+        for eps in [0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0] {
             let mut c = cfg.clone();
             c.seed = seed;
             c.privacy.target_epsilon = Some(eps);
