@@ -377,7 +377,12 @@ impl Engine {
             let z = cfg.privacy.resolve_noise(q, cfg.rounds)?;
             let accountant = RdpAccountant::default();
             let round_rdp = accountant.round_rdp(q, z);
-            info!(q, noise_multiplier = z, clip = cfg.privacy.clip, "differential privacy on");
+            info!(
+                q,
+                noise_multiplier = z,
+                clip = cfg.privacy.clip,
+                "differential privacy on"
+            );
             Some(Dp {
                 z,
                 q,
@@ -467,7 +472,12 @@ impl Engine {
             return false;
         };
         let a = &dp.state.accountant;
-        let rdp: Vec<f64> = a.rdp.iter().zip(&dp.round_rdp).map(|(r, p)| r + p).collect();
+        let rdp: Vec<f64> = a
+            .rdp
+            .iter()
+            .zip(&dp.round_rdp)
+            .map(|(r, p)| r + p)
+            .collect();
         privacy::accountant::epsilon_from_rdp(&a.orders, &rdp, self.cfg.privacy.delta).0 > budget
     }
 

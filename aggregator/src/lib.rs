@@ -122,8 +122,8 @@ pub use engine::{
     Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RoundReport, SubmitOutcome,
 };
 pub use error::AggError;
-pub use privacy::{AdaptiveClip, PrivacyConfig, PrivacyMode, PrivacyReport, PrivacyState};
 pub use experiment::Federation;
+pub use privacy::{AdaptiveClip, PrivacyConfig, PrivacyMode, PrivacyReport, PrivacyState};
 pub use strategy::{
     default_configure, server_strategy, strategy_from_config, weighted_eval_metrics,
     AdaptiveParams, AggregateInput, ClientResult, Collect, Combiner, KrumParams, Metrics,

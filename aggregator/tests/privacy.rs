@@ -33,7 +33,10 @@ struct Case {
 fn accountant_matches_dp_accounting_within_one_percent() {
     let text = include_str!("fixtures/dp_accounting.json");
     let f: Fixture = serde_json::from_str(text).expect("fixture");
-    assert!(f.command.contains("make_fixtures"), "the fixture records its command");
+    assert!(
+        f.command.contains("make_fixtures"),
+        "the fixture records its command"
+    );
     assert!(f.cases.len() >= 6);
     for c in &f.cases {
         let eps = accountant::epsilon(c.q, c.noise_multiplier, c.rounds, c.delta);
@@ -59,7 +62,10 @@ fn solved_noise_multiplier_spends_the_target() {
     for (eps, q, t) in [(8.0, 0.05, 40), (1.0, 0.01, 1000), (3.0, 0.1, 100)] {
         let z = accountant::noise_for_epsilon(eps, q, t, 1e-5).expect("solvable");
         let got = accountant::epsilon(q, z, t, 1e-5);
-        assert!(got <= eps && got > 0.99 * eps, "eps {eps}: z {z} spends {got}");
+        assert!(
+            got <= eps && got > 0.99 * eps,
+            "eps {eps}: z {z} spends {got}"
+        );
     }
 }
 
@@ -243,7 +249,10 @@ fn sampling_is_poisson_at_rate_q() {
         e.poll(10_000).expect("closed at the deadline");
     }
     // Binomial(1000, 0.3): mean 300, std 14.5. Not a fixed size.
-    assert!(counts.iter().all(|&c| (240..=360).contains(&c)), "{counts:?}");
+    assert!(
+        counts.iter().all(|&c| (240..=360).contains(&c)),
+        "{counts:?}"
+    );
     assert!(counts.windows(2).any(|w| w[0] != w[1]), "{counts:?}");
 }
 
@@ -310,7 +319,10 @@ fn strategies_without_a_weighted_sum_are_refused() {
         .expect_err("refused");
         let msg = err.to_string();
         assert!(matches!(err, AggError::Config(_)), "{msg}");
-        assert!(msg.contains("weighted sum") && msg.contains("fedavg"), "{msg}");
+        assert!(
+            msg.contains("weighted sum") && msg.contains("fedavg"),
+            "{msg}"
+        );
     }
     // Async is refused as well.
     let mut cfg = dp_config(0.5, 1.0, 1.0);
@@ -414,7 +426,11 @@ fn client_mode_plans_carry_the_noise_share_and_account_what_arrived() {
     }
     let p = e.poll(1).expect("closed").privacy.expect("privacy");
     let z = 1.2 * (2.0f64 / 4.0).sqrt();
-    assert!((p.noise_multiplier - z).abs() < 1e-12, "{}", p.noise_multiplier);
+    assert!(
+        (p.noise_multiplier - z).abs() < 1e-12,
+        "{}",
+        p.noise_multiplier
+    );
     let want = accountant::epsilon(1.0, z, 1, 1e-5);
     assert!((p.epsilon - want).abs() < 1e-9 * want);
     // The aggregator adds no noise in client mode: two updates of 0.1

@@ -184,7 +184,9 @@ impl NodeRuntime {
             .validate()
             .map_err(|e| NodeError::BadPlan(format!("codec: {e}")))?;
         if let Some(dp) = plan.privacy {
-            if !(dp.clip.is_finite() && dp.clip > 0.0) || !(dp.noise_std.is_finite() && dp.noise_std >= 0.0) {
+            if !(dp.clip.is_finite() && dp.clip > 0.0)
+                || !(dp.noise_std.is_finite() && dp.noise_std >= 0.0)
+            {
                 return bad(format!(
                     "privacy: clip {} and noise std {} must be finite and positive",
                     dp.clip, dp.noise_std
@@ -192,7 +194,10 @@ impl NodeRuntime {
             }
             // A residual of the un-noised delta would leave the privacy path.
             if plan.codec.bits != 32 || plan.codec.top_k.is_some() {
-                return bad("privacy: client-side noise needs the lossless codec (32 bits, no top-k)".into());
+                return bad(
+                    "privacy: client-side noise needs the lossless codec (32 bits, no top-k)"
+                        .into(),
+                );
             }
         }
         let upload: Vec<String> = plan

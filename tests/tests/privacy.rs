@@ -10,7 +10,8 @@ use cohort_simulator::{run_experiment, ExperimentConfig};
 use cohort_tests::pct;
 
 fn experiment() -> ExperimentConfig {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulator/experiments/digits-dp.toml");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulator/experiments/digits-dp.toml");
     ExperimentConfig::from_file(&path).expect("experiment file")
 }
 
@@ -35,7 +36,11 @@ fn dp_fedavg_at_epsilon_8_is_within_5_points_of_no_dp() {
         last.epsilon, last.delta, last.noise_multiplier, last.clip
     );
     assert_eq!(last.rounds, 40);
-    assert!(last.epsilon <= 8.0 && last.epsilon > 7.9, "{}", last.epsilon);
+    assert!(
+        last.epsilon <= 8.0 && last.epsilon > 7.9,
+        "{}",
+        last.epsilon
+    );
     assert!(baseline.rounds.iter().all(|r| r.privacy.is_none()));
     assert!(no >= 80.0, "the run without DP reached only {no:.2}%");
     assert!(dp >= no - 5.0, "DP {dp:.2}% vs {no:.2}% without");
@@ -64,10 +69,21 @@ fn accuracy_epsilon_curve() {
             c.seed = seed;
             c.privacy.target_epsilon = Some(eps);
             let r = run_experiment(&c, |_| {}).expect("run");
-            let p = r.rounds.last().and_then(|m| m.privacy.clone()).expect("privacy");
+            let p = r
+                .rounds
+                .last()
+                .and_then(|m| m.privacy.clone())
+                .expect("privacy");
             let acc = pct(&r, "digits");
-            println!("seed {seed} eps {:.3} (z {:.3}): {acc:.2}%", p.epsilon, p.noise_multiplier);
-            let _ = writeln!(csv, "{:.4},{:.4},{acc:.4},{seed}", p.epsilon, p.noise_multiplier);
+            println!(
+                "seed {seed} eps {:.3} (z {:.3}): {acc:.2}%",
+                p.epsilon, p.noise_multiplier
+            );
+            let _ = writeln!(
+                csv,
+                "{:.4},{:.4},{acc:.4},{seed}",
+                p.epsilon, p.noise_multiplier
+            );
         }
     }
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../benchmarks/dp/curve.csv");

@@ -292,7 +292,10 @@ mod tests {
         for x in [10.0, 15.0, 19.9, 25.0] {
             let exact = libm::erfc(x).ln();
             let series = log_erfc_asymptotic(x);
-            assert!((exact - series).abs() < 1e-6 * exact.abs(), "{x}: {exact} {series}");
+            assert!(
+                (exact - series).abs() < 1e-6 * exact.abs(),
+                "{x}: {exact} {series}"
+            );
         }
     }
 }

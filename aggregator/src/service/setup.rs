@@ -187,7 +187,8 @@ impl Aggregator {
         let engine_cfg = self.fed.engine_config();
         let checkpoints = self.cfg.data_dir.join("checkpoints");
         let layout = self.layout();
-        let mut engine = match Engine::resume(&checkpoints, engine_cfg.clone(), (self.strategy)())? {
+        let mut engine = match Engine::resume(&checkpoints, engine_cfg.clone(), (self.strategy)())?
+        {
             Some(e) => {
                 e.check_layout(&layout)?;
                 info!(

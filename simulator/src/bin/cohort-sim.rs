@@ -385,7 +385,9 @@ fn apply_privacy(cli: &Cli, p: &mut cohort_aggregator::PrivacyConfig) -> Result<
         p.delta = d;
     }
     if let Some(q) = cli.dp_adaptive_quantile {
-        p.adaptive.get_or_insert_with(AdaptiveClip::default).target_quantile = q;
+        p.adaptive
+            .get_or_insert_with(AdaptiveClip::default)
+            .target_quantile = q;
     }
     if let Some(b) = cli.dp_budget {
         p.budget_epsilon = Some(b);
