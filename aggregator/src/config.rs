@@ -254,7 +254,7 @@ impl EngineConfig {
             if !matches!(self.mode, Mode::Sync) {
                 return bad("privacy: FedBuff (async) is not supported with differential privacy; use mode sync");
             }
-            if !(self.sampling.fraction > 0.0) {
+            if self.sampling.fraction.is_nan() || self.sampling.fraction <= 0.0 {
                 return bad("privacy: sampling.fraction (the Poisson rate q) must be in (0, 1]");
             }
             if self.privacy.mode == crate::privacy::PrivacyMode::Client

@@ -1634,7 +1634,7 @@ impl Engine {
                 }
                 _ => (vec![0.0; len], 0),
             };
-            if !(den > 0.0) {
+            if den.is_nan() || den <= 0.0 {
                 continue;
             }
             if central {

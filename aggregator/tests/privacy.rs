@@ -332,6 +332,17 @@ fn strategies_without_a_weighted_sum_are_refused() {
     let mut cfg = dp_config(0.5, 1.0, 1.0);
     cfg.privacy.target_epsilon = Some(2.0);
     assert!(cfg.validate().is_err());
+    // A budget in client mode (its spending depends on arrivals), and
+    // adaptive clipping in client mode (the aggregator sees no raw norm).
+    let mut cfg = dp_config(0.5, 1.0, 1.0);
+    cfg.codec.bits = 32;
+    cfg.privacy.mode = PrivacyMode::Client;
+    assert!(cfg.validate().is_ok());
+    cfg.privacy.budget_epsilon = Some(5.0);
+    assert!(cfg.validate().is_err());
+    cfg.privacy.budget_epsilon = None;
+    cfg.privacy.adaptive = Some(AdaptiveClip::default());
+    assert!(cfg.validate().is_err());
 }
 
 #[test]

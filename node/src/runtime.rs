@@ -184,8 +184,10 @@ impl NodeRuntime {
             .validate()
             .map_err(|e| NodeError::BadPlan(format!("codec: {e}")))?;
         if let Some(dp) = plan.privacy {
-            if !(dp.clip.is_finite() && dp.clip > 0.0)
-                || !(dp.noise_std.is_finite() && dp.noise_std >= 0.0)
+            if !(dp.clip.is_finite()
+                && dp.clip > 0.0
+                && dp.noise_std.is_finite()
+                && dp.noise_std >= 0.0)
             {
                 return bad(format!(
                     "privacy: clip {} and noise std {} must be finite and positive",

@@ -45,7 +45,10 @@
 //! q * N` the expected number of contributors; the aggregator adds nothing
 //! and does not clip again (that would rescale the noise). The round is
 //! accounted with the noise actually summed: `z * sqrt(min(k, m) / m)` for
-//! `k` accepted updates. The node encodes without error feedback and the
+//! `k` accepted updates (so with Poisson fluctuations and dropouts a run
+//! spends more than a `target_epsilon` solved for the full noise, and the
+//! reported epsilon says so; `budget_epsilon` is central-only). The node
+//! encodes without error feedback and the
 //! plan must use the lossless codec (32 bits, no top-k), because a
 //! quantization residual carried to the next round would be data
 //! outside the clipped, noised part. Without secure aggregation the
@@ -183,6 +186,11 @@ impl PrivacyConfig {
         if let Some(b) = self.budget_epsilon {
             if !(b.is_finite() && b > 0.0) {
                 return bad(format!("budget_epsilon = {b} (must be > 0)"));
+            }
+            // What a client-mode round spends depends on how many shares
+            // arrive, so the next round's cost is not known before it.
+            if self.mode == PrivacyMode::Client {
+                return bad("budget_epsilon needs mode = \"central\"".into());
             }
         }
         if let Some(a) = &self.adaptive {
