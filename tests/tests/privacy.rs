@@ -46,6 +46,51 @@ fn dp_fedavg_at_epsilon_8_is_within_5_points_of_no_dp() {
     assert!(dp >= no - 5.0, "DP {dp:.2}% vs {no:.2}% without");
 }
 
+#[test]
+fn epsilon_is_in_the_csv_the_json_lines_and_the_summary() {
+    let mut cfg = experiment();
+    cfg.rounds = 3;
+    cfg.eval.every = 3;
+    let dir = std::env::temp_dir().join(format!("dp-metrics-{}", std::process::id()));
+    cfg.output = Some(dir.clone());
+    let r = run_experiment(&cfg, |_| {}).expect("runs");
+    let csv = std::fs::read_to_string(dir.join("metrics.csv")).expect("csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().expect("header").split(',').collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "epsilon")
+        .expect("epsilon column");
+    let eps: Vec<f64> = lines
+        .map(|l| {
+            l.split(',')
+                .nth(col)
+                .expect("cell")
+                .parse()
+                .expect("number")
+        })
+        .collect();
+    let want: Vec<f64> = r
+        .rounds
+        .iter()
+        .map(|m| m.privacy.as_ref().expect("privacy").epsilon)
+        .collect();
+    assert_eq!(eps.len(), 3);
+    for (a, b) in eps.iter().zip(&want) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    let jsonl = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("jsonl");
+    let last: serde_json::Value =
+        serde_json::from_str(jsonl.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["privacy"]["rounds"], 3);
+    let summary = std::fs::read_to_string(dir.join("summary.txt")).expect("summary");
+    assert!(
+        summary.contains("differential privacy: (") && summary.contains("after 3 rounds"),
+        "{summary}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// The accuracy-epsilon curve of BENCHMARKS.md: the same file at several
 /// epsilons (and without DP), writing `benchmarks/dp/curve.csv`. Not part
 /// of the normal test run (a few minutes):
