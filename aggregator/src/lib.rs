@@ -123,7 +123,9 @@ pub use engine::{
 };
 pub use error::AggError;
 pub use experiment::Federation;
-pub use privacy::{AdaptiveClip, PrivacyConfig, PrivacyMode, PrivacyReport, PrivacyState};
+pub use privacy::{
+    AdaptiveClip, PrivacyConfig, PrivacyMode, PrivacyOverrides, PrivacyReport, PrivacyState,
+};
 pub use strategy::{
     default_configure, server_strategy, strategy_from_config, weighted_eval_metrics,
     AdaptiveParams, AggregateInput, ClientResult, Collect, Combiner, KrumParams, Metrics,

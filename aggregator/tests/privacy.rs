@@ -450,3 +450,33 @@ fn client_mode_plans_carry_the_noise_share_and_account_what_arrived() {
         assert!((w - 0.05).abs() < 1e-6, "{w}");
     }
 }
+
+#[test]
+fn command_line_overrides_turn_privacy_on_and_replace_the_noise_setting() {
+    use cohort_aggregator::PrivacyOverrides;
+    let mut p = PrivacyConfig::default();
+    p.apply(&PrivacyOverrides {
+        target_epsilon: Some(8.0),
+        ..Default::default()
+    })
+    .expect("apply");
+    assert_eq!(p.mode, PrivacyMode::Central);
+    assert_eq!(p.target_epsilon, Some(8.0));
+    p.apply(&PrivacyOverrides {
+        noise_multiplier: Some(1.1),
+        mode: Some("client".into()),
+        ..Default::default()
+    })
+    .expect("apply");
+    assert_eq!(
+        (p.mode, p.noise_multiplier, p.target_epsilon),
+        (PrivacyMode::Client, Some(1.1), None)
+    );
+    assert!(p.validate().is_ok());
+    assert!(p
+        .apply(&PrivacyOverrides {
+            mode: Some("loud".into()),
+            ..Default::default()
+        })
+        .is_err());
+}

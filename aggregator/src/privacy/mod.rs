@@ -245,6 +245,70 @@ impl PrivacyConfig {
     }
 }
 
+/// Command-line overrides of a [`PrivacyConfig`]: the `--dp-*` flags of
+/// `cohort-sim` and `cohort-aggregator`, applied by [`PrivacyConfig::apply`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PrivacyOverrides {
+    /// `central`, `client` or `off`.
+    pub mode: Option<String>,
+    pub target_epsilon: Option<f64>,
+    pub noise_multiplier: Option<f64>,
+    pub clip: Option<f64>,
+    pub delta: Option<f64>,
+    /// Turns adaptive clipping on, to this quantile.
+    pub adaptive_quantile: Option<f64>,
+    pub budget_epsilon: Option<f64>,
+}
+
+impl PrivacyConfig {
+    /// Applies command-line overrides: any of them turns privacy on
+    /// (central) unless a mode is given or the file set one; an epsilon or
+    /// a noise multiplier replaces the file's way of fixing the noise.
+    pub fn apply(&mut self, o: &PrivacyOverrides) -> Result<(), AggError> {
+        let any = o.target_epsilon.is_some()
+            || o.noise_multiplier.is_some()
+            || o.clip.is_some()
+            || o.delta.is_some()
+            || o.adaptive_quantile.is_some()
+            || o.budget_epsilon.is_some();
+        match o.mode.as_deref() {
+            None if any && self.is_off() => self.mode = PrivacyMode::Central,
+            None => {}
+            Some("central") => self.mode = PrivacyMode::Central,
+            Some("client") => self.mode = PrivacyMode::Client,
+            Some("off") => self.mode = PrivacyMode::Off,
+            Some(m) => {
+                return Err(AggError::Config(format!(
+                    "privacy mode `{m}`: use central, client or off"
+                )))
+            }
+        }
+        if let Some(e) = o.target_epsilon {
+            self.target_epsilon = Some(e);
+            self.noise_multiplier = None;
+        }
+        if let Some(z) = o.noise_multiplier {
+            self.noise_multiplier = Some(z);
+            self.target_epsilon = None;
+        }
+        if let Some(c) = o.clip {
+            self.clip = c;
+        }
+        if let Some(d) = o.delta {
+            self.delta = d;
+        }
+        if let Some(q) = o.adaptive_quantile {
+            self.adaptive
+                .get_or_insert_with(AdaptiveClip::default)
+                .target_quantile = q;
+        }
+        if let Some(b) = o.budget_epsilon {
+            self.budget_epsilon = Some(b);
+        }
+        Ok(())
+    }
+}
+
 /// Andrew et al.'s split: the sum's noise multiplier when the count gets
 /// `count_std` and the pair must be worth `z`; `None` when the count's
 /// noise is too small for it (`2 sigma_b <= z`).

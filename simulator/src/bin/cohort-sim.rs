@@ -354,44 +354,15 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
 }
 
 fn apply_privacy(cli: &Cli, p: &mut cohort_aggregator::PrivacyConfig) -> Result<()> {
-    use cohort_aggregator::{AdaptiveClip, PrivacyMode};
-    let any = cli.dp_epsilon.is_some()
-        || cli.dp_noise_multiplier.is_some()
-        || cli.dp_clip.is_some()
-        || cli.dp_delta.is_some()
-        || cli.dp_adaptive_quantile.is_some()
-        || cli.dp_budget.is_some();
-    match cli.dp_mode.as_deref() {
-        None if any && p.is_off() => p.mode = PrivacyMode::Central,
-        None => {}
-        Some("central") => p.mode = PrivacyMode::Central,
-        Some("client") => p.mode = PrivacyMode::Client,
-        Some("off") => p.mode = PrivacyMode::Off,
-        Some(m) => bail!("--dp-mode `{m}`: use central, client or off"),
-    }
-    // A flag replaces the file's way of fixing the noise.
-    if let Some(e) = cli.dp_epsilon {
-        p.target_epsilon = Some(e);
-        p.noise_multiplier = None;
-    }
-    if let Some(z) = cli.dp_noise_multiplier {
-        p.noise_multiplier = Some(z);
-        p.target_epsilon = None;
-    }
-    if let Some(c) = cli.dp_clip {
-        p.clip = c;
-    }
-    if let Some(d) = cli.dp_delta {
-        p.delta = d;
-    }
-    if let Some(q) = cli.dp_adaptive_quantile {
-        p.adaptive
-            .get_or_insert_with(AdaptiveClip::default)
-            .target_quantile = q;
-    }
-    if let Some(b) = cli.dp_budget {
-        p.budget_epsilon = Some(b);
-    }
+    p.apply(&cohort_aggregator::PrivacyOverrides {
+        mode: cli.dp_mode.clone(),
+        target_epsilon: cli.dp_epsilon,
+        noise_multiplier: cli.dp_noise_multiplier,
+        clip: cli.dp_clip,
+        delta: cli.dp_delta,
+        adaptive_quantile: cli.dp_adaptive_quantile,
+        budget_epsilon: cli.dp_budget,
+    })?;
     Ok(())
 }
 
