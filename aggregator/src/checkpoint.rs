@@ -139,6 +139,10 @@ pub struct SavedState {
     /// SHA-256 of the config (with `rounds` zeroed), hex.
     pub config_hash: String,
     pub layout: Layout,
+    /// Differential privacy: the accountant and the clip norm (absent
+    /// without privacy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacyState>,
 }
 
 /// Name of the checkpoint folder of `round`.
@@ -532,6 +536,7 @@ impl Engine {
             rng_word_pos: self.rng.get_word_pos().to_string(),
             config_hash: config_hash(&self.cfg)?,
             layout: self.layout.clone(),
+            privacy: self.dp.as_ref().map(|d| d.state.clone()),
         };
         let json = serde_json::to_vec_pretty(&state)
             .map_err(|e| AggError::Checkpoint(format!("state: {e}")))?;
@@ -684,6 +689,26 @@ impl Engine {
     ) -> Result<Self, AggError> {
         let mut engine = Engine::build(cfg, state.layout, global.clone(), strategy)?;
         engine.restore_parts(global, state.round, state.version, rng);
+        match (engine.dp.as_mut(), state.privacy) {
+            (Some(dp), Some(p)) => {
+                if p.accountant.orders != dp.state.accountant.orders
+                    || p.accountant.rdp.len() != p.accountant.orders.len()
+                    || !p.accountant.rdp.iter().all(|r| *r >= 0.0)
+                    || !(p.clip.is_finite() && p.clip > 0.0)
+                {
+                    return Err(AggError::Checkpoint(
+                        "the privacy accountant's state does not fit".into(),
+                    ));
+                }
+                dp.state = p;
+            }
+            (Some(_), None) => {
+                return Err(AggError::Checkpoint(
+                    "privacy is on but the checkpoint has no accountant state".into(),
+                ))
+            }
+            _ => {}
+        }
         info!(round = state.round, version = state.version, path = %path.display(), "resumed");
         Ok(engine)
     }

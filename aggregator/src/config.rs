@@ -6,6 +6,7 @@ use cohort_protocol::codec::CodecConfig;
 use cohort_protocol::messages::{Optimizer, TrainConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::privacy::PrivacyConfig;
 use crate::AggError;
 
 /// How rounds run.
@@ -177,6 +178,12 @@ pub struct EngineConfig {
     /// every update (median, trimmed mean, Krum); beyond it updates are
     /// refused with [`crate::RefusalCode::MemoryCap`].
     pub max_retained_bytes: u64,
+    /// Client-level differential privacy (see [`crate::privacy`]). The
+    /// experiment files set it from their top-level `[privacy]` section.
+    /// Left out of the serialized config when off, so that the config hash
+    /// of checkpoints without privacy does not change.
+    #[serde(default, skip_serializing_if = "PrivacyConfig::is_off")]
+    pub privacy: PrivacyConfig,
 }
 
 impl Default for EngineConfig {
@@ -196,6 +203,7 @@ impl Default for EngineConfig {
             max_weight_share: DEFAULT_MAX_WEIGHT_SHARE,
             rounds: 0,
             max_retained_bytes: 1 << 30,
+            privacy: PrivacyConfig::default(),
         }
     }
 }
@@ -239,6 +247,23 @@ impl EngineConfig {
         if let Some(n) = self.max_update_norm {
             if !(n.is_finite() && n > 0.0) {
                 return bad("max_update_norm must be finite and positive");
+            }
+        }
+        self.privacy.validate()?;
+        if !self.privacy.is_off() {
+            if !matches!(self.mode, Mode::Sync) {
+                return bad("privacy: FedBuff (async) is not supported with differential privacy; use mode sync");
+            }
+            if self.sampling.fraction.is_nan() || self.sampling.fraction <= 0.0 {
+                return bad("privacy: sampling.fraction (the Poisson rate q) must be in (0, 1]");
+            }
+            if self.privacy.mode == crate::privacy::PrivacyMode::Client
+                && (self.codec.bits != 32 || self.codec.top_k.is_some())
+            {
+                return bad(
+                    "privacy: mode = \"client\" needs the lossless codec (codec.bits = 32, no top_k): \
+                     an error-feedback residual would carry un-noised data into later rounds",
+                );
             }
         }
         if let Mode::Async(fb) = &self.mode {

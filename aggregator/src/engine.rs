@@ -19,6 +19,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 
 use crate::config::{EngineConfig, GroupPolicy, Mode};
+use crate::privacy::{self, PrivacyMode, PrivacyReport, PrivacyState, RdpAccountant};
 use crate::strategy::{AggregateInput, ClientResult, Collect, Metrics, Strategy};
 use crate::AggError;
 
@@ -29,6 +30,10 @@ pub const MAX_REFUSALS_KEPT: usize = 1024;
 /// Salt of the federated-evaluation stream (see
 /// [`Engine::configure_evaluate`]).
 const EVAL_SALT: u64 = 0xE7A1;
+/// Salt of the differential-privacy noise stream (a function of the seed
+/// and the round, so noise never shifts sampling and a resume draws the
+/// same).
+const DP_SALT: u64 = 0xD1FF;
 
 /// A node's hello, as the engine needs it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -125,6 +130,10 @@ pub struct RoundReport {
     /// round failed.
     #[serde(default)]
     pub rolled_back: bool,
+    /// Differential privacy: epsilon spent after this round and the
+    /// round's parameters (none without privacy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyReport>,
     pub eval: Option<Metrics>,
     pub closed_at_ms: u64,
 }
@@ -217,6 +226,36 @@ struct SyncRound {
     last_refusal: BTreeMap<NodeId, RefusalCode>,
 }
 
+/// Differential privacy in the engine (see [`crate::privacy`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Dp {
+    /// The accounted noise multiplier.
+    z: f64,
+    /// Poisson sampling rate.
+    q: f64,
+    /// RDP of one round at `(q, z)` at the accountant's orders (the budget
+    /// check, without recomputing it).
+    round_rdp: Vec<f64>,
+    pub(crate) state: PrivacyState,
+    round: Option<DpRound>,
+}
+
+/// The privacy parameters of the open round, fixed at its start.
+#[derive(Clone, Debug)]
+struct DpRound {
+    clip: f64,
+    /// Expected contributors: `q * registered`.
+    expected: f64,
+    /// Per global group, the fixed denominator `q * (nodes uploading it)`.
+    denominators: BTreeMap<String, f64>,
+    /// Noise multiplier of the sum (below `z` with adaptive clipping).
+    sum_z: f64,
+    /// Adaptive clipping: std of the count's noise.
+    count_std: Option<f64>,
+    /// Adaptive clipping: accepted updates with a norm at most `clip`.
+    under: u64,
+}
+
 /// The engine. See the crate docs for the calling sequence.
 pub struct Engine {
     pub(crate) cfg: EngineConfig,
@@ -239,6 +278,10 @@ pub struct Engine {
     evaluator: Option<Evaluator>,
     /// The effective bound on an update's L2 norm.
     norm_bound: f32,
+    pub(crate) dp: Option<Dp>,
+    /// Mixed into the DP noise streams when set (see
+    /// [`Engine::set_noise_secret`]).
+    noise_secret: Option<u64>,
 }
 
 impl fmt::Debug for Engine {
@@ -319,6 +362,38 @@ impl Engine {
         let norm_bound = cfg
             .max_update_norm
             .unwrap_or_else(|| crate::config::default_max_update_norm(&layout));
+        let dp = if cfg.privacy.is_off() {
+            None
+        } else {
+            if strategy.collect() != Collect::Stream {
+                return Err(AggError::Config(format!(
+                    "privacy: strategy `{}` does not combine a weighted sum (median, trimmed mean \
+                     and Krum keep every update); DP-FedAvg needs one of fedavg, fedavgm, \
+                     fedadam, fedyogi, fedadagrad or fedprox",
+                    strategy.name()
+                )));
+            }
+            let q = cfg.sampling.fraction;
+            let z = cfg.privacy.resolve_noise(q, cfg.rounds)?;
+            let accountant = RdpAccountant::default();
+            let round_rdp = accountant.round_rdp(q, z);
+            info!(
+                q,
+                noise_multiplier = z,
+                clip = cfg.privacy.clip,
+                "differential privacy on"
+            );
+            Some(Dp {
+                z,
+                q,
+                round_rdp,
+                state: PrivacyState {
+                    accountant,
+                    clip: cfg.privacy.clip,
+                },
+                round: None,
+            })
+        };
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         Ok(Engine {
             cfg,
@@ -337,6 +412,8 @@ impl Engine {
             scratch: Vec::new(),
             evaluator: None,
             norm_bound,
+            dp,
+            noise_secret: None,
         })
     }
 
@@ -383,9 +460,78 @@ impl Engine {
     pub fn round_open(&self) -> bool {
         self.sync_round.is_some()
     }
-    /// The configured number of rounds (model steps in async) is done.
+    /// The configured number of rounds (model steps in async) is done, or
+    /// the next round would spend more than the privacy budget.
     pub fn is_finished(&self) -> bool {
-        self.cfg.rounds > 0 && self.round >= self.cfg.rounds
+        (self.cfg.rounds > 0 && self.round >= self.cfg.rounds) || self.budget_exhausted()
+    }
+
+    /// The next round would take epsilon over `privacy.budget_epsilon`.
+    pub fn budget_exhausted(&self) -> bool {
+        let (Some(dp), Some(budget)) = (&self.dp, self.cfg.privacy.budget_epsilon) else {
+            return false;
+        };
+        let a = &dp.state.accountant;
+        let rdp: Vec<f64> = a
+            .rdp
+            .iter()
+            .zip(&dp.round_rdp)
+            .map(|(r, p)| r + p)
+            .collect();
+        privacy::accountant::epsilon_from_rdp(&a.orders, &rdp, self.cfg.privacy.delta).0 > budget
+    }
+
+    /// Differential privacy: epsilon spent so far (at `privacy.delta`).
+    pub fn epsilon(&self) -> Option<f64> {
+        self.dp
+            .as_ref()
+            .map(|dp| dp.state.accountant.epsilon(self.cfg.privacy.delta))
+    }
+
+    /// Client-mode DP of the open round: the clip and each node's share of
+    /// the noise, `z C / sqrt(m)` for `m` expected contributors, so that
+    /// `m` shares add up to `N(0, (z C)^2)`.
+    fn client_noise(&self) -> Option<cohort_protocol::messages::ClientNoise> {
+        if self.cfg.privacy.mode != PrivacyMode::Client {
+            return None;
+        }
+        let dp = self.dp.as_ref()?;
+        let r = dp.round.as_ref()?;
+        let m = r.expected.max(1.0);
+        Some(cohort_protocol::messages::ClientNoise {
+            clip: r.clip as f32,
+            noise_std: (dp.z * r.clip / m.sqrt()) as f32,
+        })
+    }
+
+    /// Mixes `secret` into the DP noise streams. Without it the noise is a
+    /// function of the seed and the round (runs are reproducible, as the
+    /// simulator needs), so anyone who knows the seed could subtract it: a
+    /// deployment sets a secret from the operating system's randomness
+    /// (`service::Aggregator` does). Not checkpointed; a resumed engine
+    /// gets a new one.
+    pub fn set_noise_secret(&mut self, secret: u64) {
+        self.noise_secret = Some(secret);
+    }
+
+    /// The seed of a DP noise stream of `round`.
+    fn noise_seed(&self, salt: u64, round: u64) -> u64 {
+        let s = mix_seed(self.cfg.seed ^ salt, round);
+        match self.noise_secret {
+            Some(k) => mix_seed(s, k),
+            None => s,
+        }
+    }
+
+    /// Differential privacy: the accounted noise multiplier (configured,
+    /// or solved from `target_epsilon`).
+    pub fn noise_multiplier(&self) -> Option<f64> {
+        self.dp.as_ref().map(|dp| dp.z)
+    }
+
+    /// Differential privacy: the current clip norm.
+    pub fn clip_norm(&self) -> Option<f64> {
+        self.dp.as_ref().map(|dp| dp.state.clip)
     }
     /// Bytes of decoded deltas kept by a retaining strategy right now.
     pub fn retained_bytes(&self) -> u64 {
@@ -568,6 +714,7 @@ impl Engine {
             train,
             codec: self.cfg.codec.clone(),
             deadline_ms,
+            privacy: self.client_noise(),
         }
     }
 
@@ -592,13 +739,71 @@ impl Engine {
             });
         }
         let round = self.round + 1;
-        let picked = self.strategy.configure(
-            round,
-            &available,
-            &self.cfg.sampling,
-            &self.cfg.train,
-            &mut self.rng,
-        );
+        let picked = if let Some(dp) = self.dp.as_mut() {
+            // Poisson sampling, which the accountant analyses: each node
+            // independently with probability q, then (in node order) its
+            // training settings and seed.
+            let q = dp.q;
+            let chosen: Vec<NodeId> = available
+                .iter()
+                .filter(|_| rand::Rng::gen::<f64>(&mut self.rng) < q)
+                .cloned()
+                .collect();
+            let mut denominators = BTreeMap::new();
+            for g in self.layout.group_names() {
+                // Only groups that can be uploaded get a (noised) mean.
+                if self.cfg.policy(g) != GroupPolicy::Global
+                    || self.cfg.train.frozen.iter().any(|f| f == g)
+                {
+                    continue;
+                }
+                let holders = self
+                    .nodes
+                    .values()
+                    .filter(|n| n.upload.iter().any(|u| u == g))
+                    .count();
+                denominators.insert(g.to_string(), q * holders as f64);
+            }
+            let expected = q * available.len() as f64;
+            let (sum_z, count_std) = match &self.cfg.privacy.adaptive {
+                None => (dp.z, None),
+                Some(a) => {
+                    let std = a.count_stddev.unwrap_or(expected / 20.0);
+                    let sum_z = privacy::update_noise_multiplier(dp.z, std).ok_or_else(|| {
+                        AggError::Config(format!(
+                            "privacy: the count's noise (std {std}) must exceed half the noise \
+                             multiplier {}; raise adaptive.count_stddev or sample more nodes",
+                            dp.z
+                        ))
+                    })?;
+                    (sum_z, Some(std))
+                }
+            };
+            dp.round = Some(DpRound {
+                clip: dp.state.clip,
+                expected,
+                denominators,
+                sum_z,
+                count_std,
+                under: 0,
+            });
+            chosen
+                .into_iter()
+                .map(|node| {
+                    let mut train = self.strategy.train_config(round, &node, &self.cfg.train);
+                    train.seed = rand::RngCore::next_u64(&mut self.rng);
+                    (node, train)
+                })
+                .collect()
+        } else {
+            self.strategy.configure(
+                round,
+                &available,
+                &self.cfg.sampling,
+                &self.cfg.train,
+                &mut self.rng,
+            )
+        };
         let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);
         let mut plans = BTreeMap::new();
         let mut out = Vec::with_capacity(picked.len());
@@ -616,7 +821,9 @@ impl Engine {
             );
             out.push((id, plan));
         }
-        if out.is_empty() {
+        // Under DP an empty Poisson sample is a round like any other
+        // (resampling would change the analysis).
+        if out.is_empty() && self.dp.is_none() {
             return Err(AggError::NotEnoughNodes {
                 available: available.len(),
                 needed: 1,
@@ -1002,10 +1209,19 @@ impl Engine {
                 format!("L2 norm {norm:.6e} over the bound {bound:.6e}"),
             ));
         }
-        let clip = match self.strategy.clip_norm() {
-            Some(c) if norm > f64::from(c) && norm > 0.0 => f64::from(c) / norm,
+        // Under central DP the round's clip norm; in client mode the node
+        // clipped and noised already (clipping again would rescale its
+        // noise).
+        let clip_bound = match self.dp.as_ref().and_then(|d| d.round.as_ref()) {
+            Some(r) if self.cfg.privacy.mode == PrivacyMode::Central => Some(r.clip),
+            Some(_) => None,
+            None => self.strategy.clip_norm().map(f64::from),
+        };
+        let clip = match clip_bound {
+            Some(c) if norm > c && norm > 0.0 => c / norm,
             _ => 1.0,
         };
+        let under_clip = clip_bound.is_some_and(|c| norm <= c);
         // FedBuff scales a stale delta down (it does not just reweight it):
         // the discount multiplies the delta, the examples weight it, so the
         // mean is sum(n_i s_i d_i) / sum(n_i).
@@ -1035,8 +1251,14 @@ impl Engine {
             staleness,
             discount,
         };
+        let dp_on = self.dp.is_some();
         for (g, w) in h.groups.iter().zip(weights.iter_mut()) {
-            let own = self.strategy.update_weight(g, &result, *w);
+            // DP: uniform weights, whatever the examples or the strategy.
+            let own = if dp_on {
+                1.0
+            } else {
+                self.strategy.update_weight(g, &result, *w)
+            };
             if !(own > 0.0 && own.is_finite()) {
                 return Err(Refusal::new(
                     C::BadWeight,
@@ -1152,6 +1374,9 @@ impl Engine {
                 }
             }
         }
+        if let Some(r) = self.dp.as_mut().and_then(|d| d.round.as_mut()) {
+            r.under += u64::from(under_clip);
+        }
         self.collecting.accepted.push(h.node.clone());
         self.collecting.results.push(result);
         self.collecting.bytes += bytes;
@@ -1210,11 +1435,23 @@ impl Engine {
         if !report.accepted.is_empty() {
             report.mean_staleness = collecting.staleness_sum as f64 / report.accepted.len() as f64;
         }
+        // DP: the round is accounted whether or not the model moves.
+        let dp_round = self.dp.as_mut().and_then(|d| d.round.take());
+        if let Some(r) = &dp_round {
+            report.privacy = Some(self.account_round(r, report.accepted.len()));
+        }
         if !quorum_met {
             return report;
         }
         let mut combined = BTreeMap::new();
-        for (g, acc) in collecting.groups {
+        let groups = match &dp_round {
+            Some(r) => self.dp_combine(r, collecting.groups, round),
+            None => collecting.groups,
+        };
+        if let (Some(r), Some(p)) = (&dp_round, report.privacy.as_mut()) {
+            p.under_clip = self.adapt_clip(r, report.accepted.len(), round);
+        }
+        for (g, acc) in groups {
             let (delta, count) = match acc {
                 GroupAcc::Stream {
                     sum,
@@ -1324,6 +1561,122 @@ impl Engine {
             "model stepped"
         );
         report
+    }
+
+    /// Composes the round into the accountant: the sampled Gaussian
+    /// mechanism at `(q, z)`; in client mode with the noise the accepted
+    /// shares actually add up to, `z * sqrt(min(k, m) / m)`.
+    fn account_round(&mut self, r: &DpRound, accepted: usize) -> PrivacyReport {
+        let delta = self.cfg.privacy.delta;
+        let client = self.cfg.privacy.mode == PrivacyMode::Client;
+        let Some(dp) = self.dp.as_mut() else {
+            return PrivacyReport::default();
+        };
+        let z = if client {
+            let k = accepted as f64;
+            if k == 0.0 || r.expected <= 0.0 {
+                // Nothing is released: the model cannot move.
+                f64::INFINITY
+            } else {
+                dp.z * (k.min(r.expected) / r.expected).sqrt()
+            }
+        } else {
+            dp.z
+        };
+        if z.is_finite() {
+            if z == dp.z {
+                dp.state.accountant.add(&dp.round_rdp, 1);
+            } else {
+                dp.state.accountant.compose(dp.q, z, 1);
+            }
+        } else {
+            dp.state.accountant.rounds += 1;
+        }
+        PrivacyReport {
+            epsilon: dp.state.accountant.epsilon(delta),
+            delta,
+            q: dp.q,
+            noise_multiplier: z,
+            clip: r.clip,
+            rounds: dp.state.accountant.rounds,
+            under_clip: None,
+        }
+    }
+
+    /// DP: every global group's sum (uniform weights, clipped updates),
+    /// plus `N(0, (sum_z * C)^2)` per coordinate in central mode, over its
+    /// fixed denominator. Returned as streamed groups of total weight 1, so
+    /// that the mean below passes them through unchanged.
+    fn dp_combine(
+        &self,
+        r: &DpRound,
+        mut groups: BTreeMap<String, GroupAcc>,
+        round: u64,
+    ) -> BTreeMap<String, GroupAcc> {
+        let central = self.cfg.privacy.mode == PrivacyMode::Central;
+        let std = r.sum_z * r.clip;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.noise_seed(DP_SALT, round));
+        let normal = rand_distr::Normal::new(0.0f64, std).ok();
+        let mut out = BTreeMap::new();
+        for (g, &den) in &r.denominators {
+            let len = self.layout.group(g).map(|gl| gl.len()).unwrap_or(0) as usize;
+            let (mut sum, count) = match groups.remove(g) {
+                Some(GroupAcc::Stream {
+                    sum, count, held, ..
+                }) => {
+                    let mut s: Vec<f64> = sum.iter().map(|&x| f64::from(x)).collect();
+                    for h in &held {
+                        for (a, x) in s.iter_mut().zip(&h.delta) {
+                            *a += h.weight * f64::from(*x);
+                        }
+                    }
+                    (s, count)
+                }
+                _ => (vec![0.0; len], 0),
+            };
+            if den.is_nan() || den <= 0.0 {
+                continue;
+            }
+            if central {
+                if let Some(n) = &normal {
+                    for a in sum.iter_mut() {
+                        *a += rand_distr::Distribution::sample(n, &mut rng);
+                    }
+                }
+            }
+            out.insert(
+                g.clone(),
+                GroupAcc::Stream {
+                    sum: sum.iter().map(|&a| (a / den) as f32).collect(),
+                    weight: 1.0,
+                    count,
+                    held: Vec::new(),
+                },
+            );
+        }
+        out
+    }
+
+    /// Adaptive clipping: the noised fraction of updates under the clip,
+    /// and the next clip norm. The count's noise comes from its own stream.
+    fn adapt_clip(&mut self, r: &DpRound, accepted: usize, round: u64) -> Option<f64> {
+        let a = self.cfg.privacy.adaptive.clone()?;
+        let std = r.count_std?;
+        let mut rng = ChaCha8Rng::seed_from_u64(self.noise_seed(DP_SALT ^ 0xC0, round));
+        let noise = rand_distr::Normal::new(0.0f64, std)
+            .map(|n| rand_distr::Distribution::sample(&n, &mut rng))
+            .unwrap_or(0.0);
+        // Centred count (sensitivity 1/2 under add/remove), fixed denominator.
+        let centred = r.under as f64 - accepted as f64 / 2.0 + noise;
+        let fraction = if r.expected > 0.0 {
+            centred / r.expected + 0.5
+        } else {
+            0.5
+        };
+        if let Some(dp) = self.dp.as_mut() {
+            dp.state.clip = privacy::next_clip(r.clip, fraction, &a);
+        }
+        Some(fraction)
     }
 
     fn step_async(&mut self, now_ms: u64) {

@@ -96,12 +96,18 @@
 //!   the deadline (unanswered nodes become `Timeout`, or `Refused(code)` if
 //!   their updates were refused). Below quorum the model does not move, and
 //!   the round still ends.
+//! - Differential privacy (`EngineConfig::privacy`, see [`privacy`]):
+//!   Poisson sampling, every update clipped over all its groups, uniform
+//!   weights, Gaussian noise on every global group's sum, a fixed
+//!   denominator, and an RDP accountant whose epsilon goes in each
+//!   [`RoundReport`]; robust combiners and FedBuff are refused.
 
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod experiment;
+pub mod privacy;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod strategy;
@@ -117,6 +123,9 @@ pub use engine::{
 };
 pub use error::AggError;
 pub use experiment::Federation;
+pub use privacy::{
+    AdaptiveClip, PrivacyConfig, PrivacyMode, PrivacyOverrides, PrivacyReport, PrivacyState,
+};
 pub use strategy::{
     default_configure, server_strategy, strategy_from_config, weighted_eval_metrics,
     AdaptiveParams, AggregateInput, ClientResult, Collect, Combiner, KrumParams, Metrics,

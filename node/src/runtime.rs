@@ -86,6 +86,11 @@ pub struct NodeRuntime {
     pub aggregator_key: SealPublicKey,
     pub state: NodeState,
     pub limits: NodeLimits,
+    /// Seed of the client-side DP noise. `None` (a real node): from the
+    /// operating system, so that nobody who knows the plan (the
+    /// aggregator derives its seeds) can subtract the noise. The simulator
+    /// sets one so that runs are a function of their seed.
+    pub noise_seed: Option<u64>,
 }
 
 /// The result of a round on a node.
@@ -119,6 +124,7 @@ impl NodeRuntime {
             aggregator_key,
             state: NodeState::default(),
             limits: NodeLimits::default(),
+            noise_seed: None,
         }
     }
 
@@ -177,6 +183,25 @@ impl NodeRuntime {
         plan.codec
             .validate()
             .map_err(|e| NodeError::BadPlan(format!("codec: {e}")))?;
+        if let Some(dp) = plan.privacy {
+            if !(dp.clip.is_finite()
+                && dp.clip > 0.0
+                && dp.noise_std.is_finite()
+                && dp.noise_std >= 0.0)
+            {
+                return bad(format!(
+                    "privacy: clip {} and noise std {} must be finite and positive",
+                    dp.clip, dp.noise_std
+                ));
+            }
+            // A residual of the un-noised delta would leave the privacy path.
+            if plan.codec.bits != 32 || plan.codec.top_k.is_some() {
+                return bad(
+                    "privacy: client-side noise needs the lossless codec (32 bits, no top-k)"
+                        .into(),
+                );
+            }
+        }
         let upload: Vec<String> = plan
             .upload
             .iter()
@@ -325,6 +350,9 @@ impl NodeRuntime {
                 return Err(NodeError::Diverged(format!("`{name}`[{i}] = {}", w[i])));
             }
         }
+        if let Some(dp) = plan.privacy {
+            self.clip_and_noise(&mut deltas, dp, node_seed);
+        }
         let saved_residuals = self.state.residuals.clone();
         let mut encoded = Vec::with_capacity(upload.len());
         for (i, (name, delta)) in upload.iter().zip(&deltas).enumerate() {
@@ -388,6 +416,39 @@ impl NodeRuntime {
             trained: outcome.params,
             encoded_bytes,
         })
+    }
+
+    /// Client-side DP: scales the deltas of all uploaded groups together to
+    /// an L2 norm of at most `clip`, then adds `N(0, noise_std^2)` to every
+    /// value (the plan was checked to be lossless, so no residual keeps
+    /// anything of the un-noised delta).
+    fn clip_and_noise(
+        &self,
+        deltas: &mut [Vec<f32>],
+        dp: cohort_protocol::messages::ClientNoise,
+        node_seed: u64,
+    ) {
+        use rand::SeedableRng;
+        use rand_distr::Distribution;
+        let sq: f64 = deltas
+            .iter()
+            .flat_map(|d| d.iter())
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum();
+        let norm = sq.sqrt();
+        if norm > f64::from(dp.clip) && norm > 0.0 {
+            let s = (f64::from(dp.clip) / norm) as f32;
+            deltas.iter_mut().flatten().for_each(|x| *x *= s);
+        }
+        let mut rng = match self.noise_seed {
+            Some(seed) => rand_chacha::ChaCha8Rng::seed_from_u64(mix_seed(seed, node_seed)),
+            None => rand_chacha::ChaCha8Rng::from_entropy(),
+        };
+        if let Ok(n) = rand_distr::Normal::new(0.0f64, f64::from(dp.noise_std)) {
+            for x in deltas.iter_mut().flatten() {
+                *x += n.sample(&mut rng) as f32;
+            }
+        }
     }
 
     /// Encodes one group's delta. Lossy settings carry the residual over to

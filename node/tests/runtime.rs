@@ -27,6 +27,7 @@ fn plan(upload: Vec<String>, bits: u8) -> RoundPlan {
             ..CodecConfig::default()
         },
         deadline_ms: 1000,
+        privacy: None,
     }
 }
 
@@ -362,4 +363,76 @@ fn bad_weights_and_divergence_are_refusals_that_change_nothing() {
     assert!(matches!(err, NodeError::Diverged(_)), "not sent: {err}");
     assert_eq!(node.state.residuals, residuals, "residuals unchanged");
     assert_eq!(node.state.local, local, "local groups unchanged");
+}
+
+/// Client-side DP: the uploaded delta is the trained delta clipped to the
+/// plan's norm over all groups, plus Gaussian noise of the plan's std;
+/// a lossy codec is refused, and no residual is kept.
+#[test]
+fn client_side_dp_clips_over_all_groups_and_adds_the_noise_share() {
+    use cohort_protocol::messages::ClientNoise;
+    let (spec, split, keys) = setup();
+    let global = spec.init(1);
+    let idx: Vec<usize> = (0..200).collect();
+    let data = [TaskData {
+        task: "digits",
+        data: &split.train,
+        indices: &idx,
+    }];
+    let groups = vec![BACKBONE.to_string(), head_group("digits")];
+    let decoded = |node: &mut NodeRuntime, p: &RoundPlan| -> (Vec<f32>, Vec<f32>) {
+        let out = node.run_round(p, &global, &data).expect("round");
+        let ctx = SealContext::of_update(&out.update.header);
+        let plain = keys.open(&ctx, &out.update.sealed).expect("opens");
+        let parts = unpack_groups(&plain, 2).expect("two groups");
+        let mut sent = Vec::new();
+        let mut trained = Vec::new();
+        for (g, bytes) in groups.iter().zip(parts) {
+            let start = global.get(g).expect("start");
+            sent.extend(codec::decode(bytes, start.len()).expect("decodes"));
+            let t = out.trained.get(g).expect("trained");
+            trained.extend(t.iter().zip(start).map(|(a, b)| a - b));
+        }
+        (sent, trained)
+    };
+    let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    // No noise: exactly the clipped delta.
+    let mut p = plan(groups.clone(), 32);
+    let mut node = NodeRuntime::new("node-dp", "fed", spec.clone(), keys.public());
+    let (_, raw) = decoded(&mut node, &p);
+    let clip = (0.25 * norm(&raw)) as f32;
+    p.privacy = Some(ClientNoise {
+        clip,
+        noise_std: 0.0,
+    });
+    let mut node = NodeRuntime::new("node-dp", "fed", spec.clone(), keys.public());
+    let (sent, trained) = decoded(&mut node, &p);
+    assert!((norm(&sent) - f64::from(clip)).abs() < 1e-4 * f64::from(clip));
+    let s = clip / norm(&trained) as f32;
+    for (a, b) in sent.iter().zip(&trained) {
+        assert!((a - b * s).abs() < 1e-6, "{a} vs {}", b * s);
+    }
+    assert!(node.state.residuals.is_empty(), "no residual is kept");
+    // With noise (seeded): the difference has the plan's std.
+    let std = 0.05f32;
+    p.privacy = Some(ClientNoise {
+        clip,
+        noise_std: std,
+    });
+    let mut node = NodeRuntime::new("node-dp", "fed", spec.clone(), keys.public());
+    node.noise_seed = Some(11);
+    let (sent, trained) = decoded(&mut node, &p);
+    let diff: Vec<f64> = sent
+        .iter()
+        .zip(&trained)
+        .map(|(a, b)| f64::from(a - b * s))
+        .collect();
+    let n = diff.len() as f64;
+    let got = (diff.iter().map(|d| d * d).sum::<f64>() / n).sqrt();
+    assert!((got / f64::from(std) - 1.0).abs() < 0.03, "noise std {got}");
+    // A lossy codec with client noise is refused.
+    let mut lossy = plan(groups.clone(), 8);
+    lossy.privacy = p.privacy;
+    let mut node = NodeRuntime::new("node-dp", "fed", spec, keys.public());
+    assert!(node.run_round(&lossy, &global, &data).is_err());
 }

@@ -146,6 +146,19 @@ pub struct RoundPlan {
     pub codec: CodecConfig,
     /// Time the node has, from receiving the plan, in milliseconds.
     pub deadline_ms: u64,
+    /// Differential privacy with noise at the clients: clip and noise the
+    /// delta before encoding (none otherwise).
+    pub privacy: Option<ClientNoise>,
+}
+
+/// Client-side differential privacy of a round: the node scales its delta
+/// so that its L2 norm over all the uploaded groups is at most `clip`,
+/// then adds Gaussian noise of std `noise_std` to every value, before
+/// encoding (losslessly: no error-feedback residual is kept).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ClientNoise {
+    pub clip: f32,
+    pub noise_std: f32,
 }
 
 /// Training metrics of one task in one round.

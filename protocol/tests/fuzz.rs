@@ -117,6 +117,7 @@ fn seeds(keys: &SealKeyPair) -> Vec<(Kind, Vec<u8>)> {
         train: TrainConfig::default(),
         codec: CodecConfig::default(),
         deadline_ms: 1000,
+        privacy: None,
     };
     let groups = [
         encode(&x[..40], &CodecConfig::default(), 1).expect("encode"),

@@ -30,6 +30,7 @@ fn plan() -> RoundPlan {
             top_k: Some(TopK::Fraction(0.1)),
         },
         deadline_ms: 30_000,
+        privacy: None,
     }
 }
 

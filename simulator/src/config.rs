@@ -32,7 +32,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, StrategyConfig};
+use cohort_aggregator::{w0_engine, w0_strategy, EngineConfig, PrivacyConfig, StrategyConfig};
 use cohort_tasks::{Backend, DatasetSpec, Partitioner};
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +75,10 @@ pub struct ExperimentConfig {
     pub engine: EngineConfig,
     pub faults: FaultsConfig,
     pub eval: EvalConfig,
+    /// Client-level differential privacy (`[privacy]`; see
+    /// `cohort_aggregator::privacy`). Off by default.
+    #[serde(skip_serializing_if = "PrivacyConfig::is_off")]
+    pub privacy: PrivacyConfig,
 }
 
 /// One task of the experiment and where its data comes from.
@@ -276,6 +280,7 @@ impl Default for ExperimentConfig {
             engine: w0_engine(),
             faults: FaultsConfig::default(),
             eval: EvalConfig::default(),
+            privacy: PrivacyConfig::default(),
         }
     }
 }
@@ -369,6 +374,16 @@ impl ExperimentConfig {
             if samples == 0 || !(alpha > 0.0 && alpha.is_finite()) {
                 return bad("clients.data: sampled needs samples >= 1 and alpha > 0".into());
             }
+        }
+        self.privacy
+            .validate()
+            .map_err(|e| SimError::Config(e.to_string()))?;
+        if !self.privacy.is_off() && self.sharing == Sharing::Separate {
+            return bad(
+                "privacy: sharing = \"separate\" runs one federation per task, each spending \
+                 the budget on the same clients; use shared_backbone"
+                    .into(),
+            );
         }
         if self.engine.train.batch_size == 0 || self.engine.train.epochs == 0 {
             return bad("engine.train: batch_size and epochs must be at least 1".into());

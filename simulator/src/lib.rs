@@ -137,7 +137,11 @@ pub fn run_experiment_custom(
     let started = std::time::Instant::now();
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
     let mut writer = match &cfg.output {
-        Some(dir) => Some(metrics::MetricsWriter::create(dir, &task_names)?),
+        Some(dir) => Some(metrics::MetricsWriter::create_with(
+            dir,
+            &task_names,
+            !cfg.privacy.is_off() || !cfg.engine.privacy.is_off(),
+        )?),
         None => None,
     };
     let mut result = ExperimentResult {

@@ -42,6 +42,10 @@ pub struct RoundMetrics {
     pub wall_ms: f64,
     /// Wall time of the central evaluation.
     pub eval_ms: f64,
+    /// Differential privacy: epsilon after this round and the round's
+    /// parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<cohort_aggregator::PrivacyReport>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SimError + '_ {
@@ -59,10 +63,17 @@ pub struct MetricsWriter {
     csv_path: PathBuf,
     jsonl_path: PathBuf,
     tasks: Vec<String>,
+    privacy: bool,
 }
 
 impl MetricsWriter {
     pub fn create(dir: &Path, tasks: &[String]) -> Result<Self, SimError> {
+        Self::create_with(dir, tasks, false)
+    }
+
+    /// With `privacy`, the CSV has two more columns: `epsilon` (spent after
+    /// the round) and `clip` (the round's clip norm).
+    pub fn create_with(dir: &Path, tasks: &[String], privacy: bool) -> Result<Self, SimError> {
         std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         let csv_path = dir.join("metrics.csv");
         let jsonl_path = dir.join("metrics.jsonl");
@@ -74,6 +85,9 @@ impl MetricsWriter {
         }
         header
             .push_str(",sampled,accepted,dropped,late,refused,bytes_up,bytes_down,wall_ms,eval_ms");
+        if privacy {
+            header.push_str(",epsilon,clip");
+        }
         writeln!(csv, "{header}").map_err(io_err(&csv_path))?;
         Ok(MetricsWriter {
             csv,
@@ -81,6 +95,7 @@ impl MetricsWriter {
             csv_path,
             jsonl_path,
             tasks: tasks.to_vec(),
+            privacy,
         })
     }
 
@@ -111,6 +126,14 @@ impl MetricsWriter {
             m.wall_ms,
             m.eval_ms
         );
+        if self.privacy {
+            match &m.privacy {
+                Some(p) => {
+                    let _ = write!(row, ",{:.6},{:.6}", p.epsilon, p.clip);
+                }
+                None => row.push_str(",,"),
+            }
+        }
         writeln!(self.csv, "{row}").map_err(io_err(&self.csv_path))?;
         let line = serde_json::to_string(m).map_err(|e| SimError::Config(e.to_string()))?;
         writeln!(self.jsonl, "{line}").map_err(io_err(&self.jsonl_path))?;
@@ -166,5 +189,12 @@ pub fn summary_table(rounds: &[RoundMetrics]) -> String {
         wall / 1e3,
         wall / 1e3 / rounds.len().max(1) as f64
     );
+    if let Some(p) = rounds.iter().rev().find_map(|r| r.privacy.as_ref()) {
+        let _ = writeln!(
+            out,
+            "differential privacy: ({:.4}, {:.0e})-DP after {} rounds (Poisson rate q = {:.4}, noise multiplier {:.4}, last clip {:.4})",
+            p.epsilon, p.delta, p.rounds, p.q, p.noise_multiplier, p.clip
+        );
+    }
     out
 }

@@ -156,7 +156,13 @@ pub fn federation(cfg: &ExperimentConfig) -> Federation {
 
 /// The engine settings an experiment implies.
 pub fn engine_config(cfg: &ExperimentConfig) -> EngineConfig {
-    federation(cfg).engine_config(&cfg.engine)
+    let mut e = federation(cfg).engine_config(&cfg.engine);
+    // The top-level `[privacy]` section (an `[engine.privacy]` is used
+    // when it is absent).
+    if !cfg.privacy.is_off() {
+        e.privacy = cfg.privacy.clone();
+    }
+    e
 }
 
 /// The experiment's model (`backbone` on `backend`) with a head for each of
@@ -373,6 +379,7 @@ impl Simulation {
             attack: self.cfg.faults.attack,
             federation: &self.engine.config().federation,
             key: self.keys.public(),
+            seed: self.cfg.seed,
         };
         self.pool
             .install(|| jobs.into_par_iter().map(|job| ctx.train(job)).collect())
@@ -530,6 +537,7 @@ impl Simulation {
         self.clock_ms = last.max(t0 + 1);
         m.version = report.version;
         m.accepted = report.accepted.len();
+        m.privacy = report.privacy.clone();
         m.train_loss = self.loss_scores(loss);
         if self.should_eval(round) {
             let t = Instant::now();
@@ -763,6 +771,8 @@ struct TrainCtx<'a> {
     attack: Attack,
     federation: &'a str,
     key: cohort_protocol::seal::SealPublicKey,
+    /// The experiment's seed (client-side DP noise).
+    seed: u64,
 }
 
 impl TrainCtx<'_> {
@@ -792,6 +802,8 @@ impl TrainCtx<'_> {
             let node_spec = self.model.subset(&names)?;
             let mut node = NodeRuntime::new(id.clone(), self.federation, node_spec, self.key);
             node.state = state;
+            // Client-side DP noise: a function of the experiment's seed.
+            node.noise_seed = Some(mix_seed(self.seed ^ 0xD1FF, client as u64));
             let data: Vec<TaskData<'_>> = parts
                 .iter()
                 .map(|(t, idx)| {

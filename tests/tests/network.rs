@@ -538,3 +538,56 @@ fn a_node_refuses_to_start_on_a_corrupt_state_file() {
         b"\xff\xff not a state"
     );
 }
+
+#[test]
+fn central_dp_over_the_network_reports_the_simulators_epsilon() {
+    let file =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../simulator/experiments/digits-net-dp.toml");
+    let cfg = ExperimentConfig::from_file(&file).expect("experiment parses");
+    let sim = run_experiment(&cfg, |_| {}).expect("simulation");
+    let sim_eps: Vec<f64> = sim
+        .rounds
+        .iter()
+        .map(|r| {
+            r.privacy
+                .as_ref()
+                .expect("privacy in the simulator")
+                .epsilon
+        })
+        .collect();
+    assert_eq!(sim_eps.len(), 10);
+
+    let root = TestDir::new();
+    let mut agg = Aggregator::start_with(
+        &file,
+        &root.path().join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &["--open", "--linger-s", "3"],
+    );
+    let mut ns = nodes(root.path(), 4, &agg);
+    finish(&mut agg, &mut ns);
+    let rounds = agg.rounds();
+    let accepted: Vec<u64> = rounds
+        .iter()
+        .filter_map(|r| r["accepted"].as_u64())
+        .collect();
+    println!("accepted per round: {accepted:?}");
+    assert!(
+        accepted.iter().all(|&a| a == 4),
+        "every node in every round: {accepted:?}"
+    );
+    let net_eps: Vec<f64> = rounds
+        .iter()
+        .map(|r| {
+            r["privacy"]["epsilon"]
+                .as_f64()
+                .expect("epsilon in the round line")
+        })
+        .collect();
+    println!("epsilon per round: network {net_eps:?}, simulator {sim_eps:?}");
+    assert_eq!(net_eps.len(), sim_eps.len());
+    for (n, s) in net_eps.iter().zip(&sim_eps) {
+        assert!((n - s).abs() <= 1e-9 * s, "network {n} vs simulator {s}");
+    }
+    assert!(net_eps.windows(2).all(|w| w[1] > w[0]), "epsilon grows");
+}

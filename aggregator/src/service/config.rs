@@ -65,6 +65,10 @@ pub struct FederationConfig {
     pub strategy: StrategyConfig,
     pub engine: EngineConfig,
     pub eval: EvalConfig,
+    /// Client-level differential privacy (`[privacy]`, the same section
+    /// as `cohort-sim`'s; see [`crate::privacy`]).
+    #[serde(skip_serializing_if = "crate::PrivacyConfig::is_off")]
+    pub privacy: crate::PrivacyConfig,
 }
 
 /// A `[[tasks]]` entry of the experiment file: `name`, and `dataset` or
@@ -163,6 +167,7 @@ impl Default for FederationConfig {
             strategy: w0_strategy(),
             engine: w0_engine(),
             eval: EvalConfig::default(),
+            privacy: crate::PrivacyConfig::default(),
         }
     }
 }
@@ -240,7 +245,12 @@ impl FederationConfig {
 
     /// The engine settings (see [`Federation::engine_config`]).
     pub fn engine_config(&self) -> EngineConfig {
-        self.federation().engine_config(&self.engine)
+        let mut e = self.federation().engine_config(&self.engine);
+        // As `cohort-sim`: the top-level `[privacy]`, else `[engine.privacy]`.
+        if !self.privacy.is_off() {
+            e.privacy = self.privacy.clone();
+        }
+        e
     }
 }
 

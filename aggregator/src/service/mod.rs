@@ -224,6 +224,9 @@ struct RoundLine<'a> {
     wall_ms: u64,
     /// When the round closed, in ms since the process started.
     closed_at_ms: u64,
+    /// Differential privacy: epsilon after this round and its parameters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    privacy: Option<&'a crate::PrivacyReport>,
 }
 
 /// The highest round of a `round` line among the last 1 MiB of a metrics
@@ -863,6 +866,7 @@ impl Service {
                     train: Default::default(),
                     codec: self.engine.config().codec.clone(),
                     deadline_ms: 0,
+                    privacy: None,
                 };
                 sealed_bound(layout, &plan).saturating_add(SUBMIT_SLACK)
             }
@@ -1194,6 +1198,12 @@ impl Service {
             report.version,
             scores.join(", ")
         );
+        if let Some(p) = &report.privacy {
+            println!(
+                "  privacy: ({:.4}, {:.0e})-DP after {} rounds (clip {:.4})",
+                p.epsilon, p.delta, p.rounds, p.clip
+            );
+        }
         let line = RoundLine {
             kind: "round",
             round: report.round,
@@ -1221,6 +1231,7 @@ impl Service {
             central,
             wall_ms,
             closed_at_ms: report.closed_at_ms,
+            privacy: report.privacy.as_ref(),
         };
         self.write_line(&line)?;
         self.sent = (0, 0);

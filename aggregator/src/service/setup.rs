@@ -187,7 +187,8 @@ impl Aggregator {
         let engine_cfg = self.fed.engine_config();
         let checkpoints = self.cfg.data_dir.join("checkpoints");
         let layout = self.layout();
-        match Engine::resume(&checkpoints, engine_cfg.clone(), (self.strategy)())? {
+        let mut engine = match Engine::resume(&checkpoints, engine_cfg.clone(), (self.strategy)())?
+        {
             Some(e) => {
                 e.check_layout(&layout)?;
                 info!(
@@ -203,7 +204,11 @@ impl Aggregator {
                 self.initial_weights(),
                 (self.strategy)(),
             ),
-        }
+        }?;
+        // A deployment's DP noise must not be reproducible from the
+        // experiment file's seed.
+        engine.set_noise_secret(rand::random());
+        Ok(engine)
     }
 
     /// Runs the aggregator until the last round is done and the linger

@@ -159,6 +159,31 @@ struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Differential privacy: central (noise at the aggregator), client
+    /// (each node adds its share) or off. Any other --dp-* flag implies
+    /// central unless the file or this flag says otherwise.
+    #[arg(long)]
+    dp_mode: Option<String>,
+    /// Differential privacy: solve the noise multiplier so that the
+    /// planned rounds spend this epsilon.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// Differential privacy: the noise multiplier (noise std / clip norm).
+    #[arg(long)]
+    dp_noise_multiplier: Option<f64>,
+    /// Differential privacy: the clip norm (initial one when adaptive).
+    #[arg(long)]
+    dp_clip: Option<f64>,
+    /// Differential privacy: delta.
+    #[arg(long)]
+    dp_delta: Option<f64>,
+    /// Differential privacy: adaptive clipping to this quantile of the
+    /// update norms (e.g. 0.5).
+    #[arg(long)]
+    dp_adaptive_quantile: Option<f64>,
+    /// Differential privacy: stop before a round that would spend more.
+    #[arg(long)]
+    dp_budget: Option<f64>,
 }
 
 fn parse_kv(s: &str) -> Result<(&str, &str)> {
@@ -326,6 +351,19 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
     if let Some(o) = &cli.output {
         cfg.output = Some(o.clone());
     }
+    apply_privacy(cli, &mut cfg.privacy)
+}
+
+fn apply_privacy(cli: &Cli, p: &mut cohort_aggregator::PrivacyConfig) -> Result<()> {
+    p.apply(&cohort_aggregator::PrivacyOverrides {
+        mode: cli.dp_mode.clone(),
+        target_epsilon: cli.dp_epsilon,
+        noise_multiplier: cli.dp_noise_multiplier,
+        clip: cli.dp_clip,
+        delta: cli.dp_delta,
+        adaptive_quantile: cli.dp_adaptive_quantile,
+        budget_epsilon: cli.dp_budget,
+    })?;
     Ok(())
 }
 
@@ -350,6 +388,9 @@ fn describe(m: &RoundMetrics) -> String {
         },
         m.wall_ms
     ));
+    if let Some(p) = &m.privacy {
+        s.push_str(&format!("  eps {:.3} (clip {:.3})", p.epsilon, p.clip));
+    }
     s
 }
 

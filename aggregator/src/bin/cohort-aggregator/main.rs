@@ -74,6 +74,30 @@ struct Args {
     /// experiment file.
     #[arg(long, value_name = "FILE")]
     export_initial: Option<PathBuf>,
+    /// Differential privacy (the experiment's `[privacy]`): central, client
+    /// or off. Any other --dp-* flag implies central unless the file or
+    /// this flag says otherwise.
+    #[arg(long)]
+    dp_mode: Option<String>,
+    /// Differential privacy: solve the noise multiplier for this epsilon
+    /// over the planned rounds.
+    #[arg(long)]
+    dp_epsilon: Option<f64>,
+    /// Differential privacy: the noise multiplier (noise std / clip norm).
+    #[arg(long)]
+    dp_noise_multiplier: Option<f64>,
+    /// Differential privacy: the clip norm (initial one when adaptive).
+    #[arg(long)]
+    dp_clip: Option<f64>,
+    /// Differential privacy: delta.
+    #[arg(long)]
+    dp_delta: Option<f64>,
+    /// Differential privacy: adaptive clipping to this quantile.
+    #[arg(long)]
+    dp_adaptive_quantile: Option<f64>,
+    /// Differential privacy: stop before a round that would spend more.
+    #[arg(long)]
+    dp_budget: Option<f64>,
 }
 
 fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)> {
@@ -117,6 +141,15 @@ fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)>
     if let Some(d) = args.deadline_ms {
         fed.engine.deadline_ms = d;
     }
+    fed.privacy.apply(&cohort_aggregator::PrivacyOverrides {
+        mode: args.dp_mode.clone(),
+        target_epsilon: args.dp_epsilon,
+        noise_multiplier: args.dp_noise_multiplier,
+        clip: args.dp_clip,
+        delta: args.dp_delta,
+        adaptive_quantile: args.dp_adaptive_quantile,
+        budget_epsilon: args.dp_budget,
+    })?;
     fed.validate()?;
     Ok((cfg, fed))
 }
