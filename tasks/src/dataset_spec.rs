@@ -748,15 +748,17 @@ fn default_seed() -> u64 {
     SPLIT_SEED
 }
 
+/// The names of the keys that are set, quoted.
+fn given(names: &[(&str, bool)]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|(_, g)| *g)
+        .map(|(n, _)| format!("`{n}`"))
+        .collect()
+}
+
 impl Table {
     fn into_spec(self) -> Result<DatasetSpec, String> {
-        let given = |names: &[(&str, bool)]| -> Vec<String> {
-            names
-                .iter()
-                .filter(|(_, g)| *g)
-                .map(|(n, _)| format!("`{n}`"))
-                .collect()
-        };
         let text_keys = given(&[
             ("id", self.id.is_some()),
             ("column", self.column.is_some()),
@@ -767,40 +769,8 @@ impl Table {
             ("documents", self.documents.is_some()),
             ("test_stride", self.test_stride.is_some()),
         ]);
-        if let Some(path) = self.text {
-            if self.csv.is_some() || self.idx.is_some() {
-                return Err("a data set table has one of `csv`, `idx` or `text`".into());
-            }
-            return Self::text_spec(
-                path,
-                self.label,
-                self.classes,
-                [
-                    ("features", self.features.is_some()),
-                    ("header", self.header.is_some()),
-                    ("scale", self.scale.is_some()),
-                    ("na", self.na.is_some()),
-                    ("missing", self.missing.is_some()),
-                    ("test", self.test.is_some()),
-                    ("test_file", self.test_file.is_some()),
-                    ("train_images", self.train_images.is_some()),
-                ]
-                .iter()
-                .filter(|(_, g)| *g)
-                .map(|(n, _)| format!("`{n}`"))
-                .collect(),
-                TextSource {
-                    id: self.id.unwrap_or_else(|| TextSource::new("").id),
-                    column: self.column.unwrap_or_else(|| TextSource::new("").column),
-                    context: self.context.unwrap_or(80),
-                    train_fraction: self.train_fraction.unwrap_or(0.8),
-                    max_vocab: self.max_vocab.unwrap_or(128),
-                    vocab: self.vocab,
-                    documents: self.documents,
-                    test_stride: self.test_stride.unwrap_or(1),
-                    ..TextSource::new("")
-                },
-            );
+        if self.text.is_some() {
+            return self.into_text_spec();
         }
         if !text_keys.is_empty() {
             return Err(format!("{} belong to `text`", text_keys.join(", ")));
@@ -880,34 +850,50 @@ impl Table {
         }
     }
 
-    /// The `text` form: `label = "next_char"` (the default) or a column.
-    fn text_spec(
-        path: PathBuf,
-        label: Option<Column>,
-        classes: Option<ClassesSpec>,
-        wrong: Vec<String>,
-        settings: TextSource,
-    ) -> Result<DatasetSpec, String> {
+    /// The `text` form: `label = "next_char"` (the default) or a column;
+    /// unset settings keep [`TextSource::new`]'s defaults.
+    fn into_text_spec(self) -> Result<DatasetSpec, String> {
+        let wrong = given(&[
+            ("csv", self.csv.is_some()),
+            ("idx", self.idx.is_some()),
+            ("header", self.header.is_some()),
+            ("features", self.features.is_some()),
+            ("scale", self.scale.is_some()),
+            ("na", self.na.is_some()),
+            ("missing", self.missing.is_some()),
+            ("test", self.test.is_some()),
+            ("test_file", self.test_file.is_some()),
+            ("train_images", self.train_images.is_some()),
+            ("train_labels", self.train_labels.is_some()),
+            ("test_images", self.test_images.is_some()),
+            ("test_labels", self.test_labels.is_some()),
+        ]);
         if !wrong.is_empty() {
             return Err(format!("{} do not belong to `text`", wrong.join(", ")));
         }
-        let label = match label {
+        let mut t = TextSource::new(self.text.unwrap_or_default());
+        t.label = match self.label {
             None => TextLabel::NextChar,
             Some(Column::Name(n)) if n == "next_char" => TextLabel::NextChar,
             Some(c) => TextLabel::Column(c),
         };
-        if label == TextLabel::NextChar && classes.is_some() {
-            return Err(
+        match (&t.label, self.classes) {
+            (TextLabel::NextChar, Some(_)) => return Err(
                 "`classes` of a next-character task is its vocabulary: set `max_vocab` or `vocab`"
                     .into(),
-            );
+            ),
+            (_, Some(c)) => t.classes = c,
+            (_, None) => {}
         }
-        Ok(DatasetSpec::Text(TextSource {
-            path,
-            label,
-            classes: classes.unwrap_or_default(),
-            ..settings
-        }))
+        t.id = self.id.unwrap_or(t.id);
+        t.column = self.column.unwrap_or(t.column);
+        t.context = self.context.unwrap_or(t.context);
+        t.train_fraction = self.train_fraction.unwrap_or(t.train_fraction);
+        t.max_vocab = self.max_vocab.unwrap_or(t.max_vocab);
+        t.vocab = self.vocab;
+        t.documents = self.documents;
+        t.test_stride = self.test_stride.unwrap_or(t.test_stride);
+        Ok(DatasetSpec::Text(t))
     }
 
     fn from_spec(spec: &DatasetSpec) -> Option<Table> {
