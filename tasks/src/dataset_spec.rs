@@ -759,19 +759,10 @@ fn given(names: &[(&str, bool)]) -> Vec<String> {
 
 impl Table {
     fn into_spec(self) -> Result<DatasetSpec, String> {
-        let text_keys = given(&[
-            ("id", self.id.is_some()),
-            ("column", self.column.is_some()),
-            ("context", self.context.is_some()),
-            ("train_fraction", self.train_fraction.is_some()),
-            ("max_vocab", self.max_vocab.is_some()),
-            ("vocab", self.vocab.is_some()),
-            ("documents", self.documents.is_some()),
-            ("test_stride", self.test_stride.is_some()),
-        ]);
         if self.text.is_some() {
             return self.into_text_spec();
         }
+        let text_keys = self.text_keys();
         if !text_keys.is_empty() {
             return Err(format!("{} belong to `text`", text_keys.join(", ")));
         }
@@ -848,6 +839,20 @@ impl Table {
                 Ok(DatasetSpec::Idx(i))
             }
         }
+    }
+
+    /// The settings of the `text` form that are set, quoted.
+    fn text_keys(&self) -> Vec<String> {
+        given(&[
+            ("id", self.id.is_some()),
+            ("column", self.column.is_some()),
+            ("context", self.context.is_some()),
+            ("train_fraction", self.train_fraction.is_some()),
+            ("max_vocab", self.max_vocab.is_some()),
+            ("vocab", self.vocab.is_some()),
+            ("documents", self.documents.is_some()),
+            ("test_stride", self.test_stride.is_some()),
+        ])
     }
 
     /// The `text` form: `label = "next_char"` (the default) or a column;

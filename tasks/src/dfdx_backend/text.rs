@@ -282,12 +282,9 @@ impl<
         let (x, tape) = x.split_tape();
         let dev = x.device().clone();
         let mut h: State<H, T> = dev.try_zeros_like(&(n, Const::<H>))?.put_tape(tape);
-        let mut col = Vec::with_capacity(n);
         for t in IN - STEPS..IN {
-            col.clear();
-            col.extend((0..n).map(|r| ids[r * IN + t]));
-            let ids_t = dev.try_tensor_from_vec(col.clone(), (n,))?;
-            h = self.step(h, ids_t)?;
+            let column: Vec<usize> = (0..n).map(|r| ids[r * IN + t]).collect();
+            h = self.step(h, dev.try_tensor_from_vec(column, (n,))?)?;
         }
         Ok(h)
     }
