@@ -184,6 +184,78 @@ pub struct EngineConfig {
     /// of checkpoints without privacy does not change.
     #[serde(default, skip_serializing_if = "PrivacyConfig::is_off")]
     pub privacy: PrivacyConfig,
+    /// How the local learning rate `train.lr` changes from round to round.
+    /// Left out of the serialized config when constant, so that the config
+    /// hash of older checkpoints does not change.
+    #[serde(default, skip_serializing_if = "LrSchedule::is_constant")]
+    pub lr_schedule: LrSchedule,
+}
+
+/// The local learning rate of each round, from `train.lr` (the rate of round
+/// 1). The aggregator puts the round's rate in its plans, so nodes need no
+/// schedule of their own; FedBuff (async) uses the model version as the
+/// round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LrSchedule {
+    /// `train.lr` in every round.
+    #[default]
+    Constant,
+    /// `train.lr * gamma^(round - 1)`.
+    Exponential { gamma: f32 },
+    /// Half a cosine from `train.lr` at round 1 down to `final_lr` at the
+    /// last round (`rounds`, which must be set); `final_lr` after it.
+    Cosine { final_lr: f32 },
+}
+
+impl LrSchedule {
+    pub fn is_constant(&self) -> bool {
+        matches!(self, LrSchedule::Constant)
+    }
+
+    /// The learning rate of `round` (1-based) out of `rounds`.
+    pub fn lr(&self, base: f32, round: u64, rounds: u64) -> f32 {
+        let r = round.max(1);
+        match *self {
+            LrSchedule::Constant => base,
+            LrSchedule::Exponential { gamma } => {
+                let steps = i32::try_from(r - 1).unwrap_or(i32::MAX);
+                (base * gamma.powi(steps)).max(f32::MIN_POSITIVE)
+            }
+            LrSchedule::Cosine { final_lr } => {
+                if rounds <= 1 || r >= rounds {
+                    return if rounds <= 1 { base } else { final_lr };
+                }
+                let t = (r - 1) as f64 / (rounds - 1) as f64;
+                let cos = 0.5 * (1.0 + (std::f64::consts::PI * t).cos());
+                (f64::from(final_lr) + (f64::from(base) - f64::from(final_lr)) * cos) as f32
+            }
+        }
+    }
+
+    fn validate(&self, base: f32, rounds: u64) -> Result<(), AggError> {
+        let bad = |m: String| Err(AggError::Config(m));
+        match *self {
+            LrSchedule::Constant => Ok(()),
+            LrSchedule::Exponential { gamma } => {
+                if !(gamma.is_finite() && gamma > 0.0 && gamma <= 1.0) {
+                    return bad(format!("lr_schedule: gamma = {gamma} (allowed (0, 1])"));
+                }
+                Ok(())
+            }
+            LrSchedule::Cosine { final_lr } => {
+                if rounds == 0 {
+                    return bad("lr_schedule: cosine needs rounds (the round it ends at)".into());
+                }
+                if !(final_lr.is_finite() && final_lr > 0.0 && final_lr <= base) {
+                    return bad(format!(
+                        "lr_schedule: final_lr = {final_lr} (allowed (0, train.lr = {base}])"
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -204,11 +276,19 @@ impl Default for EngineConfig {
             rounds: 0,
             max_retained_bytes: 1 << 30,
             privacy: PrivacyConfig::default(),
+            lr_schedule: LrSchedule::Constant,
         }
     }
 }
 
 impl EngineConfig {
+    /// `train` with the learning rate of `round` (see [`LrSchedule`]).
+    pub fn train_for(&self, round: u64) -> TrainConfig {
+        let mut t = self.train.clone();
+        t.lr = self.lr_schedule.lr(t.lr, round, self.rounds);
+        t
+    }
+
     pub fn policy(&self, group: &str) -> GroupPolicy {
         self.group_policy.get(group).copied().unwrap_or_default()
     }
@@ -234,6 +314,7 @@ impl EngineConfig {
             return bad("max_weight_share must be in (0, 1]");
         }
         validate_train(&self.train)?;
+        self.lr_schedule.validate(self.train.lr, self.rounds)?;
         validate_codec(&self.codec)?;
         if !(self.sampling.fraction.is_finite()
             && self.sampling.fraction >= 0.0
@@ -455,5 +536,47 @@ mod tests {
             ..EngineConfig::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn lr_schedules_start_at_train_lr_and_end_where_they_say() {
+        let cos = LrSchedule::Cosine { final_lr: 0.0001 };
+        assert_eq!(cos.lr(0.002, 1, 90), 0.002);
+        assert!((cos.lr(0.002, 90, 90) - 0.0001).abs() < 1e-9);
+        let mid = cos.lr(0.002, 45, 89); // halfway: the mean of the two
+        assert!((mid - 0.00105).abs() < 1e-7, "{mid}");
+        let lrs: Vec<f32> = (1..=90).map(|r| cos.lr(0.002, r, 90)).collect();
+        assert!(lrs.windows(2).all(|w| w[1] <= w[0]), "not decreasing");
+        assert_eq!(cos.lr(0.002, 200, 90), 0.0001);
+        let exp = LrSchedule::Exponential { gamma: 0.5 };
+        assert_eq!(exp.lr(0.4, 3, 0), 0.1);
+        assert_eq!(LrSchedule::Constant.lr(0.3, 7, 10), 0.3);
+    }
+
+    #[test]
+    fn lr_schedule_from_toml_and_checked() {
+        let cfg: EngineConfig =
+            toml::from_str("rounds = 10\nlr_schedule = { kind = \"cosine\", final_lr = 0.01 }\n")
+                .expect("parses");
+        assert_eq!(cfg.lr_schedule, LrSchedule::Cosine { final_lr: 0.01 });
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.train_for(1).lr, cfg.train.lr);
+        assert_eq!(cfg.train_for(10).lr, 0.01);
+        // Constant is left out, so configs (and checkpoint hashes) without a
+        // schedule serialize as before.
+        let plain = toml::to_string(&EngineConfig::default()).expect("serializes");
+        assert!(!plain.contains("lr_schedule"), "{plain}");
+        let no_rounds = EngineConfig { rounds: 0, ..cfg.clone() };
+        assert!(no_rounds.validate().is_err(), "cosine without rounds");
+        let above = EngineConfig {
+            lr_schedule: LrSchedule::Cosine { final_lr: 1.0 },
+            ..cfg.clone()
+        };
+        assert!(above.validate().is_err(), "final_lr above train.lr");
+        let gamma = EngineConfig {
+            lr_schedule: LrSchedule::Exponential { gamma: 1.5 },
+            ..cfg
+        };
+        assert!(gamma.validate().is_err(), "gamma above 1");
     }
 }

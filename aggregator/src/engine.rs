@@ -739,6 +739,7 @@ impl Engine {
             });
         }
         let round = self.round + 1;
+        let base = self.cfg.train_for(round);
         let picked = if let Some(dp) = self.dp.as_mut() {
             // Poisson sampling, which the accountant analyses: each node
             // independently with probability q, then (in node order) its
@@ -790,7 +791,7 @@ impl Engine {
             chosen
                 .into_iter()
                 .map(|node| {
-                    let mut train = self.strategy.train_config(round, &node, &self.cfg.train);
+                    let mut train = self.strategy.train_config(round, &node, &base);
                     train.seed = rand::RngCore::next_u64(&mut self.rng);
                     (node, train)
                 })
@@ -800,7 +801,7 @@ impl Engine {
                 round,
                 &available,
                 &self.cfg.sampling,
-                &self.cfg.train,
+                &base,
                 &mut self.rng,
             )
         };
@@ -870,7 +871,8 @@ impl Engine {
                     return Err(AggError::Finished(self.cfg.rounds));
                 }
                 let round = self.version;
-                let mut train = self.strategy.train_config(round, node, &self.cfg.train);
+                let base = self.cfg.train_for(round);
+                let mut train = self.strategy.train_config(round, node, &base);
                 train.seed = rand::RngCore::next_u64(&mut self.rng);
                 let plan = self.plan(entry, round, train, self.cfg.deadline_ms);
                 let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);

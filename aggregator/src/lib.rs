@@ -116,7 +116,7 @@ pub mod strategy;
 pub use cohort_protocol::messages::RefusalCode;
 pub use config::{
     default_max_update_norm, validate_codec, validate_train, w0_engine, w0_strategy, Discount,
-    EngineConfig, FedBuffConfig, GroupPolicy, Mode, Sampling,
+    EngineConfig, FedBuffConfig, GroupPolicy, LrSchedule, Mode, Sampling,
 };
 pub use engine::{
     Engine, Evaluator, FailureReason, NodeInfo, OpenedUpdate, Refusal, RoundReport, SubmitOutcome,
