@@ -275,12 +275,16 @@ pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<SimState, SimError> {
         bincode::serde::decode_from_slice(payload, bincode::config::standard().with_limit::<N>())
             .map_err(|e| e.to_string())
     }
+    // serde's sequences preallocate at most 1 MiB whatever length a file
+    // claims, so memory follows the bytes actually there; the limit bounds
+    // the total on top. Past 256 MiB the file's own bound (`size_bound`,
+    // checked before it was read) is the only one.
     let decoded = if payload.len() <= 16 << 20 {
         with_limit::<{ 64 << 20 }>(payload)
-    } else if payload.len() <= 1 << 30 {
-        with_limit::<{ 4 << 30 }>(payload)
+    } else if payload.len() <= 256 << 20 {
+        with_limit::<{ 1 << 30 }>(payload)
     } else {
-        with_limit::<{ 64 << 30 }>(payload)
+        with_limit::<{ usize::MAX >> 1 }>(payload)
     };
     let (state, used) = decoded.map_err(|e| bad(path, format!("undecodable: {e}")))?;
     if used != payload.len() {

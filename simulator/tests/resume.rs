@@ -276,7 +276,7 @@ fn fedbuff_and_an_empty_folder_are_refused() {
 
 // ---- a real cohort-sim process, killed mid-run ----
 
-const ROUNDS: u64 = 120;
+const ROUNDS: u64 = 60;
 
 fn cohort_sim(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_cohort-sim"));
