@@ -183,14 +183,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AggError + '_ {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AggError> {
+/// Writes `bytes` to `path` and fsyncs it (no rename: see the callers).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), AggError> {
     let mut f = fs::File::create(path).map_err(io(path))?;
     f.write_all(bytes).map_err(io(path))?;
     f.sync_all().map_err(io(path))
 }
 
 /// Reads a whole file, refusing it beyond `limit` bytes before allocating.
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AggError> {
+pub fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AggError> {
     let f = fs::File::open(path).map_err(io(path))?;
     let len = f.metadata().map_err(io(path))?.len();
     if len > limit {

@@ -79,6 +79,27 @@ pub struct ExperimentConfig {
     /// `cohort_aggregator::privacy`). Off by default.
     #[serde(skip_serializing_if = "PrivacyConfig::is_off")]
     pub privacy: PrivacyConfig,
+    /// Checkpoints of the run in `output/checkpoint/` (`[checkpoint]`), so
+    /// that `cohort-sim --resume` picks it up after a crash.
+    pub checkpoint: CheckpointConfig,
+}
+
+/// When the simulation checkpoints itself (see [`crate::checkpoint`]).
+/// Only runs with an `output` folder, synchronous rounds and one shared
+/// federation are checkpointed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Every this many rounds (0 = never). A checkpoint costs about the
+    /// model plus every trained client's state on disk; the two newest are
+    /// kept.
+    pub every: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every: 10 }
+    }
 }
 
 /// One task of the experiment and where its data comes from.
@@ -281,6 +302,7 @@ impl Default for ExperimentConfig {
             faults: FaultsConfig::default(),
             eval: EvalConfig::default(),
             privacy: PrivacyConfig::default(),
+            checkpoint: CheckpointConfig::default(),
         }
     }
 }

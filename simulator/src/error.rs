@@ -22,6 +22,13 @@ pub enum SimError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A checkpoint that cannot be resumed from: damaged, truncated, of
+    /// another experiment or model, or not fitting the population.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("plot: {0}")]
     Plot(String),
 }

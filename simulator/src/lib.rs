@@ -9,6 +9,7 @@
 //! files and the plot; [`run_experiment_on`] does the same on data a program
 //! built itself ([`LoadedTask`]).
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 mod error;
@@ -124,7 +125,58 @@ pub fn run_experiment_custom(
     models: &ModelRegistry,
     tasks: Vec<LoadedTask>,
     make_strategy: StrategyFactory<'_>,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    cfg.validate()?;
+    if let Some(dir) = &cfg.output {
+        run_files::write_experiment(dir, cfg)?;
+    }
+    run_inner(cfg, models, tasks, make_strategy, on_round, false)
+}
+
+/// The experiment of a run folder (its `experiment.toml`, as the run
+/// wrote it at its start), with `output` set to the folder: what
+/// [`resume_experiment`] continues. Data set paths in it are read
+/// relative to the working directory, as when the run started.
+pub fn resume_config(folder: &Path) -> Result<ExperimentConfig, SimError> {
+    let mut cfg = run_files::read_experiment(folder)?;
+    cfg.output = Some(folder.to_path_buf());
+    Ok(cfg)
+}
+
+/// Continues the run of `cfg.output` (see [`resume_config`]) from its
+/// newest good checkpoint (`output/checkpoint/`, see [`checkpoint`]),
+/// with the built-in strategies: the metrics files are rewritten up to the
+/// checkpoint's round (dropping rows written after it) and the run goes
+/// on, ending bit-identical to an uninterrupted run (same weights, same
+/// metrics but the wall times). Sync runs of one shared federation only;
+/// FedBuff and `sharing = "separate"` / `"local"` are refused.
+pub fn resume_experiment(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    on_round: impl FnMut(&RoundMetrics),
+) -> Result<ExperimentResult, SimError> {
+    cfg.validate()?;
+    if cfg.output.is_none() {
+        return Err(SimError::Config(
+            "resume: the experiment has no output folder to resume".into(),
+        ));
+    }
+    let tasks = data::load_tasks(cfg)?;
+    let strategy = cfg.strategy.clone();
+    let make = move || strategy_from_config(&strategy);
+    run_inner(cfg, models, tasks, &make, on_round, true)
+}
+
+/// [`run_experiment_custom`], or with `resume` its continuation from the
+/// checkpoints of `cfg.output`.
+fn run_inner(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    tasks: Vec<LoadedTask>,
+    make_strategy: StrategyFactory<'_>,
     mut on_round: impl FnMut(&RoundMetrics),
+    resume: bool,
 ) -> Result<ExperimentResult, SimError> {
     cfg.validate()?;
     let tasks = data::order_tasks(cfg, tasks)?;
@@ -150,21 +202,37 @@ pub fn run_experiment_custom(
         ..ExperimentResult::default()
     };
     let mut write_err = None;
-    let mut record = |m: &RoundMetrics| {
+    // A row into the files; `on_round` sees it unless it is one restored
+    // from a checkpoint.
+    let mut record = |m: &RoundMetrics, new: bool| {
         if let Some(w) = writer.as_mut() {
             if let Err(e) = w.write(m) {
                 write_err.get_or_insert(e);
             }
         }
-        on_round(m);
+        if new {
+            on_round(m);
+        }
     };
     match cfg.sharing {
         Sharing::SharedBackbone => {
-            let mut sim = simulation(cfg.clone(), models, tasks, make_strategy())?;
-            result.rounds = sim.run(&mut record)?;
+            let mut sim = if resume {
+                resumed(cfg, models, tasks, make_strategy)?
+            } else {
+                simulation(cfg.clone(), models, tasks, make_strategy())?
+            };
+            // The rows before the checkpoint: the files end as an
+            // uninterrupted run's (rows written after it are dropped).
+            for m in sim.restored_rounds() {
+                record(m, false);
+            }
+            result.rounds = sim.run(|m| record(m, true))?;
             result.final_central = sim.evaluate_central()?;
             if cfg.eval.personalized {
                 (result.personalized, result.federated) = sim.client_eval()?;
+            }
+            if let Some(dir) = &cfg.output {
+                run_files::write_weights(dir, &sim.engine)?;
             }
         }
         Sharing::Separate => {
@@ -190,7 +258,7 @@ pub fn run_experiment_custom(
                 }
             }
             for m in &result.rounds {
-                record(m);
+                record(m, true);
             }
         }
         Sharing::LocalOnly => {
@@ -215,6 +283,23 @@ pub fn run_experiment_custom(
         write_outputs(dir, cfg, &result)?;
     }
     Ok(result)
+}
+
+/// A simulation of `cfg` on `tasks` resumed from `cfg.output`'s checkpoints.
+fn resumed(
+    cfg: &ExperimentConfig,
+    models: &ModelRegistry,
+    tasks: Vec<LoadedTask>,
+    make_strategy: StrategyFactory<'_>,
+) -> Result<Simulation, SimError> {
+    let dir = cfg
+        .output
+        .as_deref()
+        .map(checkpoint::dir_of)
+        .ok_or_else(|| SimError::Config("resume: no output folder".into()))?;
+    let pop = data::Population::from_tasks(cfg, tasks)?;
+    let model = build_model(cfg, &pop, models)?;
+    Simulation::resume(cfg.clone(), pop, model, make_strategy, &dir)
 }
 
 /// A simulation of `cfg` on `tasks` with the models of `models`.
@@ -265,8 +350,6 @@ fn write_outputs(
     let json = dir.join("result.json");
     let text = serde_json::to_string_pretty(result).map_err(|e| SimError::Config(e.to_string()))?;
     std::fs::write(&json, text).map_err(io(&json))?;
-    let used = dir.join("experiment.toml");
-    std::fs::write(&used, cfg.to_toml()?).map_err(io(&used))?;
     if result.rounds.iter().any(|r| !r.central.is_empty()) {
         plot::accuracy_plot(
             &dir.join("accuracy.svg"),
@@ -275,4 +358,54 @@ fn write_outputs(
         )?;
     }
     Ok(())
+}
+
+/// The files of a run folder that a resume reads back: `experiment.toml`
+/// (written before the first round) and `weights.safetensors` (the final
+/// global weights, named as the layout says).
+mod run_files {
+    use std::path::Path;
+
+    use cohort_aggregator::checkpoint::{read_bounded, weights_to_safetensors, write_synced};
+    use cohort_aggregator::Engine;
+
+    use crate::{ExperimentConfig, SimError};
+
+    pub const EXPERIMENT_FILE: &str = "experiment.toml";
+    pub const WEIGHTS_FILE: &str = "weights.safetensors";
+    /// Bound on an experiment file read back.
+    const MAX_EXPERIMENT_BYTES: u64 = 1 << 20;
+
+    /// Writes the effective experiment (as `--print-config` prints it).
+    pub fn write_experiment(dir: &Path, cfg: &ExperimentConfig) -> Result<(), SimError> {
+        atomic_write(dir, EXPERIMENT_FILE, cfg.to_toml()?.as_bytes())
+    }
+
+    /// Reads a run folder's experiment back (data set paths relative to
+    /// the working directory).
+    pub fn read_experiment(dir: &Path) -> Result<ExperimentConfig, SimError> {
+        let path = dir.join(EXPERIMENT_FILE);
+        let bytes = read_bounded(&path, MAX_EXPERIMENT_BYTES)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| SimError::Config(format!("{}: not UTF-8", path.display())))?;
+        ExperimentConfig::from_toml(&text)
+            .map_err(|e| SimError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Writes the engine's global weights as safetensors.
+    pub fn write_weights(dir: &Path, engine: &Engine) -> Result<(), SimError> {
+        let bytes = weights_to_safetensors(engine.layout(), engine.global())?;
+        atomic_write(dir, WEIGHTS_FILE, &bytes)
+    }
+
+    /// A temporary file, fsynced, renamed over `dir/name`.
+    fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SimError> {
+        std::fs::create_dir_all(dir).map_err(|source| SimError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(name));
+        write_synced(&tmp, bytes)?;
+        std::fs::rename(&tmp, &path).map_err(|source| SimError::Io { path, source })
+    }
 }

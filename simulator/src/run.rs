@@ -25,6 +25,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Exp, Normal};
 use rayon::prelude::*;
 
+use crate::checkpoint::{experiment_hash, ClientState, SimState};
 use crate::config::{Attack, ExperimentConfig, HeadPolicy};
 use crate::data::{choose_fraction, Population};
 use crate::metrics::{RoundMetrics, TaskScore};
@@ -43,7 +44,7 @@ fn client_index(id: &str) -> Option<usize> {
 /// error-feedback residuals quantized to 8 bits (nearest, per-chunk scale),
 /// which keeps a residual at a quarter of its size while adding an error far
 /// below the residual itself.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct StoredState {
     local: ParamGroups,
     residuals: Vec<(String, usize, Vec<u8>)>,
@@ -89,6 +90,22 @@ impl StoredState {
     fn bytes(&self) -> usize {
         4 * self.local.num_values() + self.residuals.iter().map(|r| r.2.len()).sum::<usize>()
     }
+
+    fn to_saved(&self, client: usize) -> ClientState {
+        ClientState {
+            client: client as u64,
+            local: self
+                .local
+                .iter()
+                .map(|(g, v)| (g.to_string(), v.to_vec()))
+                .collect(),
+            residuals: self
+                .residuals
+                .iter()
+                .map(|(g, n, b)| (g.clone(), *n as u64, b.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// One client's training job for a round.
@@ -128,6 +145,8 @@ pub struct Simulation {
     /// Virtual time, in milliseconds.
     clock_ms: u64,
     fingerprints: HashMap<Vec<usize>, Fingerprint>,
+    /// Metrics of the rounds before a resume (from the checkpoint).
+    past: Vec<RoundMetrics>,
 }
 
 impl std::fmt::Debug for Simulation {
@@ -238,10 +257,20 @@ impl Simulation {
         strategy: Box<dyn Strategy>,
     ) -> Result<Self, SimError> {
         crate::data::check_fit(&*model, &pop.tasks)?;
-        let spec = model;
-        let layout = spec.layout();
-        let initial = spec.init(federation(&cfg).init_seed());
+        let layout = model.layout();
+        let initial = model.init(federation(&cfg).init_seed());
         let engine = Engine::new(engine_config(&cfg), layout, initial, strategy)?;
+        Self::assemble(cfg, pop, model, engine)
+    }
+
+    /// The simulation around a built engine: the pool, the Byzantine
+    /// clients, every client registered.
+    fn assemble(
+        cfg: ExperimentConfig,
+        pop: Population,
+        spec: SharedModel,
+        engine: Engine,
+    ) -> Result<Self, SimError> {
         let threads = if cfg.threads == 0 {
             rayon::current_num_threads()
         } else {
@@ -277,6 +306,7 @@ impl Simulation {
             pool,
             clock_ms: 0,
             fingerprints: HashMap::new(),
+            past: Vec::new(),
         };
         for c in 0..sim.pop.clients() {
             let info = sim.node_info(c)?;
@@ -580,18 +610,24 @@ impl Simulation {
     }
 
     /// Runs the experiment to the end, calling `on_round` after each round
-    /// (sync) or model step (async).
+    /// (sync) or model step (async). Returns the metrics of every round,
+    /// those restored by [`Simulation::resume`] first. With `cfg.output`
+    /// and `checkpoint.every = N > 0`, a sync run checkpoints itself after
+    /// every N-th round (not after the last) into
+    /// `output/checkpoint/` (see [`crate::checkpoint`]), after `on_round`
+    /// saw the round.
     pub fn run(
         &mut self,
         mut on_round: impl FnMut(&RoundMetrics),
     ) -> Result<Vec<RoundMetrics>, SimError> {
-        let mut out = Vec::new();
+        let mut out = std::mem::take(&mut self.past);
         match self.engine.config().mode.clone() {
             Mode::Sync => {
                 while !self.engine.is_finished() {
                     let m = self.sync_round()?;
                     on_round(&m);
                     out.push(m);
+                    self.maybe_checkpoint(&out)?;
                 }
             }
             Mode::Async(_) => self.run_async(&mut |m| {
@@ -760,6 +796,236 @@ impl Simulation {
         }
         Ok(())
     }
+}
+
+/// Checkpoints and resume (the file format: [`crate::checkpoint`]).
+impl Simulation {
+    /// The metrics restored from a checkpoint by [`Simulation::resume`]
+    /// (empty otherwise, and once [`Simulation::run`] took them).
+    pub fn restored_rounds(&self) -> &[RoundMetrics] {
+        &self.past
+    }
+
+    /// The virtual clock, in milliseconds.
+    pub fn clock_ms(&self) -> u64 {
+        self.clock_ms
+    }
+
+    /// Checkpoints after a round when the config asks for it (see
+    /// [`Simulation::run`]).
+    fn maybe_checkpoint(&self, rows: &[RoundMetrics]) -> Result<(), SimError> {
+        let every = self.cfg.checkpoint.every;
+        let round = self.engine.round();
+        let Some(out) = &self.cfg.output else {
+            return Ok(());
+        };
+        if every == 0
+            || !round.is_multiple_of(every)
+            || self.engine.is_finished()
+            || resumable(&self.cfg).is_err()
+        {
+            return Ok(());
+        }
+        self.save_checkpoint(&crate::checkpoint::dir_of(out), rows)?;
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the state between two sync rounds into `dir`:
+    /// the engine's and the simulator's (clock, client states, `rows`, the
+    /// metrics of every round so far). Returns the engine's folder.
+    pub fn save_checkpoint(
+        &self,
+        dir: &std::path::Path,
+        rows: &[RoundMetrics],
+    ) -> Result<std::path::PathBuf, SimError> {
+        self.resumable()?;
+        let engine = self.engine.checkpoint()?;
+        let mut clients: Vec<ClientState> = self
+            .states
+            .iter()
+            .map(|(&c, st)| st.to_saved(c))
+            .collect();
+        clients.sort_by_key(|c| c.client);
+        let sim = SimState::new(
+            experiment_hash(&self.cfg)?,
+            self.engine.round(),
+            self.clock_ms,
+            clients,
+            rows,
+        );
+        crate::checkpoint::write(dir, &engine, &sim)
+    }
+
+    /// The modes a checkpoint holds everything of.
+    fn resumable(&self) -> Result<(), SimError> {
+        resumable(&self.cfg)
+    }
+
+    /// Resumes a simulation of `cfg` on `pop` and `model` from the newest
+    /// good checkpoint in `dir` (an older one when the newest is damaged,
+    /// with an error line), with a strategy from `make_strategy` (of the
+    /// kind that wrote it). The checkpoint must be of this experiment
+    /// ([`experiment_hash`]) and this model. Then [`Simulation::run`]
+    /// continues where it stopped and ends as the uninterrupted run would.
+    pub fn resume(
+        cfg: ExperimentConfig,
+        pop: Population,
+        model: SharedModel,
+        make_strategy: StrategyFactory<'_>,
+        dir: &std::path::Path,
+    ) -> Result<Self, SimError> {
+        resumable(&cfg)?;
+        crate::data::check_fit(&*model, &pop.tasks)?;
+        let found = cohort_aggregator::checkpoint::all(dir)?;
+        let Some((_, newest)) = found.first() else {
+            return Err(SimError::Checkpoint {
+                path: dir.to_path_buf(),
+                reason: "no checkpoint to resume from (the run stopped before its first one: \
+                         start it again)"
+                    .into(),
+            });
+        };
+        let mut newest_error = None;
+        for (round, path) in &found {
+            let sim_path = crate::checkpoint::sim_file(dir, *round);
+            match Self::load_one(&cfg, &pop, &model, make_strategy, path, &sim_path) {
+                Ok((engine, saved)) => {
+                    let mut sim = Self::assemble(cfg, pop, model, engine)?;
+                    sim.restore(saved, &sim_path)?;
+                    return Ok(sim);
+                }
+                Err(e) => {
+                    tracing::error!(round, path = %path.display(), error = %e,
+                        "checkpoint unusable: trying the previous one");
+                    newest_error.get_or_insert(e);
+                }
+            }
+        }
+        Err(newest_error.unwrap_or_else(|| SimError::Checkpoint {
+            path: newest.clone(),
+            reason: "unusable".into(),
+        }))
+    }
+
+    /// Reads and checks one checkpoint: the simulator's file, then the
+    /// engine's folder (with a fresh strategy).
+    fn load_one(
+        cfg: &ExperimentConfig,
+        pop: &Population,
+        model: &SharedModel,
+        make_strategy: StrategyFactory<'_>,
+        engine_path: &std::path::Path,
+        sim_path: &std::path::Path,
+    ) -> Result<(Engine, SimState), SimError> {
+        let layout = model.layout();
+        let limit = crate::checkpoint::size_bound(cfg, layout.num_params());
+        let saved = crate::checkpoint::read_sim(sim_path, limit)?;
+        let fail = |reason: String| SimError::Checkpoint {
+            path: sim_path.to_path_buf(),
+            reason,
+        };
+        if saved.experiment != experiment_hash(cfg)? {
+            return Err(fail(
+                "written by another experiment than the run folder's experiment.toml".into(),
+            ));
+        }
+        let engine = Engine::resume_from(engine_path, engine_config(cfg), make_strategy())?;
+        engine.check_layout(&layout)?;
+        if engine.round() != saved.round {
+            return Err(fail(format!(
+                "of round {}, the engine's checkpoint of round {}",
+                saved.round,
+                engine.round()
+            )));
+        }
+        check_clients(&saved.clients, pop, &layout, cfg.heads).map_err(fail)?;
+        Ok((engine, saved))
+    }
+
+    /// Puts the simulator's saved state in place.
+    fn restore(&mut self, saved: SimState, path: &std::path::Path) -> Result<(), SimError> {
+        self.past = saved.rows(path)?;
+        self.clock_ms = saved.clock_ms;
+        for c in saved.clients {
+            let st = StoredState {
+                local: c.local.into_iter().collect(),
+                residuals: c
+                    .residuals
+                    .into_iter()
+                    .map(|(g, n, b)| (g, n as usize, b))
+                    .collect(),
+            };
+            self.states.insert(c.client as usize, st);
+        }
+        Ok(())
+    }
+}
+
+/// Checkpoints hold everything of a sync run of one shared federation.
+fn resumable(cfg: &ExperimentConfig) -> Result<(), SimError> {
+    if matches!(engine_config(cfg).mode, Mode::Async(_)) {
+        return Err(SimError::Config(
+            "checkpoints: FedBuff (mode = \"async\") runs cannot be checkpointed or resumed \
+             (their in-flight jobs and partly filled buffer are not saved)"
+                .into(),
+        ));
+    }
+    if cfg.sharing != crate::config::Sharing::SharedBackbone {
+        return Err(SimError::Config(
+            "checkpoints: only sharing = \"shared_backbone\" runs are checkpointed".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Each saved client state against the population and the model: a known
+/// client, listed once in order; local groups that are heads of its own
+/// tasks (with local heads) of the model's length; residuals of the
+/// model's groups of its tasks, encodings holding the group's length.
+fn check_clients(
+    clients: &[ClientState],
+    pop: &Population,
+    layout: &cohort_protocol::Layout,
+    heads: HeadPolicy,
+) -> Result<(), String> {
+    let mut last = None;
+    for c in clients {
+        let idx = usize::try_from(c.client)
+            .ok()
+            .filter(|&i| i < pop.clients())
+            .ok_or_else(|| format!("client {} is not of this population", c.client))?;
+        if last.is_some_and(|l| l >= idx) {
+            return Err(format!("client {idx} out of order or twice"));
+        }
+        last = Some(idx);
+        let own: Vec<String> = std::iter::once(BACKBONE.to_string())
+            .chain(
+                pop.client_tasks(idx)
+                    .into_iter()
+                    .map(|t| head_group(&pop.tasks[t].name)),
+            )
+            .collect();
+        let len_of = |g: &str| -> Option<u64> {
+            own.iter()
+                .any(|o| o == g)
+                .then(|| layout.group(g).map(|l| l.len()))
+                .flatten()
+        };
+        for (g, v) in &c.local {
+            let ok = heads == HeadPolicy::Local
+                && g != BACKBONE
+                && len_of(g) == Some(v.len() as u64);
+            if !ok {
+                return Err(format!("client {idx}: local group `{g}` does not fit"));
+            }
+        }
+        for (g, n, bytes) in &c.residuals {
+            if len_of(g) != Some(*n) || codec::decoded_len(bytes).ok() != Some(*n) {
+                return Err(format!("client {idx}: the residual of `{g}` does not fit"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What a training worker needs: shared, read-only parts of the simulation.

@@ -9,7 +9,10 @@ use cohort_aggregator::{FedBuffConfig, Mode, StrategyConfig};
 use cohort_protocol::codec::TopK;
 use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
 use cohort_simulator::metrics::summary_table;
-use cohort_simulator::{run_experiment, ExperimentConfig, RoundMetrics};
+use cohort_simulator::checkpoint::experiment_hash;
+use cohort_simulator::{
+    resume_config, resume_experiment, run_experiment, ExperimentConfig, RoundMetrics,
+};
 use cohort_tasks::{Backend, ModelRegistry, Partitioner};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -153,9 +156,24 @@ struct Cli {
     /// Worker threads (0 = one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Folder for metrics.csv, metrics.jsonl, accuracy.svg, summary.txt.
+    /// Folder for metrics.csv, metrics.jsonl, accuracy.svg, summary.txt,
+    /// experiment.toml, weights.safetensors and checkpoint/.
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// Checkpoint into OUTPUT/checkpoint/ every N rounds (0 = never;
+    /// default 10). Sync runs of one shared federation only; the two
+    /// newest checkpoints are kept.
+    #[arg(long, value_name = "N")]
+    checkpoint_every: Option<u64>,
+    /// Continue the run in FOLDER (a former --output) from its newest good
+    /// checkpoint, with FOLDER/experiment.toml: it ends bit-identical to an
+    /// uninterrupted run (weights.safetensors, metrics but wall times).
+    /// Run it from the same working directory (data set paths are relative
+    /// to it). Flags that change the experiment are refused; --threads,
+    /// --quiet and --checkpoint-every apply. FedBuff (async) and
+    /// --sharing separate/local runs cannot be resumed.
+    #[arg(long, value_name = "FOLDER", conflicts_with_all = ["config", "output"])]
+    resume: Option<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -351,6 +369,9 @@ fn apply(cli: &Cli, cfg: &mut ExperimentConfig) -> Result<()> {
     if let Some(o) = &cli.output {
         cfg.output = Some(o.clone());
     }
+    if let Some(n) = cli.checkpoint_every {
+        cfg.checkpoint.every = n;
+    }
     apply_privacy(cli, &mut cfg.privacy)
 }
 
@@ -403,15 +424,27 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let mut cfg = match &cli.config {
-        Some(path) => ExperimentConfig::from_file(path)?,
-        None => ExperimentConfig::default(),
+    let mut cfg = match (&cli.resume, &cli.config) {
+        (Some(dir), _) => resume_config(dir)?,
+        (None, Some(path)) => ExperimentConfig::from_file(path)?,
+        (None, None) => ExperimentConfig::default(),
     };
     if cli.list_models {
         println!("{}", ModelRegistry::default().describe());
         return Ok(());
     }
+    let resumed = match &cli.resume {
+        Some(_) => Some(experiment_hash(&cfg)?),
+        None => None,
+    };
     apply(&cli, &mut cfg)?;
+    if resumed.is_some() && resumed != Some(experiment_hash(&cfg)?) {
+        bail!(
+            "--resume continues the experiment of {}/experiment.toml: flags that change it are \
+             refused (only --threads, --quiet and --checkpoint-every apply)",
+            cli.resume.as_deref().unwrap_or_else(|| std::path::Path::new("?")).display()
+        );
+    }
     cfg.validate()?;
     if cli.print_config {
         print!("{}", cfg.to_toml()?);
@@ -447,13 +480,20 @@ fn main() -> Result<()> {
         );
         b
     };
-    let result = run_experiment(&cfg, |m| {
+    let on_round = |m: &RoundMetrics| {
         bar.inc(1);
         bar.println(describe(m));
         if bar.is_hidden() && !cli.quiet {
             println!("{}", describe(m));
         }
-    })?;
+    };
+    let result = match &cli.resume {
+        Some(dir) => {
+            println!("resuming {}", dir.display());
+            resume_experiment(&cfg, &ModelRegistry::default(), on_round)?
+        }
+        None => run_experiment(&cfg, on_round)?,
+    };
     bar.finish_and_clear();
     println!("\n{}", summary_table(&result.rounds));
     if !result.local_only.is_empty() {
