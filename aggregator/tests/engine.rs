@@ -904,3 +904,24 @@ fn packed_payloads_and_refused_nodes_at_the_deadline() {
     );
     assert_eq!(e.global().get(HA).expect("ha"), &[11.0, 21.0]);
 }
+
+#[test]
+fn plans_carry_the_scheduled_learning_rate_of_their_round() {
+    use cohort_aggregator::LrSchedule;
+    let mut cfg = config();
+    cfg.rounds = 3;
+    cfg.train.lr = 0.4;
+    cfg.lr_schedule = LrSchedule::Exponential { gamma: 0.5 };
+    let mut e = engine(cfg, &fedavg());
+    e.register(node("n1", &[("a", 10)])).expect("reg");
+    let mut now = 0;
+    for (round, want) in [(1u64, 0.4f32), (2, 0.2), (3, 0.1)] {
+        let plans = e.start_round(now).expect("start");
+        let p = plan_of(&plans, "n1").clone();
+        assert_eq!((p.round, p.train.lr), (round, want));
+        let u = update("n1", &p, &[(BACKBONE, vec![0.0; 6])], 10, &[("a", 10)]);
+        e.submit(u, now + 1).expect("accept");
+        assert!(e.poll(now + 2).expect("closes").stepped);
+        now += 10;
+    }
+}
