@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod plot;
 pub mod run;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use config::ExperimentConfig;
 pub use data::{LoadedTask, Population};
@@ -162,6 +162,9 @@ pub fn run_experiment_custom(
         Sharing::SharedBackbone => {
             let mut sim = simulation(cfg.clone(), models, tasks, make_strategy())?;
             result.rounds = sim.run(&mut record)?;
+            if let Some(dir) = &cfg.output {
+                write_weights(dir, WEIGHTS_FILE, &sim)?;
+            }
             result.final_central = sim.evaluate_central()?;
             if cfg.eval.personalized {
                 (result.personalized, result.federated) = sim.client_eval()?;
@@ -179,6 +182,9 @@ pub fn run_experiment_custom(
                 one.output = None;
                 let mut sim = simulation(one, models, vec![data], make_strategy())?;
                 let rounds = sim.run(|_| {})?;
+                if let Some(dir) = &cfg.output {
+                    write_weights(dir, &format!("weights-{}.safetensors", t.name), &sim)?;
+                }
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
                 if cfg.eval.personalized {
@@ -248,6 +254,31 @@ fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
             None => into.push(m),
         }
     }
+}
+
+/// The final global weights in an output folder (with `sharing =
+/// "separate"`: `weights-<task>.safetensors`, one per federation).
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+/// Writes the global weights of `sim` to `dir/name` in the format of the
+/// aggregator's checkpoints (safetensors, tensors named and shaped by the
+/// layout), which PyTorch's `safetensors` opens.
+pub fn write_weights(dir: &Path, name: &str, sim: &Simulation) -> Result<PathBuf, SimError> {
+    let bytes = cohort_aggregator::checkpoint::weights_to_safetensors(
+        sim.engine.layout(),
+        sim.engine.global(),
+    )?;
+    let io = |source| SimError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).map_err(|source| SimError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(path)
 }
 
 fn write_outputs(
