@@ -114,6 +114,9 @@ fn check_in_numpy(
         .arg(weights)
         .arg(&cases_path)
         .args(["--backbone", backbone, "--task", task, "--tol", "1e-5"])
+        // One BLAS thread: tests run side by side on a busy machine.
+        .env("OPENBLAS_NUM_THREADS", "1")
+        .env("OMP_NUM_THREADS", "1")
         .output()
         .expect("python runs");
     let text = format!(
