@@ -8,6 +8,8 @@ pub mod codec;
 pub mod error;
 pub mod framing;
 pub mod layout;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod messages;
 pub mod model_delta;
 #[cfg(feature = "libp2p")]

@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod plot;
 pub mod run;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use config::ExperimentConfig;
 pub use data::{LoadedTask, Population};
@@ -232,7 +232,7 @@ fn run_inner(
                 (result.personalized, result.federated) = sim.client_eval()?;
             }
             if let Some(dir) = &cfg.output {
-                run_files::write_weights(dir, &sim.engine)?;
+                write_weights(dir, WEIGHTS_FILE, &sim)?;
             }
         }
         Sharing::Separate => {
@@ -247,6 +247,9 @@ fn run_inner(
                 one.output = None;
                 let mut sim = simulation(one, models, vec![data], make_strategy())?;
                 let rounds = sim.run(|_| {})?;
+                if let Some(dir) = &cfg.output {
+                    write_weights(dir, &format!("weights-{}.safetensors", t.name), &sim)?;
+                }
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
                 if cfg.eval.personalized {
@@ -335,6 +338,22 @@ fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
     }
 }
 
+/// The final global weights in an output folder (with `sharing =
+/// "separate"`: `weights-<task>.safetensors`, one per federation).
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+
+/// Writes the global weights of `sim` to `dir/name` in the format of the
+/// aggregator's checkpoints (safetensors, tensors named and shaped by the
+/// layout), which PyTorch's `safetensors` opens.
+pub fn write_weights(dir: &Path, name: &str, sim: &Simulation) -> Result<PathBuf, SimError> {
+    let bytes = cohort_aggregator::checkpoint::weights_to_safetensors(
+        sim.engine.layout(),
+        sim.engine.global(),
+    )?;
+    run_files::atomic_write(dir, name, &bytes)?;
+    Ok(dir.join(name))
+}
+
 fn write_outputs(
     dir: &Path,
     cfg: &ExperimentConfig,
@@ -360,19 +379,16 @@ fn write_outputs(
     Ok(())
 }
 
-/// The files of a run folder that a resume reads back: `experiment.toml`
-/// (written before the first round) and `weights.safetensors` (the final
-/// global weights, named as the layout says).
+/// The run folder's `experiment.toml` (written before the first round, read
+/// back by a resume) and the atomic write of its files.
 mod run_files {
     use std::path::Path;
 
-    use cohort_aggregator::checkpoint::{read_bounded, weights_to_safetensors, write_synced};
-    use cohort_aggregator::Engine;
+    use cohort_aggregator::checkpoint::{read_bounded, write_synced};
 
     use crate::{ExperimentConfig, SimError};
 
     pub const EXPERIMENT_FILE: &str = "experiment.toml";
-    pub const WEIGHTS_FILE: &str = "weights.safetensors";
     /// Bound on an experiment file read back.
     const MAX_EXPERIMENT_BYTES: u64 = 1 << 20;
 
@@ -392,14 +408,8 @@ mod run_files {
             .map_err(|e| SimError::Config(format!("{}: {e}", path.display())))
     }
 
-    /// Writes the engine's global weights as safetensors.
-    pub fn write_weights(dir: &Path, engine: &Engine) -> Result<(), SimError> {
-        let bytes = weights_to_safetensors(engine.layout(), engine.global())?;
-        atomic_write(dir, WEIGHTS_FILE, &bytes)
-    }
-
     /// A temporary file, fsynced, renamed over `dir/name`.
-    fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SimError> {
+    pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SimError> {
         std::fs::create_dir_all(dir).map_err(|source| SimError::Io {
             path: dir.to_path_buf(),
             source,

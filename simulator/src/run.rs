@@ -31,6 +31,11 @@ use crate::data::{choose_fraction, Population};
 use crate::metrics::{RoundMetrics, TaskScore};
 use crate::SimError;
 
+/// Test samples per parallel slice of the central evaluation. Fixed (not
+/// derived from the pool size) so that the slices, their batches and the
+/// order their sums are combined in do not depend on `--threads`.
+pub const EVAL_SLICE: usize = 512;
+
 /// The id of virtual client `i`: sortable, so that node order is client order.
 pub fn client_id(i: usize) -> String {
     format!("sim-{i:07}")
@@ -441,11 +446,11 @@ impl Simulation {
     }
 
     /// Central evaluation of the global model on each task's test set,
-    /// split into slices evaluated in parallel on the pool.
+    /// split into slices of [`EVAL_SLICE`] samples evaluated in parallel on
+    /// the pool.
     pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
         let global = self.engine.global();
         let (pop, full) = (&self.pop, &self.model);
-        let slices = self.pool.current_num_threads().max(1);
         self.pool.install(|| {
             pop.tasks
                 .iter()
@@ -458,10 +463,11 @@ impl Simulation {
                     let test = &t.split.test;
                     let all: Vec<usize> = (0..test.len()).collect();
                     let parts: Vec<cohort_tasks::EvalMetrics> = all
-                        .par_chunks(test.len().div_ceil(slices).max(1))
+                        .par_chunks(EVAL_SLICE)
                         .map(|idx| spec.evaluate(&params, &t.name, test, Some(idx)))
                         .collect::<Result<_, _>>()?;
-                    // Combine in slice order: the same sums whatever the thread count.
+                    // Slices of a fixed size, combined in slice order: the
+                    // same sums whatever the thread count.
                     let n: u64 = parts.iter().map(|m| m.samples).sum();
                     let w = |f: fn(&cohort_tasks::EvalMetrics) -> f32| {
                         (parts

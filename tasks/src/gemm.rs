@@ -408,15 +408,47 @@ impl Model for GemmModel {
         data: &Dataset,
         indices: Option<&[usize]>,
     ) -> Result<EvalMetrics, TasksError> {
+        let (sub, forward) = self.forward_pass(params, task)?;
+        crate::train::eval_loop(&sub, task, data, indices, forward)
+    }
+    fn logits(
+        &self,
+        params: &ParamGroups,
+        task: &str,
+        data: &Dataset,
+        indices: Option<&[usize]>,
+    ) -> Result<Vec<f32>, TasksError> {
+        let (sub, forward) = self.forward_pass(params, task)?;
+        crate::train::logits_loop(&sub, task, data, indices, forward)
+    }
+}
+
+impl GemmModel {
+    /// The model of `task` alone and its forward pass on `params`: `(x, n)`
+    /// to the `n x classes` logits of the `n` rows of `x`.
+    #[allow(clippy::type_complexity)]
+    fn forward_pass(
+        &self,
+        params: &ParamGroups,
+        task: &str,
+    ) -> Result<
+        (
+            GemmModel,
+            impl FnMut(&[f32], usize) -> Result<Vec<f32>, TasksError>,
+        ),
+        TasksError,
+    > {
         let sub = GemmModel::new(self.kind, vec![crate::train::task_spec(self, task)?])?;
         let net = GemmNet::from_groups(&sub, &crate::train::eval_groups(params, task)?)?;
         let classes = sub.tasks[0].classes;
         let mut ws = Workspace::with_classes(&net.arch, EVAL_BATCH, false, classes);
-        crate::train::eval_loop(&sub, task, data, indices, |x, n| {
+        let task = task.to_string();
+        let forward = move |x: &[f32], n: usize| {
             ws.acts[0][..x.len()].copy_from_slice(x);
-            net.forward(&mut ws, n, task)?;
+            net.forward(&mut ws, n, &task)?;
             Ok(ws.logits[..n * classes].to_vec())
-        })
+        };
+        Ok((sub, forward))
     }
 }
 

@@ -81,6 +81,17 @@ pub trait Model: Send + Sync + fmt::Debug {
         indices: Option<&[usize]>,
     ) -> Result<EvalMetrics, TasksError>;
 
+    /// The logits of `task` for `data` (all samples, or `indices`), row
+    /// after row (`classes` values per sample): the forward pass that
+    /// [`Model::evaluate`] scores. `params` as for `evaluate`.
+    fn logits(
+        &self,
+        params: &ParamGroups,
+        task: &str,
+        data: &Dataset,
+        indices: Option<&[usize]>,
+    ) -> Result<Vec<f32>, TasksError>;
+
     /// The task called `name`.
     fn task(&self, name: &str) -> Option<&TaskSpec> {
         self.tasks().iter().find(|t| t.name == name)

@@ -281,15 +281,17 @@ pub(crate) fn eval_groups(params: &ParamGroups, task: &str) -> Result<ParamGroup
 /// Rows per forward pass in evaluation.
 pub(crate) const EVAL_BATCH: usize = 256;
 
-/// Accuracy and loss of `task` on `data` (all samples, or `indices`), with
-/// `logits(x, n)` giving the `n x classes` scores of the `n` rows in `x`.
-pub(crate) fn eval_loop(
+/// Runs `f(x, labels)` on `task`'s samples of `data` (all, or `indices`),
+/// checked against the model, in batches of [`EVAL_BATCH`] rows (`x`
+/// holds `labels.len()` rows of the model's input). Returns the number of
+/// samples.
+fn eval_batches(
     model: &dyn Model,
     task: &str,
     data: &Dataset,
     indices: Option<&[usize]>,
-    mut logits: impl FnMut(&[f32], usize) -> Result<Vec<f32>, TasksError>,
-) -> Result<EvalMetrics, TasksError> {
+    mut f: impl FnMut(&[f32], &[u32]) -> Result<(), TasksError>,
+) -> Result<u64, TasksError> {
     let classes = task_spec(model, task)?.classes;
     let all: Vec<usize>;
     let idx = match indices {
@@ -308,19 +310,35 @@ pub(crate) fn eval_loop(
     let dim = model.input_dim();
     let mut x = vec![0.0; EVAL_BATCH.min(idx.len().max(1)) * dim];
     let mut labels = Vec::with_capacity(EVAL_BATCH);
-    let (mut loss, mut correct) = (0.0f64, 0u64);
     for chunk in idx.chunks(EVAL_BATCH) {
         labels.clear();
         for (r, &i) in chunk.iter().enumerate() {
             data.copy_row(i, &mut x[r * dim..(r + 1) * dim]);
             labels.push(data.labels[i]);
         }
-        let scores = logits(&x[..chunk.len() * dim], chunk.len())?;
-        let (l, c) = softmax_xent(&scores, &labels, classes, None);
+        f(&x[..chunk.len() * dim], &labels)?;
+    }
+    Ok(idx.len() as u64)
+}
+
+/// Accuracy and loss of `task` on `data` (all samples, or `indices`), with
+/// `logits(x, n)` giving the `n x classes` scores of the `n` rows in `x`.
+pub(crate) fn eval_loop(
+    model: &dyn Model,
+    task: &str,
+    data: &Dataset,
+    indices: Option<&[usize]>,
+    mut logits: impl FnMut(&[f32], usize) -> Result<Vec<f32>, TasksError>,
+) -> Result<EvalMetrics, TasksError> {
+    let classes = task_spec(model, task)?.classes;
+    let (mut loss, mut correct) = (0.0f64, 0u64);
+    let n = eval_batches(model, task, data, indices, |x, labels| {
+        let scores = logits(x, labels.len())?;
+        let (l, c) = softmax_xent(&scores, labels, classes, None);
         loss += l;
         correct += c;
-    }
-    let n = idx.len() as u64;
+        Ok(())
+    })?;
     Ok(EvalMetrics {
         accuracy: if n == 0 {
             0.0
@@ -334,6 +352,23 @@ pub(crate) fn eval_loop(
         },
         samples: n,
     })
+}
+
+/// The logits of [`eval_loop`]'s forward passes, row after row (`classes`
+/// values per sample).
+pub(crate) fn logits_loop(
+    model: &dyn Model,
+    task: &str,
+    data: &Dataset,
+    indices: Option<&[usize]>,
+    mut logits: impl FnMut(&[f32], usize) -> Result<Vec<f32>, TasksError>,
+) -> Result<Vec<f32>, TasksError> {
+    let mut out = Vec::new();
+    eval_batches(model, task, data, indices, |x, labels| {
+        out.extend(logits(x, labels.len())?);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Mean softmax cross-entropy of `b` rows of `classes` scores; writes

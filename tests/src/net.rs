@@ -107,12 +107,15 @@ impl Proc {
         };
         cmd.stdout(Stdio::from(open(&stdout)))
             .stderr(Stdio::from(open(&stderr)))
-            .stdin(Stdio::null())
-            .env(
+            .stdin(Stdio::null());
+        // A RUST_LOG the caller set wins. No NO_COLOR: the binaries write
+        // no colour codes to a file by themselves (tests/tests/logs.rs).
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env(
                 "RUST_LOG",
                 "info,libp2p=warn,libp2p_request_response=error,cohort_protocol=debug",
-            )
-            .env("NO_COLOR", "1");
+            );
+        }
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
@@ -375,4 +378,58 @@ pub fn peer_id(dir: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A finished federation of one `cohort-aggregator` and two `cohort-node`
+/// processes on 127.0.0.1 (TCP), two rounds of `experiment()`, `extra`
+/// flags on every process, `NO_COLOR` unset. Panics with the logs when a
+/// process fails.
+pub fn two_node_federation(root: &Path, extra: &[&str]) -> (Aggregator, Vec<Proc>) {
+    let mut cmd = Command::new(bin("cohort-aggregator"));
+    cmd.env_remove("NO_COLOR");
+    let mut args = vec![
+        "--open",
+        "--rounds",
+        "2",
+        "--nodes",
+        "2",
+        "--per-round",
+        "2",
+        "--linger-s",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    let mut agg = Aggregator::start_command(
+        cmd,
+        &experiment(),
+        &root.join("agg"),
+        "/ip4/127.0.0.1/tcp/0",
+        &args,
+    );
+    let mut nodes: Vec<Proc> = (0..2)
+        .map(|i| {
+            let dir = root.join(format!("node{i}"));
+            node_config(&dir, i, 2, "");
+            let mut cmd = Command::new(bin("cohort-node"));
+            cmd.arg("--config")
+                .arg(dir.join("node.toml"))
+                .arg("--connect")
+                .arg(agg.connect_file())
+                .args(extra)
+                .env_remove("NO_COLOR");
+            Proc::spawn(&format!("node{i}"), cmd, &dir)
+        })
+        .collect();
+    let status = agg.proc.expect_exit(Duration::from_secs(180));
+    assert!(
+        status.success(),
+        "aggregator: {}",
+        tail(&agg.proc.err(), 30)
+    );
+    for n in &mut nodes {
+        let s = n.expect_exit(Duration::from_secs(60));
+        assert!(s.success(), "{}: {}", n.name, tail(&n.err(), 30));
+    }
+    assert_eq!(agg.last_round(), 2, "two rounds closed");
+    (agg, nodes)
 }

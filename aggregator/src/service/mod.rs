@@ -952,9 +952,12 @@ impl Service {
     /// the reports, and as failures the nodes asked that did not report
     /// (`Timeout`). Writes its summary line.
     fn finish_fed_eval(&mut self, round: u64) {
-        let Some(fe) = self.fed_evals.remove(&round) else {
+        let Some(mut fe) = self.fed_evals.remove(&round) else {
             return;
         };
+        // In node order, not arrival order: the strategy's float sums are
+        // then the same whichever node answered first.
+        fe.reports.sort_by(|a, b| a.node.cmp(&b.node));
         let failures: Vec<(String, FailureReason)> = fe
             .asked
             .iter()

@@ -85,13 +85,8 @@ fn main() -> anyhow::Result<()> {
         our_strategy: false,
     });
     if !matches!(mode, Mode::Sim { .. }) {
-        tracing_subscriber::fmt()
-            .with_env_filter(
-                tracing_subscriber::EnvFilter::try_from_default_env()
-                    .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
-            )
-            .with_writer(std::io::stderr)
-            .init();
+        use cohort_protocol::logging;
+        logging::init(logging::LogFormat::Text, logging::NETWORK_FILTER);
     }
     let runtime = || tokio::runtime::Runtime::new().context("tokio runtime");
     match mode {

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cohort_aggregator::{FedBuffConfig, Mode, StrategyConfig};
 use cohort_protocol::codec::TopK;
+use cohort_protocol::logging::{self, LogFormat};
 use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
 use cohort_simulator::metrics::summary_table;
 use cohort_simulator::checkpoint::experiment_hash;
@@ -177,6 +178,11 @@ struct Cli {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Log lines on stderr: text (coloured only on a terminal without
+    /// NO_COLOR) or json (one object per line: timestamp, level, target,
+    /// fields.message, spans). RUST_LOG filters them (default: errors only).
+    #[arg(long, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Differential privacy: central (noise at the aggregator), client
     /// (each node adds its share) or off. Any other --dp-* flag implies
     /// central unless the file or this flag says otherwise.
@@ -416,14 +422,8 @@ fn describe(m: &RoundMetrics) -> String {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format, "error");
     let mut cfg = match (&cli.resume, &cli.config) {
         (Some(dir), _) => resume_config(dir)?,
         (None, Some(path)) => ExperimentConfig::from_file(path)?,

@@ -37,7 +37,9 @@ use dfdx::prelude::*;
 use rand::Rng;
 
 use crate::model::{group_rng, he_uniform_backbone, init_heads, layout_with_heads, validate_tasks};
-use crate::train::{check_inputs, eval_groups, eval_loop, missing_group, run_schedule, task_spec};
+use crate::train::{
+    check_inputs, eval_groups, eval_loop, logits_loop, missing_group, run_schedule, task_spec,
+};
 use crate::train::{EvalMetrics, Stepper, TaskData, TrainOutcome};
 use crate::{
     Backend, Dataset, Model, ModelRegistry, Optimizer, SharedModel, TaskSpec, TasksError,
@@ -236,6 +238,26 @@ where
             bias: dev.tensor_from_vec(v[classes * F..].to_vec(), (classes,)),
         })
     }
+
+    /// The forward pass of `task` on `params`: `(x, n)` to the
+    /// `n x classes` logits of the `n` rows of `x`.
+    fn forward_pass(
+        &self,
+        params: &ParamGroups,
+        task: &str,
+    ) -> Result<impl FnMut(&[f32], usize) -> Result<Vec<f32>, TasksError>, TasksError> {
+        let groups = eval_groups(params, task)?;
+        let dev = Cpu::seed_from_u64(0);
+        let backbone = self.load_backbone(&dev, groups.get(BACKBONE).unwrap_or(&[]))?;
+        let head = self.load_head(&dev, &groups, task)?;
+        Ok(move |x: &[f32], n: usize| {
+            let x = dev
+                .try_tensor_from_vec(x.to_vec(), (n, Const::<IN>))
+                .map_err(device_err)?;
+            let f = backbone.try_forward(x).map_err(device_err)?;
+            Ok(head.forward(f.realize::<(usize, usize)>()).as_vec())
+        })
+    }
 }
 
 impl<B, const IN: usize, const F: usize> Model for DfdxModel<B, IN, F>
@@ -319,17 +341,16 @@ where
         data: &Dataset,
         indices: Option<&[usize]>,
     ) -> Result<EvalMetrics, TasksError> {
-        let groups = eval_groups(params, task)?;
-        let dev = Cpu::seed_from_u64(0);
-        let backbone = self.load_backbone(&dev, groups.get(BACKBONE).unwrap_or(&[]))?;
-        let head = self.load_head(&dev, &groups, task)?;
-        eval_loop(self, task, data, indices, |x, n| {
-            let x = dev
-                .try_tensor_from_vec(x.to_vec(), (n, Const::<IN>))
-                .map_err(device_err)?;
-            let f = backbone.try_forward(x).map_err(device_err)?;
-            Ok(head.forward(f.realize::<(usize, usize)>()).as_vec())
-        })
+        eval_loop(self, task, data, indices, self.forward_pass(params, task)?)
+    }
+    fn logits(
+        &self,
+        params: &ParamGroups,
+        task: &str,
+        data: &Dataset,
+        indices: Option<&[usize]>,
+    ) -> Result<Vec<f32>, TasksError> {
+        logits_loop(self, task, data, indices, self.forward_pass(params, task)?)
     }
 }
 

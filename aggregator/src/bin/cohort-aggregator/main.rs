@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use cohort_aggregator::service::{Aggregator, AggregatorConfig, FederationConfig};
 use cohort_aggregator::AggError;
+use cohort_protocol::logging::{self, LogFormat};
 use cohort_tasks::ModelRegistry;
 
 #[derive(Debug, Parser)]
@@ -98,6 +99,11 @@ struct Args {
     /// Differential privacy: stop before a round that would spend more.
     #[arg(long)]
     dp_budget: Option<f64>,
+    /// Log lines on stderr: text (coloured only on a terminal without
+    /// NO_COLOR) or json (one object per line: timestamp, level, target,
+    /// fields.message, spans). RUST_LOG filters them.
+    #[arg(long, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)> {
@@ -155,14 +161,8 @@ fn settings(args: &Args) -> anyhow::Result<(AggregatorConfig, FederationConfig)>
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    logging::init(args.log_format, logging::NETWORK_FILTER);
     let (cfg, fed) = settings(&args)?;
     if args.print_config {
         println!("# deployment\n{}", toml::to_string_pretty(&cfg)?);

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use cohort_node::agent::{peer_id_of, Agent, NodeConfig};
 use cohort_node::NodeError;
+use cohort_protocol::logging::{self, LogFormat};
 use cohort_tasks::ModelRegistry;
 
 /// Exit code when the aggregator refuses this node for good.
@@ -67,6 +68,11 @@ struct Args {
     /// Print the effective settings and exit.
     #[arg(long)]
     print_config: bool,
+    /// Log lines on stderr: text (coloured only on a terminal without
+    /// NO_COLOR) or json (one object per line: timestamp, level, target,
+    /// fields.message, spans). RUST_LOG filters them.
+    #[arg(long, value_name = "FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// The node file with the flags applied over it.
@@ -98,14 +104,8 @@ fn settings(args: &Args) -> anyhow::Result<NodeConfig> {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,libp2p=warn,libp2p_request_response=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let args = Args::parse();
+    logging::init(args.log_format, logging::NETWORK_FILTER);
     let cfg = settings(&args)?;
     if args.print_config {
         println!("{}", toml::to_string_pretty(&cfg)?);
