@@ -22,6 +22,12 @@ pub enum SimError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A run folder that cannot be used: taken, damaged, not a run.
+    #[error("run folder {path}: {reason}")]
+    Run {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("plot: {0}")]
     Plot(String),
 }

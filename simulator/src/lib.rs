@@ -7,16 +7,18 @@
 //! [`run_experiment`] adds the multi-task questions (shared backbone vs one
 //! federation per task vs local-only), personalized evaluation, metrics
 //! files and the plot; [`run_experiment_on`] does the same on data a program
-//! built itself ([`LoadedTask`]).
+//! built itself ([`LoadedTask`]). [`runs`] is the run folder (what a run
+//! leaves on disk, repeats over seeds), [`compare`] puts finished runs side
+//! by side.
 
+pub mod compare;
 pub mod config;
 pub mod data;
 mod error;
 pub mod metrics;
 pub mod plot;
 pub mod run;
-
-use std::path::Path;
+pub mod runs;
 
 pub use config::ExperimentConfig;
 pub use data::{LoadedTask, Population};
@@ -28,6 +30,7 @@ pub use run::{
 };
 
 use cohort_aggregator::{strategy_from_config, Metrics};
+use cohort_protocol::{Layout, ParamGroups};
 use cohort_tasks::ModelRegistry;
 use config::Sharing;
 
@@ -52,6 +55,29 @@ pub struct ExperimentResult {
     /// data (`before`) and on the central test set (`after`).
     pub local_only: Vec<PersonalScore>,
     pub wall_s: f64,
+    /// The final global weights: one set, or one per task with `sharing =
+    /// "separate"`; none for local-only training.
+    #[serde(skip)]
+    pub weights: Vec<FinalWeights>,
+}
+
+/// The global model of one federation after its last round.
+#[derive(Clone, Debug)]
+pub struct FinalWeights {
+    /// The task of a per-task federation (`sharing = "separate"`), else none.
+    pub task: Option<String>,
+    pub layout: Layout,
+    pub global: ParamGroups,
+}
+
+impl FinalWeights {
+    fn of(sim: &Simulation, task: Option<String>) -> Self {
+        FinalWeights {
+            task,
+            layout: sim.engine.layout().clone(),
+            global: sim.engine.global().clone(),
+        }
+    }
 }
 
 impl ExperimentResult {
@@ -64,8 +90,10 @@ impl ExperimentResult {
     }
 }
 
-/// Runs an experiment as its config says, writing metrics, the plot and the
-/// summary into `cfg.output` when set. `on_round` sees every round.
+/// Runs an experiment as its config says; with `cfg.output` set, that folder
+/// becomes its run folder ([`runs::RunDir`]: experiment, metrics, summaries,
+/// final weights, plots; refused if it holds a run already). `on_round`
+/// sees every round.
 pub fn run_experiment(
     cfg: &ExperimentConfig,
     on_round: impl FnMut(&RoundMetrics),
@@ -136,9 +164,17 @@ pub fn run_experiment_custom(
     data::check_fit(&*whole, &tasks)?;
     let started = std::time::Instant::now();
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
-    let mut writer = match &cfg.output {
+    let run_dir = match &cfg.output {
+        Some(dir) => {
+            let d = runs::RunDir::fresh(dir)?;
+            d.write_experiment(cfg)?;
+            Some(d)
+        }
+        None => None,
+    };
+    let mut writer = match &run_dir {
         Some(dir) => Some(metrics::MetricsWriter::create_with(
-            dir,
+            dir.path(),
             &task_names,
             !cfg.privacy.is_off() || !cfg.engine.privacy.is_off(),
         )?),
@@ -163,6 +199,7 @@ pub fn run_experiment_custom(
             let mut sim = simulation(cfg.clone(), models, tasks, make_strategy())?;
             result.rounds = sim.run(&mut record)?;
             result.final_central = sim.evaluate_central()?;
+            result.weights.push(FinalWeights::of(&sim, None));
             if cfg.eval.personalized {
                 (result.personalized, result.federated) = sim.client_eval()?;
             }
@@ -181,6 +218,7 @@ pub fn run_experiment_custom(
                 let rounds = sim.run(|_| {})?;
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
+                result.weights.push(FinalWeights::of(&sim, Some(t.name.clone())));
                 if cfg.eval.personalized {
                     let (personal, federated) = sim.client_eval()?;
                     result.personalized.extend(personal);
@@ -211,8 +249,8 @@ pub fn run_experiment_custom(
         return Err(e);
     }
     result.wall_s = started.elapsed().as_secs_f64();
-    if let Some(dir) = &cfg.output {
-        write_outputs(dir, cfg, &result)?;
+    if let Some(dir) = &run_dir {
+        dir.write_results(&result)?;
     }
     Ok(result)
 }
@@ -248,31 +286,4 @@ fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
             None => into.push(m),
         }
     }
-}
-
-fn write_outputs(
-    dir: &Path,
-    cfg: &ExperimentConfig,
-    result: &ExperimentResult,
-) -> Result<(), SimError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| SimError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let summary = dir.join("summary.txt");
-    std::fs::write(&summary, metrics::summary_table(&result.rounds)).map_err(io(&summary))?;
-    let json = dir.join("result.json");
-    let text = serde_json::to_string_pretty(result).map_err(|e| SimError::Config(e.to_string()))?;
-    std::fs::write(&json, text).map_err(io(&json))?;
-    let used = dir.join("experiment.toml");
-    std::fs::write(&used, cfg.to_toml()?).map_err(io(&used))?;
-    if result.rounds.iter().any(|r| !r.central.is_empty()) {
-        plot::accuracy_plot(
-            &dir.join("accuracy.svg"),
-            &format!("{}: central accuracy", cfg.name),
-            &result.rounds,
-        )?;
-    }
-    Ok(())
 }

@@ -1,15 +1,17 @@
 //! `cohort-sim`: run a federated, multi-task experiment in one process.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cohort_aggregator::{FedBuffConfig, Mode, StrategyConfig};
 use cohort_protocol::codec::TopK;
 use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
+use cohort_simulator::compare::{compare, Comparison, Run};
 use cohort_simulator::metrics::summary_table;
-use cohort_simulator::{run_experiment, ExperimentConfig, RoundMetrics};
+use cohort_simulator::runs::{run_repeats, RunDir, DEFAULT_BASE};
+use cohort_simulator::{run_experiment, ExperimentConfig, ExperimentResult, RoundMetrics};
 use cohort_tasks::{Backend, ModelRegistry, Partitioner};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -34,6 +36,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Settings come from the defaults, then `--config FILE` (TOML, see
 /// `simulator/experiments/`), then the flags below. `--print-config` shows the
 /// resulting experiment file.
+///
+/// Every run leaves a folder, `runs/<name>-<YYYYMMDD-HHMMSS>/` (UTC) unless
+/// `--output` names one, and prints its path last: experiment.toml,
+/// metrics.csv, metrics.jsonl, summary.txt, summary.json, result.json,
+/// weights.safetensors (the final global weights) and plots/ (accuracy,
+/// loss, traffic, clients and, with DP, privacy; SVG and PNG). `--no-save`
+/// keeps nothing. `--seeds 1,2,3` or `--repeat N` runs once per seed into
+/// seed-<N>/ subfolders and reports mean and sd of the final and best
+/// accuracy; `--compare RUN RUN..` puts finished runs side by side.
 ///
 /// Your own data: a task's `dataset` may be `csv:PATH`, `idx:FOLDER` or a
 /// `csv` / `idx` table (see `--task` and `simulator/experiments/README.md`);
@@ -153,9 +164,29 @@ struct Cli {
     /// Worker threads (0 = one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Folder for metrics.csv, metrics.jsonl, accuracy.svg, summary.txt.
+    /// The run folder (made if missing; refused if it holds a run
+    /// already). Default: runs/<experiment name>-<YYYYMMDD-HHMMSS>/, with
+    /// -2, -3, ... when two runs start in one second.
     #[arg(long, short)]
     output: Option<PathBuf>,
+    /// Keep nothing on disk: print the rounds and the summary only.
+    #[arg(long, conflicts_with = "output")]
+    no_save: bool,
+    /// Run the experiment once per seed (e.g. 1,2,3), each into its own
+    /// seed-<N>/ folder; the run folder's summary.txt and summary.json
+    /// give mean and sample standard deviation of the final and best
+    /// central accuracy per task, its plots the mean with a min-max band.
+    #[arg(long, value_delimiter = ',', value_name = "SEED,..", conflicts_with_all = ["seed", "repeat", "no_save"])]
+    seeds: Vec<u64>,
+    /// Like --seeds with N seeds from --seed (or the file's seed) up.
+    #[arg(long, value_name = "N", conflicts_with = "no_save")]
+    repeat: Option<u64>,
+    /// Compare finished run folders instead of running: print a table of
+    /// the final and best accuracy per task and run, and write it
+    /// (compare.txt, compare.json) with one chart per metric, a line per
+    /// run, into --output or runs/compare-<YYYYMMDD-HHMMSS>/.
+    #[arg(long, num_args = 2.., value_name = "RUN")]
+    compare: Vec<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -403,6 +434,9 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if !cli.compare.is_empty() {
+        return compare_runs(&cli);
+    }
     let mut cfg = match &cli.config {
         Some(path) => ExperimentConfig::from_file(path)?,
         None => ExperimentConfig::default(),
@@ -417,6 +451,88 @@ fn main() -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
+    print_header(&cfg);
+    let seeds = seeds(&cli, &cfg);
+    if !seeds.is_empty() {
+        return repeat(&cli, cfg, &seeds);
+    }
+    let dir = run_folder(&cli, &cfg)?;
+    cfg.output = dir.as_ref().map(|d| d.path().to_path_buf());
+    let bar = progress_bar(&cli, cfg.rounds);
+    let result = run_experiment(&cfg, |m| {
+        bar.inc(1);
+        bar.println(describe(m));
+        if bar.is_hidden() && !cli.quiet {
+            println!("{}", describe(m));
+        }
+    })?;
+    bar.finish_and_clear();
+    print_result(&result);
+    if let Some(d) = dir {
+        println!("results in {}", d.path().display());
+    }
+    Ok(())
+}
+
+/// The folder of this run: `--output`, a new one under `runs/`, or none
+/// with `--no-save`.
+fn run_folder(cli: &Cli, cfg: &ExperimentConfig) -> Result<Option<RunDir>> {
+    Ok(match (&cfg.output, cli.no_save) {
+        (_, true) => None,
+        (Some(o), false) => Some(RunDir::fresh(o)?),
+        (None, false) => Some(RunDir::create(Path::new(DEFAULT_BASE), &cfg.name)?),
+    })
+}
+
+/// `--seeds`, or `--repeat N` seeds from the experiment's.
+fn seeds(cli: &Cli, cfg: &ExperimentConfig) -> Vec<u64> {
+    match cli.repeat {
+        Some(n) => (0..n).map(|i| cfg.seed.wrapping_add(i)).collect(),
+        None => cli.seeds.clone(),
+    }
+}
+
+fn repeat(cli: &Cli, mut cfg: ExperimentConfig, seeds: &[u64]) -> Result<()> {
+    let dir = match cfg.output.take() {
+        Some(o) => RunDir::fresh(&o)?,
+        None => RunDir::create(Path::new(DEFAULT_BASE), &cfg.name)?,
+    };
+    let bar = progress_bar(cli, cfg.rounds * seeds.len() as u64);
+    let summary = run_repeats(&cfg, &ModelRegistry::default(), seeds, &dir, |seed, m| {
+        bar.inc(1);
+        let line = format!("seed {seed}  {}", describe(m));
+        bar.println(&line);
+        if bar.is_hidden() && !cli.quiet {
+            println!("{line}");
+        }
+    })?;
+    bar.finish_and_clear();
+    println!("\n{}", summary.table());
+    println!("results in {}", dir.path().display());
+    Ok(())
+}
+
+fn compare_runs(cli: &Cli) -> Result<()> {
+    if cli.no_save {
+        let runs = cli
+            .compare
+            .iter()
+            .map(|d| Run::load(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        print!("{}", Comparison::of(&runs).table());
+        return Ok(());
+    }
+    let out = match &cli.output {
+        Some(o) => o.clone(),
+        None => RunDir::create(Path::new(DEFAULT_BASE), "compare")?.path().to_path_buf(),
+    };
+    let cmp = compare(&cli.compare, &out)?;
+    print!("{}", cmp.table());
+    println!("comparison in {}", out.display());
+    Ok(())
+}
+
+fn print_header(cfg: &ExperimentConfig) {
     let tasks: Vec<String> = cfg
         .tasks
         .iter()
@@ -435,26 +551,21 @@ fn main() -> Result<()> {
         cfg.engine.codec.bits,
         cfg.seed
     );
-    let bar = if cli.quiet || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(cfg.rounds);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}",
-            )
+}
+
+fn progress_bar(cli: &Cli, len: u64) -> ProgressBar {
+    if cli.quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    };
-    let result = run_experiment(&cfg, |m| {
-        bar.inc(1);
-        bar.println(describe(m));
-        if bar.is_hidden() && !cli.quiet {
-            println!("{}", describe(m));
-        }
-    })?;
-    bar.finish_and_clear();
+    );
+    b
+}
+
+fn print_result(result: &ExperimentResult) {
     println!("\n{}", summary_table(&result.rounds));
     if !result.local_only.is_empty() {
         println!("local-only training:");
@@ -483,8 +594,4 @@ fn main() -> Result<()> {
     for s in &result.final_central {
         println!("final {} accuracy: {:.2}%", s.task, 100.0 * s.accuracy);
     }
-    if let Some(dir) = &cfg.output {
-        println!("metrics, plot and summary written to {}", dir.display());
-    }
-    Ok(())
 }
