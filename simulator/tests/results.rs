@@ -9,7 +9,7 @@ use std::process::Command;
 use cohort_aggregator::checkpoint::weights_from_safetensors;
 use cohort_simulator::compare::compare;
 use cohort_simulator::metrics::RunSummary;
-use cohort_simulator::runs::{run_repeats, RunDir};
+use cohort_simulator::runs::{run_repeats, RunDir, Spread};
 use cohort_simulator::{run_experiment, ExperimentConfig, SimError};
 use cohort_tasks::ModelRegistry;
 
@@ -84,18 +84,34 @@ fn a_run_folder_holds_its_experiment_metrics_summaries_weights_and_plots() {
         a.len() == result.rounds.len()
             && a.iter().zip(&result.rounds).all(|(x, y)| {
                 x.round == y.round
-                    && x.central == y.central
+                    && x.central.len() == y.central.len()
+                    && x.central.iter().zip(&y.central).all(|(a, b)| {
+                        a.task == b.task
+                            && (a.accuracy - b.accuracy).abs() < 1e-6
+                            && (a.loss - b.loss).abs() < 1e-6
+                    })
                     && (x.sampled, x.accepted, x.dropped, x.late, x.refused)
                         == (y.sampled, y.accepted, y.dropped, y.late, y.refused)
                     && (x.bytes_up, x.bytes_down) == (y.bytes_up, y.bytes_down)
-                    && x.train_loss.iter().map(|s| s.loss).eq(y.train_loss.iter().map(|s| s.loss))
+                    && x.train_loss.len() == y.train_loss.len()
+                    && x.train_loss.iter().zip(&y.train_loss).all(|(a, b)| (a.loss - b.loss).abs() < 1e-6)
                     && (x.wall_ms - y.wall_ms).abs() < 1e-9 * y.wall_ms.max(1.0)
             })
     };
     assert!(same(&run.read_metrics().expect("metrics.jsonl")), "metrics.jsonl reads back");
     let summary: RunSummary =
         serde_json::from_value(json(&run.summary_json())).expect("summary.json");
-    assert_eq!(summary, RunSummary::from_rounds(&result.rounds));
+    let want = RunSummary::from_rounds(&result.rounds);
+    assert!((summary.wall_ms - want.wall_ms).abs() < 1e-9 * want.wall_ms, "within an ulp");
+    for (a, b) in summary.tasks.iter().zip(&want.tasks) {
+        assert_eq!((&a.task, a.best_round), (&b.task, b.best_round));
+        assert!((a.final_accuracy - b.final_accuracy).abs() < 1e-6);
+        assert!((a.best_accuracy - b.best_accuracy).abs() < 1e-6);
+    }
+    assert_eq!(
+        RunSummary { wall_ms: want.wall_ms, tasks: want.tasks.clone(), ..summary.clone() },
+        want
+    );
     let (last, best) = last_and_best(&dir, "digits");
     let digits = summary.task("digits").expect("digits");
     assert!((f64::from(digits.final_accuracy) - last).abs() < 1e-6);
@@ -240,4 +256,38 @@ fn the_binary_saves_each_run_in_its_own_folder_by_default() {
     let bare = tempfile::tempdir().expect("tmp");
     cohort_sim(bare.path(), &[&args[..], &["--no-save"]].concat());
     assert!(!bare.path().join("runs").exists(), "--no-save writes nothing");
+}
+
+#[test]
+fn run_folders_are_named_safely_by_utc_time_and_never_shared() {
+    let base = tempfile::tempdir().expect("tmp");
+    let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+    let name = |n: &str, s: u64| RunDir::create_at(base.path(), n, at(s)).expect("folder").name();
+    assert_eq!(name("w0", 0), "w0-19700101-000000");
+    assert_eq!(name("w0", 951_782_400), "w0-20000229-000000");
+    assert_eq!(name("w0", 1_798_761_599), "w0-20261231-235959");
+    // A name from a file is one path component, inside `base`.
+    assert_eq!(name("../../etc/passwd", 1_000_000_000), "_.._etc_passwd-20010909-014640");
+    assert_eq!(name("", 1_000_000_000), "run-20010909-014640");
+    // Two runs in one second.
+    let a = RunDir::create_at(base.path(), "w0", at(1_000_000_000)).expect("first");
+    let b = RunDir::create_at(base.path(), "w0", at(1_000_000_000)).expect("second");
+    assert_eq!(a.name(), "w0-20010909-014640");
+    assert_eq!(b.name(), "w0-20010909-014640-2");
+    std::fs::write(a.experiment(), "").expect("write");
+    assert!(matches!(RunDir::fresh(a.path()), Err(SimError::Run { .. })));
+    assert!(RunDir::fresh(b.path()).is_ok(), "an empty folder is fresh");
+    assert!(RunDir::open(b.path()).is_err(), "no experiment.toml");
+    std::fs::write(a.metrics_jsonl(), "{\"round\": 1, \"central\": 7}\n").expect("write");
+    let bad = RunDir::open(a.path()).expect("opens").read_metrics();
+    assert!(matches!(&bad, Err(SimError::Run { reason, .. }) if reason.starts_with("line 1")), "{bad:?}");
+}
+
+#[test]
+fn spread_uses_the_sample_sd() {
+    let s = Spread::of(vec![0.8, 0.9, 1.0]);
+    assert!((s.mean - 0.9).abs() < 1e-12);
+    assert!((s.sd - 0.1).abs() < 1e-12);
+    assert_eq!((s.min, s.max), (0.8, 1.0));
+    assert_eq!(Spread::of(vec![0.5]).sd, 0.0);
 }
