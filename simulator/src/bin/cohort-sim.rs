@@ -451,8 +451,8 @@ fn main() -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    print_header(&cfg);
     let seeds = seeds(&cli, &cfg);
+    print_header(&cfg, &seeds);
     if !seeds.is_empty() {
         return repeat(&cli, cfg, &seeds);
     }
@@ -532,14 +532,18 @@ fn compare_runs(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-fn print_header(cfg: &ExperimentConfig) {
+fn print_header(cfg: &ExperimentConfig, seeds: &[u64]) {
+    let seed = match seeds {
+        [] => format!(" {}", cfg.seed),
+        s => format!("s {}", s.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+    };
     let tasks: Vec<String> = cfg
         .tasks
         .iter()
         .map(|t| format!("{} ({})", t.name, t.dataset))
         .collect();
     println!(
-        "cohort-sim `{}`: {} clients, {} per round, {} rounds, tasks {}, backbone {} on {}, strategy {}, {}-bit deltas, seed {}",
+        "cohort-sim `{}`: {} clients, {} per round, {} rounds, tasks {}, backbone {} on {}, strategy {}, {}-bit deltas, seed{}",
         cfg.name,
         cfg.clients.count,
         cfg.clients.per_round,
@@ -549,7 +553,7 @@ fn print_header(cfg: &ExperimentConfig) {
         cfg.backend,
         toml::to_string(&cfg.strategy).unwrap_or_default().lines().next().unwrap_or_default(),
         cfg.engine.codec.bits,
-        cfg.seed
+        seed
     );
 }
 
