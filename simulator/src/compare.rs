@@ -84,7 +84,13 @@ impl Comparison {
 
     /// The printed table: accuracy in % with two decimals.
     pub fn table(&self) -> String {
-        let width = self.rows.iter().map(|r| r.run.len()).max().unwrap_or(3).max(3);
+        let width = self
+            .rows
+            .iter()
+            .map(|r| r.run.len())
+            .max()
+            .unwrap_or(3)
+            .max(3);
         let mut out = format!(
             "{:<12} {:<width$} {:>7} {:>9} {:>9} {:>10} {:>9} {:>9}\n",
             "task", "run", "rounds", "final", "best", "best@round", "loss", "MB up"
@@ -111,7 +117,9 @@ impl Comparison {
 /// `compare.json` ([`Comparison`]) and `plots/<metric>.svg|png`.
 pub fn compare(dirs: &[impl AsRef<Path>], out: &Path) -> Result<Comparison, SimError> {
     if dirs.len() < 2 {
-        return Err(SimError::Config("compare needs at least two run folders".into()));
+        return Err(SimError::Config(
+            "compare needs at least two run folders".into(),
+        ));
     }
     let mut runs = dirs
         .iter()
@@ -119,7 +127,12 @@ pub fn compare(dirs: &[impl AsRef<Path>], out: &Path) -> Result<Comparison, SimE
         .collect::<Result<Vec<_>, _>>()?;
     // Folders of one name (`a/seed-1`, `b/seed-1`) are told apart by path.
     for (run, dir) in runs.iter_mut().zip(dirs) {
-        if dirs.iter().filter(|d| Path::new(d.as_ref()).file_name() == dir.as_ref().file_name()).count() > 1 {
+        if dirs
+            .iter()
+            .filter(|d| Path::new(d.as_ref()).file_name() == dir.as_ref().file_name())
+            .count()
+            > 1
+        {
             run.name = dir.as_ref().display().to_string();
         }
     }

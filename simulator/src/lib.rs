@@ -218,7 +218,9 @@ pub fn run_experiment_custom(
                 let rounds = sim.run(|_| {})?;
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
-                result.weights.push(FinalWeights::of(&sim, Some(t.name.clone())));
+                result
+                    .weights
+                    .push(FinalWeights::of(&sim, Some(t.name.clone())));
                 if cfg.eval.personalized {
                     let (personal, federated) = sim.client_eval()?;
                     result.personalized.extend(personal);

@@ -79,48 +79,121 @@ pub fn curves(rounds: &[RoundMetrics]) -> Vec<Curve> {
     let mut out = Vec::new();
     let mut push = |chart, key: String, label: String, y_desc, points: Vec<(f64, f64)>| {
         if !points.is_empty() {
-            out.push(Curve { chart, key, label, y_desc, points });
+            out.push(Curve {
+                chart,
+                key,
+                label,
+                y_desc,
+                points,
+            });
         }
     };
     for t in &tasks {
         let central = |f: fn(&crate::TaskScore) -> f64| -> Vec<(f64, f64)> {
             rounds
                 .iter()
-                .filter_map(|r| r.central.iter().find(|s| &s.task == t).map(|s| (x(r), f(s))))
+                .filter_map(|r| {
+                    r.central
+                        .iter()
+                        .find(|s| &s.task == t)
+                        .map(|s| (x(r), f(s)))
+                })
                 .collect()
         };
-        push("accuracy", format!("accuracy_{t}"), t.clone(), "central accuracy (%)",
-            central(|s| 100.0 * f64::from(s.accuracy)));
-        push("loss", format!("loss_{t}"), format!("{t} central"), "loss", central(|s| f64::from(s.loss)));
+        push(
+            "accuracy",
+            format!("accuracy_{t}"),
+            t.clone(),
+            "central accuracy (%)",
+            central(|s| 100.0 * f64::from(s.accuracy)),
+        );
+        push(
+            "loss",
+            format!("loss_{t}"),
+            format!("{t} central"),
+            "loss",
+            central(|s| f64::from(s.loss)),
+        );
         let train = rounds
             .iter()
-            .filter_map(|r| r.train_loss.iter().find(|s| &s.task == t).map(|s| (x(r), f64::from(s.loss))))
+            .filter_map(|r| {
+                r.train_loss
+                    .iter()
+                    .find(|s| &s.task == t)
+                    .map(|s| (x(r), f64::from(s.loss)))
+            })
             .collect();
-        push("loss", format!("train_loss_{t}"), format!("{t} clients' training"), "loss", train);
+        push(
+            "loss",
+            format!("train_loss_{t}"),
+            format!("{t} clients' training"),
+            "loss",
+            train,
+        );
     }
     let per_round = |f: fn(&RoundMetrics) -> f64| rounds.iter().map(|r| (x(r), f(r))).collect();
-    push("traffic", "bytes_up".into(), "up (sealed updates)".into(), "MB per round",
-        per_round(|r| r.bytes_up as f64 / 1e6));
-    push("traffic", "bytes_down".into(), "down (model)".into(), "MB per round",
-        per_round(|r| r.bytes_down as f64 / 1e6));
-    push("clients", "accepted".into(), "accepted".into(), "clients per round", per_round(|r| r.accepted as f64));
-    push("clients", "dropped".into(), "dropped".into(), "clients per round", per_round(|r| r.dropped as f64));
-    push("clients", "refused".into(), "refused or late".into(), "clients per round",
-        per_round(|r| (r.refused + r.late) as f64));
+    push(
+        "traffic",
+        "bytes_up".into(),
+        "up (sealed updates)".into(),
+        "MB per round",
+        per_round(|r| r.bytes_up as f64 / 1e6),
+    );
+    push(
+        "traffic",
+        "bytes_down".into(),
+        "down (model)".into(),
+        "MB per round",
+        per_round(|r| r.bytes_down as f64 / 1e6),
+    );
+    push(
+        "clients",
+        "accepted".into(),
+        "accepted".into(),
+        "clients per round",
+        per_round(|r| r.accepted as f64),
+    );
+    push(
+        "clients",
+        "dropped".into(),
+        "dropped".into(),
+        "clients per round",
+        per_round(|r| r.dropped as f64),
+    );
+    push(
+        "clients",
+        "refused".into(),
+        "refused or late".into(),
+        "clients per round",
+        per_round(|r| (r.refused + r.late) as f64),
+    );
     let eps = rounds
         .iter()
         .filter_map(|r| r.privacy.as_ref().map(|p| (x(r), p.epsilon)))
         .collect();
-    push("privacy", "epsilon".into(), "epsilon".into(), "epsilon spent", eps);
+    push(
+        "privacy",
+        "epsilon".into(),
+        "epsilon".into(),
+        "epsilon spent",
+        eps,
+    );
     out
 }
 
 /// A run's charts: its curves grouped by [`Curve::chart`], one line per curve.
 pub fn run_charts(name: &str, rounds: &[RoundMetrics]) -> Vec<Chart> {
-    group_by_chart(name, curves(rounds).into_iter().map(|c| {
-        let s = Series { label: c.label.clone(), points: c.points.clone(), band: Vec::new() };
-        (c, s)
-    }))
+    group_by_chart(
+        name,
+        curves(rounds).into_iter().map(|c| {
+            let s = Series {
+                label: c.label.clone(),
+                points: c.points.clone(),
+                band: Vec::new(),
+            };
+            (c, s)
+        }),
+    )
 }
 
 fn group_by_chart(name: &str, items: impl IntoIterator<Item = (Curve, Series)>) -> Vec<Chart> {
@@ -149,7 +222,11 @@ pub fn compare_charts(runs: &[(String, Vec<RoundMetrics>)]) -> Vec<Chart> {
     let mut charts: Vec<Chart> = Vec::new();
     for (name, rounds) in runs {
         for c in curves(rounds) {
-            let series = Series { label: name.clone(), points: c.points, band: Vec::new() };
+            let series = Series {
+                label: name.clone(),
+                points: c.points,
+                band: Vec::new(),
+            };
             match charts.iter_mut().find(|ch| ch.stem == c.key) {
                 Some(ch) => ch.series.push(series),
                 None => charts.push(Chart {
@@ -177,7 +254,10 @@ pub fn repeat_charts(name: &str, runs: &[Vec<RoundMetrics>]) -> Vec<Chart> {
             .iter()
             .map(|cs| cs.iter().find(|d| d.key == c.key))
             .collect::<Option<_>>()?;
-        let mut s = Series { label: c.label.clone(), ..Series::default() };
+        let mut s = Series {
+            label: c.label.clone(),
+            ..Series::default()
+        };
         for &(x, _) in &c.points {
             let ys: Vec<f64> = same
                 .iter()
@@ -195,7 +275,8 @@ pub fn repeat_charts(name: &str, runs: &[Vec<RoundMetrics>]) -> Vec<Chart> {
     });
     let mut charts = group_by_chart(name, items.collect::<Vec<_>>());
     for ch in &mut charts {
-        ch.title.push_str(&format!(" (mean of {} seeds, band min–max)", runs.len()));
+        ch.title
+            .push_str(&format!(" (mean of {} seeds, band min–max)", runs.len()));
     }
     charts
 }
@@ -278,12 +359,18 @@ fn y_range(chart: &Chart) -> (f64, f64) {
     });
     let (lo, hi) = ys
         .filter(|y| y.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+            (a.min(y), b.max(y))
+        });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
     let pad = ((hi - lo) * 0.05).max(1e-9);
-    let lo = if lo >= 0.0 && lo - pad < 0.0 { 0.0 } else { lo - pad };
+    let lo = if lo >= 0.0 && lo - pad < 0.0 {
+        0.0
+    } else {
+        lo - pad
+    };
     if hi - lo < 1e-9 {
         (lo - 0.5, hi + 0.5)
     } else {
@@ -293,7 +380,11 @@ fn y_range(chart: &Chart) -> (f64, f64) {
 
 /// The legend goes in the right-hand corner the lines end away from.
 fn legend_corner(chart: &Chart, mid: f64) -> SeriesLabelPosition {
-    let ends: Vec<f64> = chart.series.iter().filter_map(|s| s.points.last().map(|p| p.1)).collect();
+    let ends: Vec<f64> = chart
+        .series
+        .iter()
+        .filter_map(|s| s.points.last().map(|p| p.1))
+        .collect();
     if ends.iter().sum::<f64>() / ends.len().max(1) as f64 > mid {
         SeriesLabelPosition::LowerRight
     } else {
@@ -338,11 +429,17 @@ fn draw<DB: DrawingBackend>(
                 .map(|b| (b.0, b.2))
                 .chain(s.band.iter().rev().map(|b| (b.0, b.1)))
                 .collect();
-            ctx.draw_series(std::iter::once(Polygon::new(outline, color.mix(0.2).filled())))?;
+            ctx.draw_series(std::iter::once(Polygon::new(
+                outline,
+                color.mix(0.2).filled(),
+            )))?;
         }
-        ctx.draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))?
-            .label(s.label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        ctx.draw_series(LineSeries::new(
+            s.points.iter().copied(),
+            color.stroke_width(2),
+        ))?
+        .label(s.label.as_str())
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
     ctx.configure_series_labels()
         .background_style(WHITE.mix(0.8))

@@ -114,9 +114,10 @@ impl RunDir {
 
     /// The folder's own name: the run's name in comparisons.
     pub fn name(&self) -> String {
-        self.path
-            .file_name()
-            .map_or_else(|| self.path.display().to_string(), |n| n.to_string_lossy().into_owned())
+        self.path.file_name().map_or_else(
+            || self.path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        )
     }
 
     pub fn experiment(&self) -> PathBuf {
@@ -142,7 +143,9 @@ impl RunDir {
     pub fn weights(&self, task: Option<&str>) -> PathBuf {
         match task {
             None => self.path.join("weights.safetensors"),
-            Some(t) => self.path.join(format!("weights-{}.safetensors", folder_name(t))),
+            Some(t) => self
+                .path
+                .join(format!("weights-{}.safetensors", folder_name(t))),
         }
     }
     pub fn plots(&self) -> PathBuf {
@@ -202,7 +205,10 @@ impl RunDir {
                 cohort_aggregator::checkpoint::weights_to_safetensors(&w.layout, &w.global)?;
             write(&self.weights(w.task.as_deref()), bytes)?;
         }
-        plot::write_charts(&self.plots(), &plot::run_charts(&result.name, &result.rounds))
+        plot::write_charts(
+            &self.plots(),
+            &plot::run_charts(&result.name, &result.rounds),
+        )
     }
 }
 
@@ -236,11 +242,21 @@ fn read_bounded(path: &Path, max: u64) -> Result<String, SimError> {
 fn folder_name(name: &str) -> String {
     let s: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect();
     let s = s.trim_start_matches('.');
-    if s.is_empty() { "run".into() } else { s.into() }
+    if s.is_empty() {
+        "run".into()
+    } else {
+        s.into()
+    }
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC.
@@ -248,7 +264,12 @@ fn utc_stamp(t: SystemTime) -> String {
     let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// Days since 1970-01-01 to a (year, month, day) of the proleptic
@@ -357,7 +378,13 @@ impl RepeatSummary {
         );
         for t in &self.tasks {
             let f = |s: &Spread| format!("{:.2}% ± {:.2}", 100.0 * s.mean, 100.0 * s.sd);
-            let _ = writeln!(out, "{:<12} {:>18} {:>18}", t.task, f(&t.final_accuracy), f(&t.best_accuracy));
+            let _ = writeln!(
+                out,
+                "{:<12} {:>18} {:>18}",
+                t.task,
+                f(&t.final_accuracy),
+                f(&t.best_accuracy)
+            );
         }
         out
     }

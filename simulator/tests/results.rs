@@ -30,7 +30,10 @@ fn csv_column(dir: &Path, column: &str) -> Vec<f64> {
     let text = std::fs::read_to_string(dir.join("metrics.csv")).expect("metrics.csv");
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().expect("header").split(',').collect();
-    let at = header.iter().position(|h| *h == column).unwrap_or_else(|| panic!("no column {column}"));
+    let at = header
+        .iter()
+        .position(|h| *h == column)
+        .unwrap_or_else(|| panic!("no column {column}"));
     lines
         .filter_map(|l| {
             let cell = l.split(',').nth(at).expect("cell");
@@ -52,7 +55,9 @@ fn json(path: &Path) -> serde_json::Value {
 /// A PNG of the chart size with more than a few colours: lines and
 /// antialiased text, not a blank image.
 fn check_png(path: &Path) {
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).expect("png")));
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).expect("png"),
+    ));
     let mut reader = decoder.read_info().expect("png header");
     let mut buf = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut buf).expect("png data");
@@ -63,7 +68,12 @@ fn check_png(path: &Path) {
         .collect();
     colours.sort_unstable();
     colours.dedup();
-    assert!(colours.len() > 20, "{}: {} colours", path.display(), colours.len());
+    assert!(
+        colours.len() > 20,
+        "{}: {} colours",
+        path.display(),
+        colours.len()
+    );
 }
 
 #[test]
@@ -94,22 +104,35 @@ fn a_run_folder_holds_its_experiment_metrics_summaries_weights_and_plots() {
                         == (y.sampled, y.accepted, y.dropped, y.late, y.refused)
                     && (x.bytes_up, x.bytes_down) == (y.bytes_up, y.bytes_down)
                     && x.train_loss.len() == y.train_loss.len()
-                    && x.train_loss.iter().zip(&y.train_loss).all(|(a, b)| (a.loss - b.loss).abs() < 1e-6)
+                    && x.train_loss
+                        .iter()
+                        .zip(&y.train_loss)
+                        .all(|(a, b)| (a.loss - b.loss).abs() < 1e-6)
                     && (x.wall_ms - y.wall_ms).abs() < 1e-9 * y.wall_ms.max(1.0)
             })
     };
-    assert!(same(&run.read_metrics().expect("metrics.jsonl")), "metrics.jsonl reads back");
+    assert!(
+        same(&run.read_metrics().expect("metrics.jsonl")),
+        "metrics.jsonl reads back"
+    );
     let summary: RunSummary =
         serde_json::from_value(json(&run.summary_json())).expect("summary.json");
     let want = RunSummary::from_rounds(&result.rounds);
-    assert!((summary.wall_ms - want.wall_ms).abs() < 1e-9 * want.wall_ms, "within an ulp");
+    assert!(
+        (summary.wall_ms - want.wall_ms).abs() < 1e-9 * want.wall_ms,
+        "within an ulp"
+    );
     for (a, b) in summary.tasks.iter().zip(&want.tasks) {
         assert_eq!((&a.task, a.best_round), (&b.task, b.best_round));
         assert!((a.final_accuracy - b.final_accuracy).abs() < 1e-6);
         assert!((a.best_accuracy - b.best_accuracy).abs() < 1e-6);
     }
     assert_eq!(
-        RunSummary { wall_ms: want.wall_ms, tasks: want.tasks.clone(), ..summary.clone() },
+        RunSummary {
+            wall_ms: want.wall_ms,
+            tasks: want.tasks.clone(),
+            ..summary.clone()
+        },
         want
     );
     let (last, best) = last_and_best(&dir, "digits");
@@ -122,22 +145,37 @@ fn a_run_folder_holds_its_experiment_metrics_summaries_weights_and_plots() {
 
     let w = &result.weights[0];
     let bytes = std::fs::read(run.weights(None)).expect("weights.safetensors");
-    assert_eq!(weights_from_safetensors(&w.layout, &bytes).expect("weights"), w.global);
+    assert_eq!(
+        weights_from_safetensors(&w.layout, &bytes).expect("weights"),
+        w.global
+    );
 
     for chart in ["accuracy", "loss", "traffic", "clients"] {
         let svg = std::fs::read_to_string(run.plots().join(format!("{chart}.svg"))).expect("svg");
-        assert!(svg.contains("round") && svg.contains("<polyline"), "{chart}.svg");
+        assert!(
+            svg.contains("round") && svg.contains("<polyline"),
+            "{chart}.svg"
+        );
         check_png(&run.plots().join(format!("{chart}.png")));
     }
     let loss = std::fs::read_to_string(run.plots().join("loss.svg")).expect("svg");
-    assert!(loss.contains("digits central") && loss.contains("digits clients&apos; training")
-        || loss.contains("digits clients' training"), "loss legend");
-    assert!(!run.plots().join("privacy.svg").exists(), "no DP, no epsilon chart");
+    assert!(
+        loss.contains("digits central") && loss.contains("digits clients&apos; training")
+            || loss.contains("digits clients' training"),
+        "loss legend"
+    );
+    assert!(
+        !run.plots().join("privacy.svg").exists(),
+        "no DP, no epsilon chart"
+    );
 
     // The same folder again: refused, the first run intact.
     let again = run_experiment(&cfg, |_| {});
     assert!(matches!(again, Err(SimError::Run { .. })), "{again:?}");
-    assert!(same(&run.read_metrics().expect("still there")), "the first run intact");
+    assert!(
+        same(&run.read_metrics().expect("still there")),
+        "the first run intact"
+    );
 }
 
 #[test]
@@ -159,21 +197,45 @@ fn compare_table_and_charts_match_the_runs_metrics_files() {
         assert_eq!(row.run, dir.file_name().expect("name").to_string_lossy());
         assert_eq!(row.task, "digits");
         let (last, best) = last_and_best(dir, "digits");
-        assert!((f64::from(row.final_accuracy) - last).abs() < 1e-6, "{row:?} vs {last}");
-        assert!((f64::from(row.best_accuracy) - best).abs() < 1e-6, "{row:?} vs {best}");
-        let line = table.lines().find(|l| l.contains(&format!(" {} ", row.run))).expect("row");
+        assert!(
+            (f64::from(row.final_accuracy) - last).abs() < 1e-6,
+            "{row:?} vs {last}"
+        );
+        assert!(
+            (f64::from(row.best_accuracy) - best).abs() < 1e-6,
+            "{row:?} vs {best}"
+        );
+        let line = table
+            .lines()
+            .find(|l| l.contains(&format!(" {} ", row.run)))
+            .expect("row");
         assert!(line.contains(&format!("{:.2}%", 100.0 * last)), "{line}");
         assert!(line.contains(&format!("{:.2}%", 100.0 * best)), "{line}");
     }
-    assert_ne!(cmp.rows[0].final_accuracy, cmp.rows[1].final_accuracy, "the runs differ");
+    assert_ne!(
+        cmp.rows[0].final_accuracy, cmp.rows[1].final_accuracy,
+        "the runs differ"
+    );
     let back: serde_json::Value = json(&out.join("compare.json"));
     assert_eq!(back["rows"][1]["run"], "lr-0.02");
-    for chart in ["accuracy_digits", "loss_digits", "train_loss_digits", "bytes_up", "accepted"] {
+    for chart in [
+        "accuracy_digits",
+        "loss_digits",
+        "train_loss_digits",
+        "bytes_up",
+        "accepted",
+    ] {
         let svg = std::fs::read_to_string(out.join(format!("plots/{chart}.svg"))).expect("svg");
-        assert!(svg.contains("lr-0.2") && svg.contains("lr-0.02"), "{chart}: a legend entry per run");
+        assert!(
+            svg.contains("lr-0.2") && svg.contains("lr-0.02"),
+            "{chart}: a legend entry per run"
+        );
         check_png(&out.join(format!("plots/{chart}.png")));
     }
-    assert!(compare(&dirs[..1], &out).is_err(), "one run is no comparison");
+    assert!(
+        compare(&dirs[..1], &out).is_err(),
+        "one run is no comparison"
+    );
     assert!(compare(&[tmp.path().join("nothing"), dirs[0].clone()], &out).is_err());
 }
 
@@ -199,7 +261,10 @@ fn repeats_report_mean_and_sd_of_the_seeds_metrics() {
         finals.push(last);
         bests.push(best);
     }
-    assert!(finals.windows(2).any(|w| w[0] != w[1]), "seeds differ: {finals:?}");
+    assert!(
+        finals.windows(2).any(|w| w[0] != w[1]),
+        "seeds differ: {finals:?}"
+    );
     let back = json(&dir.summary_json());
     assert_eq!(back["seeds"], serde_json::json!([1, 2, 3]));
     let task = &back["tasks"][0];
@@ -207,15 +272,29 @@ fn repeats_report_mean_and_sd_of_the_seeds_metrics() {
     for (key, values) in [("final_accuracy", &finals), ("best_accuracy", &bests)] {
         let (mean, sd) = stats(values);
         let got = |k: &str| task[key][k].as_f64().expect("number");
-        assert!((got("mean") - mean).abs() < 1e-6, "{key} mean {} vs {mean}", got("mean"));
-        assert!((got("sd") - sd).abs() < 1e-6, "{key} sd {} vs {sd}", got("sd"));
+        assert!(
+            (got("mean") - mean).abs() < 1e-6,
+            "{key} mean {} vs {mean}",
+            got("mean")
+        );
+        assert!(
+            (got("sd") - sd).abs() < 1e-6,
+            "{key} sd {} vs {sd}",
+            got("sd")
+        );
     }
     assert_eq!(summary.tasks[0].final_accuracy.values.len(), 3);
     let text = std::fs::read_to_string(dir.summary_txt()).expect("summary.txt");
     let (mean, sd) = stats(&finals);
-    assert!(text.contains(&format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * sd)), "{text}");
+    assert!(
+        text.contains(&format!("{:.2}% ± {:.2}", 100.0 * mean, 100.0 * sd)),
+        "{text}"
+    );
     let svg = std::fs::read_to_string(dir.plots().join("accuracy.svg")).expect("svg");
-    assert!(svg.contains("<polygon") && svg.contains("band min"), "a band on the mean");
+    assert!(
+        svg.contains("<polygon") && svg.contains("band min"),
+        "a band on the mean"
+    );
     check_png(&dir.plots().join("accuracy.png"));
 }
 
@@ -226,7 +305,11 @@ fn cohort_sim(cwd: &Path, args: &[&str]) -> String {
         .output()
         .expect("cohort-sim starts");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{args:?}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     stdout
 }
 
@@ -234,40 +317,70 @@ fn cohort_sim(cwd: &Path, args: &[&str]) -> String {
 fn the_binary_saves_each_run_in_its_own_folder_by_default() {
     let tmp = tempfile::tempdir().expect("tmp");
     let file = experiment_file();
-    let args = ["--config", file.to_str().expect("utf-8"), "--rounds", "2", "--quiet"];
+    let args = [
+        "--config",
+        file.to_str().expect("utf-8"),
+        "--rounds",
+        "2",
+        "--quiet",
+    ];
     let mut folders = Vec::new();
     for _ in 0..2 {
         let stdout = cohort_sim(tmp.path(), &args);
         let last = stdout.lines().last().expect("output");
-        let path = last.strip_prefix("results in ").unwrap_or_else(|| panic!("last line: {last}"));
+        let path = last
+            .strip_prefix("results in ")
+            .unwrap_or_else(|| panic!("last line: {last}"));
         assert!(path.starts_with("runs/digits-iid-"), "{path}");
         let run = RunDir::open(&tmp.path().join(path)).expect("run folder");
         assert_eq!(run.read_metrics().expect("metrics").len(), 2);
         assert!(run.weights(None).is_file() && run.plots().join("accuracy.png").is_file());
-        let printed = cohort_sim(tmp.path(), &[&args[..2], &["--rounds", "2", "--print-config"]].concat());
-        assert_eq!(std::fs::read_to_string(run.experiment()).expect("toml"), printed);
+        let printed = cohort_sim(
+            tmp.path(),
+            &[&args[..2], &["--rounds", "2", "--print-config"]].concat(),
+        );
+        assert_eq!(
+            std::fs::read_to_string(run.experiment()).expect("toml"),
+            printed
+        );
         folders.push(path.to_string());
     }
     assert_ne!(folders[0], folders[1], "two runs, two folders");
 
     let cmp = cohort_sim(tmp.path(), &["--compare", &folders[0], &folders[1]]);
-    assert!(cmp.lines().last().expect("line").starts_with("comparison in runs/compare-"), "{cmp}");
+    assert!(
+        cmp.lines()
+            .last()
+            .expect("line")
+            .starts_with("comparison in runs/compare-"),
+        "{cmp}"
+    );
 
     let bare = tempfile::tempdir().expect("tmp");
     cohort_sim(bare.path(), &[&args[..], &["--no-save"]].concat());
-    assert!(!bare.path().join("runs").exists(), "--no-save writes nothing");
+    assert!(
+        !bare.path().join("runs").exists(),
+        "--no-save writes nothing"
+    );
 }
 
 #[test]
 fn run_folders_are_named_safely_by_utc_time_and_never_shared() {
     let base = tempfile::tempdir().expect("tmp");
     let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
-    let name = |n: &str, s: u64| RunDir::create_at(base.path(), n, at(s)).expect("folder").name();
+    let name = |n: &str, s: u64| {
+        RunDir::create_at(base.path(), n, at(s))
+            .expect("folder")
+            .name()
+    };
     assert_eq!(name("w0", 0), "w0-19700101-000000");
     assert_eq!(name("w0", 951_782_400), "w0-20000229-000000");
     assert_eq!(name("w0", 1_798_761_599), "w0-20261231-235959");
     // A name from a file is one path component, inside `base`.
-    assert_eq!(name("../../etc/passwd", 1_000_000_000), "_.._etc_passwd-20010909-014640");
+    assert_eq!(
+        name("../../etc/passwd", 1_000_000_000),
+        "_.._etc_passwd-20010909-014640"
+    );
     assert_eq!(name("", 1_000_000_000), "run-20010909-014640");
     // Two runs in one second.
     let a = RunDir::create_at(base.path(), "w0", at(1_000_000_000)).expect("first");
@@ -280,7 +393,10 @@ fn run_folders_are_named_safely_by_utc_time_and_never_shared() {
     assert!(RunDir::open(b.path()).is_err(), "no experiment.toml");
     std::fs::write(a.metrics_jsonl(), "{\"round\": 1, \"central\": 7}\n").expect("write");
     let bad = RunDir::open(a.path()).expect("opens").read_metrics();
-    assert!(matches!(&bad, Err(SimError::Run { reason, .. }) if reason.starts_with("line 1")), "{bad:?}");
+    assert!(
+        matches!(&bad, Err(SimError::Run { reason, .. }) if reason.starts_with("line 1")),
+        "{bad:?}"
+    );
 }
 
 #[test]

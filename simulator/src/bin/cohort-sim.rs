@@ -7,8 +7,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cohort_aggregator::{FedBuffConfig, Mode, StrategyConfig};
 use cohort_protocol::codec::TopK;
-use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
 use cohort_simulator::compare::{compare, Comparison, Run};
+use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
 use cohort_simulator::metrics::summary_table;
 use cohort_simulator::runs::{run_repeats, RunDir, DEFAULT_BASE};
 use cohort_simulator::{run_experiment, ExperimentConfig, ExperimentResult, RoundMetrics};
@@ -524,7 +524,9 @@ fn compare_runs(cli: &Cli) -> Result<()> {
     }
     let out = match &cli.output {
         Some(o) => o.clone(),
-        None => RunDir::create(Path::new(DEFAULT_BASE), "compare")?.path().to_path_buf(),
+        None => RunDir::create(Path::new(DEFAULT_BASE), "compare")?
+            .path()
+            .to_path_buf(),
     };
     let cmp = compare(&cli.compare, &out)?;
     print!("{}", cmp.table());
@@ -535,7 +537,10 @@ fn compare_runs(cli: &Cli) -> Result<()> {
 fn print_header(cfg: &ExperimentConfig, seeds: &[u64]) {
     let seed = match seeds {
         [] => format!(" {}", cfg.seed),
-        s => format!("s {}", s.iter().map(u64::to_string).collect::<Vec<_>>().join(",")),
+        s => format!(
+            "s {}",
+            s.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+        ),
     };
     let tasks: Vec<String> = cfg
         .tasks
@@ -563,8 +568,10 @@ fn progress_bar(cli: &Cli, len: u64) -> ProgressBar {
     }
     let b = ProgressBar::new(len);
     b.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     b
 }
