@@ -29,6 +29,12 @@ pub enum SimError {
         path: std::path::PathBuf,
         reason: String,
     },
+    /// A run folder that cannot be used: taken, damaged, not a run.
+    #[error("run folder {path}: {reason}")]
+    Run {
+        path: std::path::PathBuf,
+        reason: String,
+    },
     #[error("plot: {0}")]
     Plot(String),
 }

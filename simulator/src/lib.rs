@@ -7,17 +7,21 @@
 //! [`run_experiment`] adds the multi-task questions (shared backbone vs one
 //! federation per task vs local-only), personalized evaluation, metrics
 //! files and the plot; [`run_experiment_on`] does the same on data a program
-//! built itself ([`LoadedTask`]).
+//! built itself ([`LoadedTask`]). [`runs`] is the run folder (what a run
+//! leaves on disk, repeats over seeds), [`compare`] puts finished runs side
+//! by side.
 
 pub mod checkpoint;
+pub mod compare;
 pub mod config;
 pub mod data;
 mod error;
 pub mod metrics;
 pub mod plot;
 pub mod run;
+pub mod runs;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 pub use config::ExperimentConfig;
 pub use data::{LoadedTask, Population};
@@ -29,6 +33,7 @@ pub use run::{
 };
 
 use cohort_aggregator::{strategy_from_config, Metrics};
+use cohort_protocol::{Layout, ParamGroups};
 use cohort_tasks::ModelRegistry;
 use config::Sharing;
 
@@ -53,6 +58,29 @@ pub struct ExperimentResult {
     /// data (`before`) and on the central test set (`after`).
     pub local_only: Vec<PersonalScore>,
     pub wall_s: f64,
+    /// The final global weights: one set, or one per task with `sharing =
+    /// "separate"`; none for local-only training.
+    #[serde(skip)]
+    pub weights: Vec<FinalWeights>,
+}
+
+/// The global model of one federation after its last round.
+#[derive(Clone, Debug)]
+pub struct FinalWeights {
+    /// The task of a per-task federation (`sharing = "separate"`), else none.
+    pub task: Option<String>,
+    pub layout: Layout,
+    pub global: ParamGroups,
+}
+
+impl FinalWeights {
+    fn of(sim: &Simulation, task: Option<String>) -> Self {
+        FinalWeights {
+            task,
+            layout: sim.engine.layout().clone(),
+            global: sim.engine.global().clone(),
+        }
+    }
 }
 
 impl ExperimentResult {
@@ -65,8 +93,10 @@ impl ExperimentResult {
     }
 }
 
-/// Runs an experiment as its config says, writing metrics, the plot and the
-/// summary into `cfg.output` when set. `on_round` sees every round.
+/// Runs an experiment as its config says; with `cfg.output` set, that folder
+/// becomes its run folder ([`runs::RunDir`]: experiment, metrics, summaries,
+/// final weights, plots; refused if it holds a run already). `on_round`
+/// sees every round.
 pub fn run_experiment(
     cfg: &ExperimentConfig,
     on_round: impl FnMut(&RoundMetrics),
@@ -127,10 +157,6 @@ pub fn run_experiment_custom(
     make_strategy: StrategyFactory<'_>,
     on_round: impl FnMut(&RoundMetrics),
 ) -> Result<ExperimentResult, SimError> {
-    cfg.validate()?;
-    if let Some(dir) = &cfg.output {
-        run_files::write_experiment(dir, cfg)?;
-    }
     run_inner(cfg, models, tasks, make_strategy, on_round, false)
 }
 
@@ -139,7 +165,7 @@ pub fn run_experiment_custom(
 /// [`resume_experiment`] continues. Data set paths in it are read
 /// relative to the working directory, as when the run started.
 pub fn resume_config(folder: &Path) -> Result<ExperimentConfig, SimError> {
-    let mut cfg = run_files::read_experiment(folder)?;
+    let mut cfg = runs::RunDir::open(folder)?.read_experiment()?;
     cfg.output = Some(folder.to_path_buf());
     Ok(cfg)
 }
@@ -188,9 +214,18 @@ fn run_inner(
     data::check_fit(&*whole, &tasks)?;
     let started = std::time::Instant::now();
     let task_names: Vec<String> = cfg.tasks.iter().map(|t| t.name.clone()).collect();
-    let mut writer = match &cfg.output {
+    let run_dir = match &cfg.output {
+        Some(dir) if resume => Some(runs::RunDir::open(dir)?),
+        Some(dir) => {
+            let d = runs::RunDir::fresh(dir)?;
+            d.write_experiment(cfg)?;
+            Some(d)
+        }
+        None => None,
+    };
+    let mut writer = match &run_dir {
         Some(dir) => Some(metrics::MetricsWriter::create_with(
-            dir,
+            dir.path(),
             &task_names,
             !cfg.privacy.is_off() || !cfg.engine.privacy.is_off(),
         )?),
@@ -228,11 +263,9 @@ fn run_inner(
             }
             result.rounds = sim.run(|m| record(m, true))?;
             result.final_central = sim.evaluate_central()?;
+            result.weights.push(FinalWeights::of(&sim, None));
             if cfg.eval.personalized {
                 (result.personalized, result.federated) = sim.client_eval()?;
-            }
-            if let Some(dir) = &cfg.output {
-                write_weights(dir, WEIGHTS_FILE, &sim)?;
             }
         }
         Sharing::Separate => {
@@ -247,11 +280,11 @@ fn run_inner(
                 one.output = None;
                 let mut sim = simulation(one, models, vec![data], make_strategy())?;
                 let rounds = sim.run(|_| {})?;
-                if let Some(dir) = &cfg.output {
-                    write_weights(dir, &format!("weights-{}.safetensors", t.name), &sim)?;
-                }
                 merge_rounds(&mut result.rounds, rounds);
                 result.final_central.extend(sim.evaluate_central()?);
+                result
+                    .weights
+                    .push(FinalWeights::of(&sim, Some(t.name.clone())));
                 if cfg.eval.personalized {
                     let (personal, federated) = sim.client_eval()?;
                     result.personalized.extend(personal);
@@ -282,8 +315,8 @@ fn run_inner(
         return Err(e);
     }
     result.wall_s = started.elapsed().as_secs_f64();
-    if let Some(dir) = &cfg.output {
-        write_outputs(dir, cfg, &result)?;
+    if let Some(dir) = &run_dir {
+        dir.write_results(&result)?;
     }
     Ok(result)
 }
@@ -335,87 +368,5 @@ fn merge_rounds(into: &mut Vec<RoundMetrics>, rounds: Vec<RoundMetrics>) {
             }
             None => into.push(m),
         }
-    }
-}
-
-/// The final global weights in an output folder (with `sharing =
-/// "separate"`: `weights-<task>.safetensors`, one per federation).
-pub const WEIGHTS_FILE: &str = "weights.safetensors";
-
-/// Writes the global weights of `sim` to `dir/name` in the format of the
-/// aggregator's checkpoints (safetensors, tensors named and shaped by the
-/// layout), which PyTorch's `safetensors` opens.
-pub fn write_weights(dir: &Path, name: &str, sim: &Simulation) -> Result<PathBuf, SimError> {
-    let bytes = cohort_aggregator::checkpoint::weights_to_safetensors(
-        sim.engine.layout(),
-        sim.engine.global(),
-    )?;
-    run_files::atomic_write(dir, name, &bytes)?;
-    Ok(dir.join(name))
-}
-
-fn write_outputs(
-    dir: &Path,
-    cfg: &ExperimentConfig,
-    result: &ExperimentResult,
-) -> Result<(), SimError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| SimError::Io { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let summary = dir.join("summary.txt");
-    std::fs::write(&summary, metrics::summary_table(&result.rounds)).map_err(io(&summary))?;
-    let json = dir.join("result.json");
-    let text = serde_json::to_string_pretty(result).map_err(|e| SimError::Config(e.to_string()))?;
-    std::fs::write(&json, text).map_err(io(&json))?;
-    if result.rounds.iter().any(|r| !r.central.is_empty()) {
-        plot::accuracy_plot(
-            &dir.join("accuracy.svg"),
-            &format!("{}: central accuracy", cfg.name),
-            &result.rounds,
-        )?;
-    }
-    Ok(())
-}
-
-/// The run folder's `experiment.toml` (written before the first round, read
-/// back by a resume) and the atomic write of its files.
-mod run_files {
-    use std::path::Path;
-
-    use cohort_aggregator::checkpoint::{read_bounded, write_synced};
-
-    use crate::{ExperimentConfig, SimError};
-
-    pub const EXPERIMENT_FILE: &str = "experiment.toml";
-    /// Bound on an experiment file read back.
-    const MAX_EXPERIMENT_BYTES: u64 = 1 << 20;
-
-    /// Writes the effective experiment (as `--print-config` prints it).
-    pub fn write_experiment(dir: &Path, cfg: &ExperimentConfig) -> Result<(), SimError> {
-        atomic_write(dir, EXPERIMENT_FILE, cfg.to_toml()?.as_bytes())
-    }
-
-    /// Reads a run folder's experiment back (data set paths relative to
-    /// the working directory).
-    pub fn read_experiment(dir: &Path) -> Result<ExperimentConfig, SimError> {
-        let path = dir.join(EXPERIMENT_FILE);
-        let bytes = read_bounded(&path, MAX_EXPERIMENT_BYTES)?;
-        let text = String::from_utf8(bytes)
-            .map_err(|_| SimError::Config(format!("{}: not UTF-8", path.display())))?;
-        ExperimentConfig::from_toml(&text)
-            .map_err(|e| SimError::Config(format!("{}: {e}", path.display())))
-    }
-
-    /// A temporary file, fsynced, renamed over `dir/name`.
-    pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), SimError> {
-        std::fs::create_dir_all(dir).map_err(|source| SimError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let (tmp, path) = (dir.join(format!(".{name}.tmp")), dir.join(name));
-        write_synced(&tmp, bytes)?;
-        std::fs::rename(&tmp, &path).map_err(|source| SimError::Io { path, source })
     }
 }

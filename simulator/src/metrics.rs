@@ -6,20 +6,27 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::SimError;
 
 /// Accuracy and loss of one task.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskScore {
     pub task: String,
+    #[serde(deserialize_with = "null_as_nan")]
     pub accuracy: f32,
+    #[serde(deserialize_with = "null_as_nan")]
     pub loss: f32,
 }
 
-/// What happened in one round.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+/// serde_json writes a non-finite float as `null`; read it back as NaN.
+fn null_as_nan<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+    Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+}
+
+/// What happened in one round (a line of `metrics.jsonl`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundMetrics {
     pub round: u64,
     /// Model version after the round.
@@ -44,7 +51,7 @@ pub struct RoundMetrics {
     pub eval_ms: f64,
     /// Differential privacy: epsilon after this round and the round's
     /// parameters.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<cohort_aggregator::PrivacyReport>,
 }
 
@@ -142,59 +149,132 @@ impl MetricsWriter {
     }
 }
 
-/// The final table: per task, first and last central accuracy and the best.
+/// Final and best central figures of one task in one run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    pub task: String,
+    /// Central accuracy at the last evaluated round.
+    #[serde(deserialize_with = "null_as_nan")]
+    pub final_accuracy: f32,
+    #[serde(deserialize_with = "null_as_nan")]
+    pub final_loss: f32,
+    /// The highest central accuracy of any evaluated round, and that round
+    /// (the first one on a tie).
+    #[serde(deserialize_with = "null_as_nan")]
+    pub best_accuracy: f32,
+    pub best_round: u64,
+}
+
+/// What `summary.txt` and `summary.json` say about a run: computed from
+/// its rounds only, so a run folder's `metrics.jsonl` gives it back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub rounds: usize,
+    /// Per task, in the order of the last evaluated round.
+    pub tasks: Vec<TaskSummary>,
+    pub accepted: usize,
+    pub dropped: usize,
+    pub refused_or_late: usize,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    pub wall_ms: f64,
+    /// Differential privacy: the report of the last round that had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<cohort_aggregator::PrivacyReport>,
+}
+
+impl RunSummary {
+    pub fn from_rounds(rounds: &[RoundMetrics]) -> Self {
+        let evaluated: Vec<&RoundMetrics> =
+            rounds.iter().filter(|r| !r.central.is_empty()).collect();
+        let tasks = evaluated.last().map_or_else(Vec::new, |last| {
+            last.central
+                .iter()
+                .map(|s| {
+                    let (best_accuracy, best_round) = evaluated
+                        .iter()
+                        .filter_map(|r| {
+                            r.central
+                                .iter()
+                                .find(|c| c.task == s.task)
+                                .map(|c| (c.accuracy, r.round))
+                        })
+                        .fold((f32::MIN, 0), |a, b| if b.0 > a.0 { b } else { a });
+                    TaskSummary {
+                        task: s.task.clone(),
+                        final_accuracy: s.accuracy,
+                        final_loss: s.loss,
+                        best_accuracy,
+                        best_round,
+                    }
+                })
+                .collect()
+        });
+        RunSummary {
+            rounds: rounds.len(),
+            tasks,
+            accepted: rounds.iter().map(|r| r.accepted).sum(),
+            dropped: rounds.iter().map(|r| r.dropped).sum(),
+            refused_or_late: rounds.iter().map(|r| r.refused + r.late).sum(),
+            bytes_up: rounds.iter().map(|r| r.bytes_up).sum(),
+            bytes_down: rounds.iter().map(|r| r.bytes_down).sum(),
+            wall_ms: rounds.iter().map(|r| r.wall_ms).sum(),
+            privacy: rounds.iter().rev().find_map(|r| r.privacy.clone()),
+        }
+    }
+
+    /// The figures of `task`, if it was evaluated.
+    pub fn task(&self, task: &str) -> Option<&TaskSummary> {
+        self.tasks.iter().find(|t| t.task == task)
+    }
+
+    /// The table `cohort-sim` prints and `summary.txt` holds.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        if self.tasks.is_empty() {
+            out.push_str("no central evaluation was run\n");
+        } else {
+            let _ = writeln!(
+                out,
+                "{:<12} {:>9} {:>9} {:>9} {:>10}",
+                "task", "acc", "best", "loss", "best@round"
+            );
+            for t in &self.tasks {
+                let _ = writeln!(
+                    out,
+                    "{:<12} {:>8.2}% {:>8.2}% {:>9.4} {:>10}",
+                    t.task,
+                    100.0 * t.final_accuracy,
+                    100.0 * t.best_accuracy,
+                    t.final_loss,
+                    t.best_round
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "rounds {}, updates accepted {}, dropped {}, refused or late {}; {:.2} MB up, {:.2} MB down; {:.2} s ({:.3} s/round)",
+            self.rounds,
+            self.accepted,
+            self.dropped,
+            self.refused_or_late,
+            self.bytes_up as f64 / 1e6,
+            self.bytes_down as f64 / 1e6,
+            self.wall_ms / 1e3,
+            self.wall_ms / 1e3 / self.rounds.max(1) as f64
+        );
+        if let Some(p) = &self.privacy {
+            let _ = writeln!(
+                out,
+                "differential privacy: ({:.4}, {:.0e})-DP after {} rounds (Poisson rate q = {:.4}, noise multiplier {:.4}, last clip {:.4})",
+                p.epsilon, p.delta, p.rounds, p.q, p.noise_multiplier, p.clip
+            );
+        }
+        out
+    }
+}
+
+/// The final table: per task, the last and the best central accuracy.
 pub fn summary_table(rounds: &[RoundMetrics]) -> String {
-    let mut out = String::new();
-    let evaluated: Vec<&RoundMetrics> = rounds.iter().filter(|r| !r.central.is_empty()).collect();
-    let Some(last) = evaluated.last() else {
-        return "no central evaluation was run\n".into();
-    };
-    let _ = writeln!(
-        out,
-        "{:<12} {:>9} {:>9} {:>9} {:>10}",
-        "task", "acc", "best", "loss", "best@round"
-    );
-    for s in &last.central {
-        let (best, at) = evaluated
-            .iter()
-            .filter_map(|r| {
-                r.central
-                    .iter()
-                    .find(|c| c.task == s.task)
-                    .map(|c| (c.accuracy, r.round))
-            })
-            .fold((f32::MIN, 0), |a, b| if b.0 > a.0 { b } else { a });
-        let _ = writeln!(
-            out,
-            "{:<12} {:>8.2}% {:>8.2}% {:>9.4} {:>10}",
-            s.task,
-            100.0 * s.accuracy,
-            100.0 * best,
-            s.loss,
-            at
-        );
-    }
-    let up: u64 = rounds.iter().map(|r| r.bytes_up).sum();
-    let down: u64 = rounds.iter().map(|r| r.bytes_down).sum();
-    let wall: f64 = rounds.iter().map(|r| r.wall_ms).sum();
-    let acc: usize = rounds.iter().map(|r| r.accepted).sum();
-    let refused: usize = rounds.iter().map(|r| r.refused + r.late).sum();
-    let dropped: usize = rounds.iter().map(|r| r.dropped).sum();
-    let _ = writeln!(
-        out,
-        "rounds {}, updates accepted {acc}, dropped {dropped}, refused or late {refused}; {:.2} MB up, {:.2} MB down; {:.2} s ({:.3} s/round)",
-        rounds.len(),
-        up as f64 / 1e6,
-        down as f64 / 1e6,
-        wall / 1e3,
-        wall / 1e3 / rounds.len().max(1) as f64
-    );
-    if let Some(p) = rounds.iter().rev().find_map(|r| r.privacy.as_ref()) {
-        let _ = writeln!(
-            out,
-            "differential privacy: ({:.4}, {:.0e})-DP after {} rounds (Poisson rate q = {:.4}, noise multiplier {:.4}, last clip {:.4})",
-            p.epsilon, p.delta, p.rounds, p.q, p.noise_multiplier, p.clip
-        );
-    }
-    out
+    RunSummary::from_rounds(rounds).table()
 }

@@ -40,10 +40,13 @@ fn digits_iid_file_runs_and_writes_outputs() {
     for f in [
         "metrics.csv",
         "metrics.jsonl",
-        "accuracy.svg",
+        "plots/accuracy.svg",
+        "plots/accuracy.png",
         "summary.txt",
+        "summary.json",
         "result.json",
         "experiment.toml",
+        "weights.safetensors",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing");
     }

@@ -88,6 +88,17 @@ fn epsilon_is_in_the_csv_the_json_lines_and_the_summary() {
         summary.contains("differential privacy: (") && summary.contains("after 3 rounds"),
         "{summary}"
     );
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("summary.json")).expect("summary.json"),
+    )
+    .expect("json");
+    assert_eq!(json["privacy"]["rounds"], 3);
+    let chart = std::fs::read_to_string(dir.join("plots/privacy.svg")).expect("privacy chart");
+    assert!(
+        chart.contains("epsilon spent") && chart.contains("<polyline"),
+        "epsilon chart"
+    );
+    assert!(dir.join("plots/privacy.png").is_file());
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -1,18 +1,21 @@
 //! `cohort-sim`: run a federated, multi-task experiment in one process.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cohort_aggregator::{FedBuffConfig, Mode, StrategyConfig};
 use cohort_protocol::codec::TopK;
 use cohort_protocol::logging::{self, LogFormat};
+use cohort_simulator::checkpoint::experiment_hash;
+use cohort_simulator::compare::{compare, Comparison, Run};
 use cohort_simulator::config::{Attack, ClientData, HeadPolicy, Sharing, TaskConfig};
 use cohort_simulator::metrics::summary_table;
-use cohort_simulator::checkpoint::experiment_hash;
+use cohort_simulator::runs::{run_repeats, RunDir, DEFAULT_BASE};
 use cohort_simulator::{
-    resume_config, resume_experiment, run_experiment, ExperimentConfig, RoundMetrics,
+    resume_config, resume_experiment, run_experiment, ExperimentConfig, ExperimentResult,
+    RoundMetrics,
 };
 use cohort_tasks::{Backend, ModelRegistry, Partitioner};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -38,6 +41,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 /// Settings come from the defaults, then `--config FILE` (TOML, see
 /// `simulator/experiments/`), then the flags below. `--print-config` shows the
 /// resulting experiment file.
+///
+/// Every run leaves a folder, `runs/<name>-<YYYYMMDD-HHMMSS>/` (UTC) unless
+/// `--output` names one, and prints its path last: experiment.toml,
+/// metrics.csv, metrics.jsonl, summary.txt, summary.json, result.json,
+/// weights.safetensors (the final global weights) and plots/ (accuracy,
+/// loss, traffic, clients and, with DP, privacy; SVG and PNG). `--no-save`
+/// keeps nothing. `--seeds 1,2,3` or `--repeat N` runs once per seed into
+/// seed-<N>/ subfolders and reports mean and sd of the final and best
+/// accuracy; `--compare RUN RUN..` puts finished runs side by side.
 ///
 /// Your own data: a task's `dataset` may be `csv:PATH`, `idx:FOLDER` or a
 /// `csv` / `idx` table (see `--task` and `simulator/experiments/README.md`);
@@ -157,8 +169,9 @@ struct Cli {
     /// Worker threads (0 = one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Folder for metrics.csv, metrics.jsonl, accuracy.svg, summary.txt,
-    /// experiment.toml, weights.safetensors and checkpoint/.
+    /// The run folder (made if missing; refused if it holds a run
+    /// already). Default: runs/<experiment name>-<YYYYMMDD-HHMMSS>/, with
+    /// -2, -3, ... when two runs start in one second.
     #[arg(long, short)]
     output: Option<PathBuf>,
     /// Checkpoint into OUTPUT/checkpoint/ every N rounds (0 = never;
@@ -168,13 +181,31 @@ struct Cli {
     checkpoint_every: Option<u64>,
     /// Continue the run in FOLDER (a former --output) from its newest good
     /// checkpoint, with FOLDER/experiment.toml: it ends bit-identical to an
-    /// uninterrupted run (weights.safetensors, metrics but wall times).
+    /// uninterrupted run (weights.safetensors, metrics except wall times).
     /// Run it from the same working directory (data set paths are relative
     /// to it). Flags that change the experiment are refused; --threads,
     /// --quiet and --checkpoint-every apply. FedBuff (async) and
     /// --sharing separate/local runs cannot be resumed.
-    #[arg(long, value_name = "FOLDER", conflicts_with_all = ["config", "output"])]
+    #[arg(long, value_name = "FOLDER", conflicts_with_all = ["config", "output", "no_save", "seeds", "repeat", "compare"])]
     resume: Option<PathBuf>,
+    /// Keep nothing on disk: print the rounds and the summary only.
+    #[arg(long, conflicts_with = "output")]
+    no_save: bool,
+    /// Run the experiment once per seed (e.g. 1,2,3), each into its own
+    /// seed-<N>/ folder; the run folder's summary.txt and summary.json
+    /// give mean and sample standard deviation of the final and best
+    /// central accuracy per task, its plots the mean with a min-max band.
+    #[arg(long, value_delimiter = ',', value_name = "SEED,..", conflicts_with_all = ["seed", "repeat", "no_save"])]
+    seeds: Vec<u64>,
+    /// Like --seeds with N seeds from --seed (or the file's seed) up.
+    #[arg(long, value_name = "N", conflicts_with = "no_save")]
+    repeat: Option<u64>,
+    /// Compare finished run folders instead of running: print a table of
+    /// the final and best accuracy per task and run, and write it
+    /// (compare.txt, compare.json) with one chart per metric, a line per
+    /// run, into --output or runs/compare-<YYYYMMDD-HHMMSS>/.
+    #[arg(long, num_args = 2.., value_name = "RUN")]
+    compare: Vec<PathBuf>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -424,6 +455,9 @@ fn describe(m: &RoundMetrics) -> String {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format, "error");
+    if !cli.compare.is_empty() {
+        return compare_runs(&cli);
+    }
     let mut cfg = match (&cli.resume, &cli.config) {
         (Some(dir), _) => resume_config(dir)?,
         (None, Some(path)) => ExperimentConfig::from_file(path)?,
@@ -450,36 +484,14 @@ fn main() -> Result<()> {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let tasks: Vec<String> = cfg
-        .tasks
-        .iter()
-        .map(|t| format!("{} ({})", t.name, t.dataset))
-        .collect();
-    println!(
-        "cohort-sim `{}`: {} clients, {} per round, {} rounds, tasks {}, backbone {} on {}, strategy {}, {}-bit deltas, seed {}",
-        cfg.name,
-        cfg.clients.count,
-        cfg.clients.per_round,
-        cfg.rounds,
-        tasks.join(", "),
-        cfg.backbone,
-        cfg.backend,
-        toml::to_string(&cfg.strategy).unwrap_or_default().lines().next().unwrap_or_default(),
-        cfg.engine.codec.bits,
-        cfg.seed
-    );
-    let bar = if cli.quiet || !std::io::stderr().is_terminal() {
-        ProgressBar::hidden()
-    } else {
-        let b = ProgressBar::new(cfg.rounds);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b
-    };
+    let seeds = seeds(&cli, &cfg);
+    print_header(&cfg, &seeds);
+    if !seeds.is_empty() {
+        return repeat(&cli, cfg, &seeds);
+    }
+    let dir = run_folder(&cli, &cfg)?;
+    cfg.output = dir.as_ref().map(|d| d.path().to_path_buf());
+    let bar = progress_bar(&cli, cfg.rounds);
     let on_round = |m: &RoundMetrics| {
         bar.inc(1);
         bar.println(describe(m));
@@ -495,6 +507,119 @@ fn main() -> Result<()> {
         None => run_experiment(&cfg, on_round)?,
     };
     bar.finish_and_clear();
+    print_result(&result);
+    if let Some(d) = dir {
+        println!("results in {}", d.path().display());
+    }
+    Ok(())
+}
+
+/// The folder of this run: the one `--resume` continues, `--output`, a new
+/// one under `runs/`, or none with `--no-save`.
+fn run_folder(cli: &Cli, cfg: &ExperimentConfig) -> Result<Option<RunDir>> {
+    if let Some(dir) = &cli.resume {
+        return Ok(Some(RunDir::open(dir)?));
+    }
+    Ok(match (&cfg.output, cli.no_save) {
+        (_, true) => None,
+        (Some(o), false) => Some(RunDir::fresh(o)?),
+        (None, false) => Some(RunDir::create(Path::new(DEFAULT_BASE), &cfg.name)?),
+    })
+}
+
+/// `--seeds`, or `--repeat N` seeds from the experiment's.
+fn seeds(cli: &Cli, cfg: &ExperimentConfig) -> Vec<u64> {
+    match cli.repeat {
+        Some(n) => (0..n).map(|i| cfg.seed.wrapping_add(i)).collect(),
+        None => cli.seeds.clone(),
+    }
+}
+
+fn repeat(cli: &Cli, mut cfg: ExperimentConfig, seeds: &[u64]) -> Result<()> {
+    let dir = match cfg.output.take() {
+        Some(o) => RunDir::fresh(&o)?,
+        None => RunDir::create(Path::new(DEFAULT_BASE), &cfg.name)?,
+    };
+    let bar = progress_bar(cli, cfg.rounds * seeds.len() as u64);
+    let summary = run_repeats(&cfg, &ModelRegistry::default(), seeds, &dir, |seed, m| {
+        bar.inc(1);
+        let line = format!("seed {seed}  {}", describe(m));
+        bar.println(&line);
+        if bar.is_hidden() && !cli.quiet {
+            println!("{line}");
+        }
+    })?;
+    bar.finish_and_clear();
+    println!("\n{}", summary.table());
+    println!("results in {}", dir.path().display());
+    Ok(())
+}
+
+fn compare_runs(cli: &Cli) -> Result<()> {
+    if cli.no_save {
+        let runs = cli
+            .compare
+            .iter()
+            .map(|d| Run::load(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        print!("{}", Comparison::of(&runs).table());
+        return Ok(());
+    }
+    let out = match &cli.output {
+        Some(o) => o.clone(),
+        None => RunDir::create(Path::new(DEFAULT_BASE), "compare")?
+            .path()
+            .to_path_buf(),
+    };
+    let cmp = compare(&cli.compare, &out)?;
+    print!("{}", cmp.table());
+    println!("comparison in {}", out.display());
+    Ok(())
+}
+
+fn print_header(cfg: &ExperimentConfig, seeds: &[u64]) {
+    let seed = match seeds {
+        [] => format!(" {}", cfg.seed),
+        s => format!(
+            "s {}",
+            s.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+        ),
+    };
+    let tasks: Vec<String> = cfg
+        .tasks
+        .iter()
+        .map(|t| format!("{} ({})", t.name, t.dataset))
+        .collect();
+    println!(
+        "cohort-sim `{}`: {} clients, {} per round, {} rounds, tasks {}, backbone {} on {}, strategy {}, {}-bit deltas, seed{}",
+        cfg.name,
+        cfg.clients.count,
+        cfg.clients.per_round,
+        cfg.rounds,
+        tasks.join(", "),
+        cfg.backbone,
+        cfg.backend,
+        toml::to_string(&cfg.strategy).unwrap_or_default().lines().next().unwrap_or_default(),
+        cfg.engine.codec.bits,
+        seed
+    );
+}
+
+fn progress_bar(cli: &Cli, len: u64) -> ProgressBar {
+    if cli.quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rounds {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    b
+}
+
+fn print_result(result: &ExperimentResult) {
     println!("\n{}", summary_table(&result.rounds));
     if !result.local_only.is_empty() {
         println!("local-only training:");
@@ -523,8 +648,4 @@ fn main() -> Result<()> {
     for s in &result.final_central {
         println!("final {} accuracy: {:.2}%", s.task, 100.0 * s.accuracy);
     }
-    if let Some(dir) = &cfg.output {
-        println!("metrics, plot and summary written to {}", dir.display());
-    }
-    Ok(())
 }
