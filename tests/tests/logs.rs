@@ -65,7 +65,7 @@ fn sim_log(dir: &Path, format: &str) -> String {
     let status = Command::new(bin("cohort-sim"))
         .args(["--config"])
         .arg(experiment())
-        .args(["--rounds", "1", "--quiet", "--log-format", format])
+        .args(["--rounds", "1", "--quiet", "--no-save", "--log-format", format])
         .env("RUST_LOG", "debug")
         .env_remove("NO_COLOR")
         .stdout(std::process::Stdio::null())
