@@ -10,6 +10,7 @@
 //! | `result.json` | the whole [`ExperimentResult`] (personalized and federated evaluation, local-only baselines) |
 //! | `weights.safetensors` | the final global weights (`cohort_aggregator::checkpoint::weights_to_safetensors`); with `sharing = "separate"` one `weights-<task>.safetensors` per federation |
 //! | `plots/<chart>.svg`, `.png` | [`crate::plot::run_charts`] |
+//! | `checkpoint/` | the checkpoints `cohort-sim --resume` continues from ([`crate::checkpoint`]) |
 //!
 //! Repeats over seeds ([`run_repeats`]) put one such folder per seed in
 //! `seed-<N>/` and their statistics in the parent's `summary.txt` and
