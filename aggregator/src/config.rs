@@ -566,7 +566,10 @@ mod tests {
         // schedule serialize as before.
         let plain = toml::to_string(&EngineConfig::default()).expect("serializes");
         assert!(!plain.contains("lr_schedule"), "{plain}");
-        let no_rounds = EngineConfig { rounds: 0, ..cfg.clone() };
+        let no_rounds = EngineConfig {
+            rounds: 0,
+            ..cfg.clone()
+        };
         assert!(no_rounds.validate().is_err(), "cosine without rounds");
         let above = EngineConfig {
             lr_schedule: LrSchedule::Cosine { final_lr: 1.0 },

@@ -797,13 +797,8 @@ impl Engine {
                 })
                 .collect()
         } else {
-            self.strategy.configure(
-                round,
-                &available,
-                &self.cfg.sampling,
-                &base,
-                &mut self.rng,
-            )
+            self.strategy
+                .configure(round, &available, &self.cfg.sampling, &base, &mut self.rng)
         };
         let deadline_at = now_ms.saturating_add(self.cfg.deadline_ms);
         let mut plans = BTreeMap::new();

@@ -161,8 +161,9 @@ impl From<&RoundMetrics> for StoredRound {
 
 impl StoredRound {
     fn into_metrics(self) -> RoundMetrics {
-        let [sampled, accepted, dropped, late, refused] =
-            self.counts.map(|c| usize::try_from(c).unwrap_or(usize::MAX));
+        let [sampled, accepted, dropped, late, refused] = self
+            .counts
+            .map(|c| usize::try_from(c).unwrap_or(usize::MAX));
         RoundMetrics {
             round: self.round,
             version: self.version,
@@ -225,11 +226,7 @@ impl SimState {
         if self.rows.len() as u64 != self.round {
             return Err(bad(
                 path,
-                format!(
-                    "{} metrics rows for {} rounds",
-                    self.rows.len(),
-                    self.round
-                ),
+                format!("{} metrics rows for {} rounds", self.rows.len(), self.round),
             ));
         }
         self.rows
@@ -265,7 +262,10 @@ pub(crate) fn encode(state: &SimState) -> Result<Vec<u8>, SimError> {
 pub(crate) fn decode(bytes: &[u8], path: &Path) -> Result<SimState, SimError> {
     let head = MAGIC.len() + HASH_LEN;
     if bytes.len() < head || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(bad(path, "not a simulator checkpoint (bad magic or truncated)"));
+        return Err(bad(
+            path,
+            "not a simulator checkpoint (bad magic or truncated)",
+        ));
     }
     let payload = &bytes[head..];
     if sha256(payload)[..] != bytes[MAGIC.len()..head] {
@@ -344,10 +344,12 @@ fn prune(dir: &Path) -> Result<(), SimError> {
     }
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
-        let round = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix("sim-")?.strip_suffix(".bin")?.parse::<u64>().ok());
+        let round = entry.file_name().to_str().and_then(|n| {
+            n.strip_prefix("sim-")?
+                .strip_suffix(".bin")?
+                .parse::<u64>()
+                .ok()
+        });
         if round.is_some_and(|r| r < oldest_kept) {
             fs::remove_file(entry.path()).map_err(io(&entry.path()))?;
         }

@@ -846,11 +846,8 @@ impl Simulation {
     ) -> Result<std::path::PathBuf, SimError> {
         self.resumable()?;
         let engine = self.engine.checkpoint()?;
-        let mut clients: Vec<ClientState> = self
-            .states
-            .iter()
-            .map(|(&c, st)| st.to_saved(c))
-            .collect();
+        let mut clients: Vec<ClientState> =
+            self.states.iter().map(|(&c, st)| st.to_saved(c)).collect();
         clients.sort_by_key(|c| c.client);
         let sim = SimState::new(
             experiment_hash(&self.cfg)?,
@@ -1018,9 +1015,8 @@ fn check_clients(
                 .flatten()
         };
         for (g, v) in &c.local {
-            let ok = heads == HeadPolicy::Local
-                && g != BACKBONE
-                && len_of(g) == Some(v.len() as u64);
+            let ok =
+                heads == HeadPolicy::Local && g != BACKBONE && len_of(g) == Some(v.len() as u64);
             if !ok {
                 return Err(format!("client {idx}: local group `{g}` does not fit"));
             }

@@ -118,7 +118,11 @@ fn assert_resumes_identically(cfg: &ExperimentConfig, stop: u64) {
     assert_eq!(again.engine.round(), stop);
     let mut seen = 0;
     let rows = again.run(|_| seen += 1).expect("runs on");
-    assert_eq!(seen as u64, cfg.rounds - stop, "rounds run after the resume");
+    assert_eq!(
+        seen as u64,
+        cfg.rounds - stop,
+        "rounds run after the resume"
+    );
     assert_eq!(comparable(&rows), comparable(&full_rows));
     assert_eq!(bits(&again), bits(&full), "final weights differ");
     assert_eq!(again.state_bytes(), full.state_bytes());
@@ -429,12 +433,23 @@ fn a_killed_cohort_sim_resumes_bit_identical() {
     let weights = |d: &Path| std::fs::read(d.join("weights.safetensors")).expect("weights");
     assert_eq!(weights(&killed), weights(&whole), "final weights differ");
     let (a, b) = (csv_rows(&killed), csv_rows(&whole));
-    assert_eq!(a.len() as u64, ROUNDS + 1, "one row per round, no duplicates");
+    assert_eq!(
+        a.len() as u64,
+        ROUNDS + 1,
+        "one row per round, no duplicates"
+    );
     assert_eq!(a, b, "metrics.csv differs");
-    assert_eq!(jsonl_rows(&killed), jsonl_rows(&whole), "metrics.jsonl differs");
+    assert_eq!(
+        jsonl_rows(&killed),
+        jsonl_rows(&whole),
+        "metrics.jsonl differs"
+    );
     let table = |d: &Path| {
         let s = std::fs::read_to_string(d.join("summary.txt")).expect("summary");
-        s.lines().take_while(|l| !l.starts_with("rounds ")).collect::<Vec<_>>().join("\n")
+        s.lines()
+            .take_while(|l| !l.starts_with("rounds "))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     assert_eq!(table(&killed), table(&whole));
     assert!(table(&whole).contains("digits"));

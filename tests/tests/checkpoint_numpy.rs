@@ -77,15 +77,15 @@ fn check_in_numpy(
         .expect("logits");
     assert_eq!(logits.len(), idx.len() * test.classes);
     // The logits are what `evaluate` scores.
-    let argmax = |row: &[f32]| {
-        (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b })
-    };
+    let argmax = |row: &[f32]| (0..row.len()).fold(0, |b, i| if row[i] > row[b] { i } else { b });
     let correct = logits
         .chunks(test.classes)
         .zip(&idx)
         .filter(|(row, &i)| argmax(row) == test.labels[i] as usize)
         .count();
-    let eval = model.evaluate(&params, task, test, Some(&idx)).expect("evaluate");
+    let eval = model
+        .evaluate(&params, task, test, Some(&idx))
+        .expect("evaluate");
     assert_eq!(correct as f32 / idx.len() as f32, eval.accuracy);
 
     let mut inputs = vec![0.0f32; idx.len() * test.dim];
@@ -125,7 +125,10 @@ fn check_in_numpy(
         String::from_utf8_lossy(&out.stderr)
     );
     println!("{backend}: {text}");
-    assert!(out.status.success(), "numpy disagrees with Cohort ({backend}):\n{text}");
+    assert!(
+        out.status.success(),
+        "numpy disagrees with Cohort ({backend}):\n{text}"
+    );
     assert!(text.contains("OK"), "{text}");
 }
 
@@ -157,7 +160,15 @@ fn a_checkpoint_of_cohort_aggregator_gives_cohorts_logits_in_numpy() {
     assert_eq!(round, 2);
     let weights = ckpt.join(WEIGHTS_FILE);
     for backend in [Backend::Gemm, Backend::Dfdx] {
-        check_in_numpy(&py, &weights, "mlp8x8", backend, "digits", "digits8x8", root.path());
+        check_in_numpy(
+            &py,
+            &weights,
+            "mlp8x8",
+            backend,
+            "digits",
+            "digits8x8",
+            root.path(),
+        );
     }
 }
 
@@ -168,10 +179,23 @@ fn the_weights_of_cohort_sim_output_give_cohorts_logits_in_numpy() {
     let exp = experiment();
     let weights = sim_weights(
         root.path(),
-        &["--config", exp.to_str().expect("utf-8 path"), "--rounds", "2"],
+        &[
+            "--config",
+            exp.to_str().expect("utf-8 path"),
+            "--rounds",
+            "2",
+        ],
     );
     for backend in [Backend::Gemm, Backend::Dfdx] {
-        check_in_numpy(&py, &weights, "mlp8x8", backend, "digits", "digits8x8", root.path());
+        check_in_numpy(
+            &py,
+            &weights,
+            "mlp8x8",
+            backend,
+            "digits",
+            "digits8x8",
+            root.path(),
+        );
     }
 }
 
@@ -196,5 +220,13 @@ fn the_cnn_of_cohort_sim_output_gives_cohorts_logits_in_numpy_in_pytorchs_layout
             "1",
         ],
     );
-    check_in_numpy(&py, &weights, "cnn28", Backend::Gemm, "digits", "mnist5k", root.path());
+    check_in_numpy(
+        &py,
+        &weights,
+        "cnn28",
+        Backend::Gemm,
+        "digits",
+        "mnist5k",
+        root.path(),
+    );
 }

@@ -38,7 +38,10 @@ fn csv_without_wall_clock(text: &str) -> String {
     let mut lines = text.lines();
     let header: Vec<&str> = lines.next().unwrap_or_default().split(',').collect();
     let keep: Vec<bool> = header.iter().map(|h| !WALL_CLOCK.contains(h)).collect();
-    assert!(keep.iter().any(|k| !k), "no wall-clock column in {header:?}");
+    assert!(
+        keep.iter().any(|k| !k),
+        "no wall-clock column in {header:?}"
+    );
     std::iter::once(header.join(","))
         .chain(lines.map(|l| {
             l.split(',')

@@ -51,7 +51,8 @@ fn check_log(name: &str, log: &str, format: &str) -> Vec<String> {
         "json" => json_messages(name, log),
         _ => {
             assert!(
-                log.lines().all(|l| serde_json::from_str::<Value>(l).is_err()),
+                log.lines()
+                    .all(|l| serde_json::from_str::<Value>(l).is_err()),
                 "{name}: text logs are not JSON"
             );
             log.lines().map(str::to_string).collect()
@@ -65,14 +66,25 @@ fn sim_log(dir: &Path, format: &str) -> String {
     let status = Command::new(bin("cohort-sim"))
         .args(["--config"])
         .arg(experiment())
-        .args(["--rounds", "1", "--quiet", "--no-save", "--log-format", format])
+        .args([
+            "--rounds",
+            "1",
+            "--quiet",
+            "--no-save",
+            "--log-format",
+            format,
+        ])
         .env("RUST_LOG", "debug")
         .env_remove("NO_COLOR")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&err).expect("log file"))
         .status()
         .expect("cohort-sim runs");
-    assert!(status.success(), "cohort-sim failed: {}", cohort_tests::net::read(&err));
+    assert!(
+        status.success(),
+        "cohort-sim failed: {}",
+        cohort_tests::net::read(&err)
+    );
     cohort_tests::net::read(&err)
 }
 

@@ -476,7 +476,10 @@ fn main() -> Result<()> {
         bail!(
             "--resume continues the experiment of {}/experiment.toml: flags that change it are \
              refused (only --threads, --quiet and --checkpoint-every apply)",
-            cli.resume.as_deref().unwrap_or_else(|| std::path::Path::new("?")).display()
+            cli.resume
+                .as_deref()
+                .unwrap_or_else(|| std::path::Path::new("?"))
+                .display()
         );
     }
     cfg.validate()?;
