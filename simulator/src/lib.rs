@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod plot;
 pub mod run;
 pub mod runs;
+mod schedule;
 
 use std::path::Path;
 

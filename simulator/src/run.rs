@@ -134,6 +134,67 @@ struct Reply {
     state: NodeState,
 }
 
+/// One item of a round's work on the pool.
+enum Work {
+    Train(Job),
+    /// Slice `slice` of task `task`'s test set (see [`CentralEval`]).
+    Eval { task: usize, slice: usize },
+}
+
+enum Done {
+    Trained(Reply),
+    /// A slice's result and how long it took (ms).
+    Evaluated(Option<Result<SliceScore, SimError>>, f64),
+}
+
+/// One slice's result: task index and metrics.
+type SliceScore = (usize, cohort_tasks::EvalMetrics);
+
+/// A central evaluation of one model, cut into fixed slices of
+/// [`EVAL_SLICE`] test samples (so its sums do not depend on the thread
+/// count): per task, its model, the model's weights and the test set size.
+struct CentralEval {
+    tasks: Vec<(SharedModel, ParamGroups, usize)>,
+    names: Vec<String>,
+}
+
+impl CentralEval {
+    /// Every `(task, slice)`, in order.
+    fn slices(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.tasks
+            .iter()
+            .enumerate()
+            .flat_map(|(t, (.., len))| (0..len.div_ceil(EVAL_SLICE)).map(move |s| (t, s)))
+    }
+
+    fn slice(&self, pop: &Population, task: usize, slice: usize) -> Result<SliceScore, SimError> {
+        let (spec, params, len) = &self.tasks[task];
+        let t = &pop.tasks[task];
+        let idx: Vec<usize> = (slice * EVAL_SLICE..((slice + 1) * EVAL_SLICE).min(*len)).collect();
+        let m = spec.evaluate(params, &t.name, &t.split.test, Some(&idx))?;
+        Ok((task, m))
+    }
+
+    /// Per-task scores from the slices' results, combined in slice order.
+    fn combine(&self, parts: &[SliceScore]) -> Vec<TaskScore> {
+        (0..self.tasks.len())
+            .map(|task| {
+                let of = || parts.iter().filter(move |(t, _)| *t == task).map(|(_, m)| m);
+                let n: u64 = of().map(|m| m.samples).sum();
+                let w = |f: fn(&cohort_tasks::EvalMetrics) -> f32| {
+                    (of().map(|m| f64::from(f(m)) * m.samples as f64).sum::<f64>()
+                        / n.max(1) as f64) as f32
+                };
+                TaskScore {
+                    task: self.names[task].clone(),
+                    accuracy: w(|m| m.accuracy),
+                    loss: w(|m| m.loss),
+                }
+            })
+            .collect()
+    }
+}
+
 /// A running simulation: one engine, one population of virtual clients.
 pub struct Simulation {
     pub cfg: ExperimentConfig,
@@ -403,9 +464,14 @@ impl Simulation {
         rng.gen::<f64>() < p
     }
 
-    /// Trains a batch of jobs in parallel on the pool; replies come back in
-    /// job order.
-    fn train_jobs(&self, jobs: Vec<Job>) -> Vec<Reply> {
+    /// Trains a batch of jobs on the pool, largest first, and evaluates
+    /// `central`'s slices after them on whichever worker is free; replies
+    /// come back in job order.
+    fn train_jobs(
+        &self,
+        jobs: Vec<Job>,
+        central: Option<&CentralEval>,
+    ) -> Result<(Vec<Reply>, Option<(Vec<TaskScore>, f64)>), SimError> {
         let ctx = TrainCtx {
             model: &self.model,
             pop: &self.pop,
@@ -416,8 +482,53 @@ impl Simulation {
             key: self.keys.public(),
             seed: self.cfg.seed,
         };
-        self.pool
-            .install(|| jobs.into_par_iter().map(|job| ctx.train(job)).collect())
+        let n_jobs = jobs.len();
+        let mut work: Vec<(u64, usize, Work)> = jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| (self.job_samples(job.client), i, Work::Train(job)))
+            .collect();
+        // Largest first; ties in job order, so the list is a function of
+        // the plans alone.
+        work.sort_by_key(|(samples, i, _)| (std::cmp::Reverse(*samples), *i));
+        let order: Vec<usize> = work.iter().map(|(_, i, _)| *i).collect();
+        let mut items: Vec<Work> = work.into_iter().map(|(.., w)| w).collect();
+        if let Some(c) = central {
+            items.extend(c.slices().map(|(task, slice)| Work::Eval { task, slice }));
+        }
+        let pop = &self.pop;
+        let done = crate::schedule::run_queue(&self.pool, items, |w| match w {
+            Work::Train(job) => Done::Trained(ctx.train(job)),
+            Work::Eval { task, slice } => {
+                let t = Instant::now();
+                let r = central.map(|c| c.slice(pop, task, slice));
+                Done::Evaluated(r, t.elapsed().as_secs_f64() * 1e3)
+            }
+        });
+        let mut replies: Vec<Option<Reply>> = (0..n_jobs).map(|_| None).collect();
+        let (mut parts, mut eval_ms) = (Vec::new(), 0.0);
+        for (k, d) in done.into_iter().enumerate() {
+            match d {
+                Done::Trained(r) => replies[order[k]] = Some(r),
+                Done::Evaluated(m, ms) => {
+                    eval_ms += ms;
+                    parts.extend(m.transpose()?);
+                }
+            }
+        }
+        let workers = self.pool.current_num_threads().max(1) as f64;
+        let scores = central.map(|c| (c.combine(&parts), eval_ms / workers));
+        Ok((replies.into_iter().flatten().collect(), scores))
+    }
+
+    /// Training samples of `client` over its tasks: the cost a round's
+    /// schedule sorts by.
+    fn job_samples(&self, client: usize) -> u64 {
+        self.pop
+            .client_tasks(client)
+            .iter()
+            .map(|&t| self.pop.train_count(client, t) as u64)
+            .sum()
     }
 
     /// Opens a reply's sealed update and hands it to the engine at virtual
@@ -449,47 +560,59 @@ impl Simulation {
     /// split into slices of [`EVAL_SLICE`] samples evaluated in parallel on
     /// the pool.
     pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
+        let (central, pop) = (self.central_eval()?, &self.pop);
+        let parts = crate::schedule::run_queue(
+            &self.pool,
+            central.slices().collect(),
+            |(task, slice)| central.slice(pop, task, slice),
+        );
+        let parts: Vec<SliceScore> = parts.into_iter().collect::<Result<_, _>>()?;
+        Ok(central.combine(&parts))
+    }
+
+    /// The central evaluation of the current global model, ready to run.
+    fn central_eval(&self) -> Result<CentralEval, SimError> {
         let global = self.engine.global();
-        let (pop, full) = (&self.pop, &self.model);
-        self.pool.install(|| {
-            pop.tasks
-                .iter()
-                .map(|t| {
-                    let spec = full.subset(&[t.name.as_str()])?;
-                    let params: ParamGroups = [BACKBONE.to_string(), head_group(&t.name)]
-                        .into_iter()
-                        .filter_map(|g| global.get(&g).map(|v| (g, v.to_vec())))
-                        .collect();
-                    let test = &t.split.test;
-                    let all: Vec<usize> = (0..test.len()).collect();
-                    let parts: Vec<cohort_tasks::EvalMetrics> = all
-                        .par_chunks(EVAL_SLICE)
-                        .map(|idx| spec.evaluate(&params, &t.name, test, Some(idx)))
-                        .collect::<Result<_, _>>()?;
-                    // Slices of a fixed size, combined in slice order: the
-                    // same sums whatever the thread count.
-                    let n: u64 = parts.iter().map(|m| m.samples).sum();
-                    let w = |f: fn(&cohort_tasks::EvalMetrics) -> f32| {
-                        (parts
-                            .iter()
-                            .map(|m| f64::from(f(m)) * m.samples as f64)
-                            .sum::<f64>()
-                            / n.max(1) as f64) as f32
-                    };
-                    Ok(TaskScore {
-                        task: t.name.clone(),
-                        accuracy: w(|m| m.accuracy),
-                        loss: w(|m| m.loss),
-                    })
-                })
-                .collect()
-        })
+        let tasks = self
+            .pop
+            .tasks
+            .iter()
+            .map(|t| {
+                let spec = self.model.subset(&[t.name.as_str()])?;
+                let params: ParamGroups = [BACKBONE.to_string(), head_group(&t.name)]
+                    .into_iter()
+                    .filter_map(|g| global.get(&g).map(|v| (g, v.to_vec())))
+                    .collect();
+                Ok((spec, params, t.split.test.len()))
+            })
+            .collect::<Result<_, SimError>>()?;
+        let names = self.pop.tasks.iter().map(|t| t.name.clone()).collect();
+        Ok(CentralEval { tasks, names })
     }
 
     /// Runs one synchronous round: plans, dropouts, parallel training,
     /// sealed delivery on the virtual clock, close, evaluation.
     pub fn sync_round(&mut self) -> Result<RoundMetrics, SimError> {
         let started = Instant::now();
+        let (mut m, _) = self.train_round(false)?;
+        if self.should_eval(m.round) {
+            let t = Instant::now();
+            m.central = self.evaluate_central()?;
+            m.eval_ms = t.elapsed().as_secs_f64() * 1e3;
+        }
+        m.wall_ms = started.elapsed().as_secs_f64() * 1e3;
+        Ok(m)
+    }
+
+    /// A synchronous round without its own central evaluation. With
+    /// `eval_start`, the pool evaluates the weights the round starts from
+    /// (the previous round's model) in the same pass as the training:
+    /// returns those scores and the evaluation's share of the pass (its
+    /// busy time over the workers).
+    fn train_round(
+        &mut self,
+        eval_start: bool,
+    ) -> Result<(RoundMetrics, Option<(Vec<TaskScore>, f64)>), SimError> {
         let t0 = self.clock_ms;
         let plans = self.engine.start_round(t0)?;
         let round = self.engine.round();
@@ -521,10 +644,25 @@ impl Simulation {
                 weights: Arc::clone(&weights),
             });
         }
-        let replies = self.train_jobs(jobs);
-        // Deliver in order of arrival on the virtual clock (ties by client):
-        // the engine's streaming sums then do not depend on the thread count.
-        let mut replies = replies;
+        let central = if eval_start {
+            Some(self.central_eval()?)
+        } else {
+            None
+        };
+        let (replies, scores) = self.train_jobs(jobs, central.as_ref())?;
+        self.deliver_all(replies, t0, &mut m)?;
+        Ok((m, scores))
+    }
+
+    /// Hands a round's replies to the engine in order of arrival on the
+    /// virtual clock (ties by client: the engine's streaming sums then do
+    /// not depend on the thread count), closes the round, and fills `m`.
+    fn deliver_all(
+        &mut self,
+        mut replies: Vec<Reply>,
+        t0: u64,
+        m: &mut RoundMetrics,
+    ) -> Result<(), SimError> {
         replies.sort_by_key(|r| (r.latency_ms, r.client));
         let mut loss: HashMap<String, (f64, u64)> = HashMap::new();
         let mut last = t0;
@@ -575,13 +713,7 @@ impl Simulation {
         m.accepted = report.accepted.len();
         m.privacy = report.privacy.clone();
         m.train_loss = self.loss_scores(loss);
-        if self.should_eval(round) {
-            let t = Instant::now();
-            m.central = self.evaluate_central()?;
-            m.eval_ms = t.elapsed().as_secs_f64() * 1e3;
-        }
-        m.wall_ms = started.elapsed().as_secs_f64() * 1e3;
-        Ok(m)
+        Ok(())
     }
 
     fn loss_scores(&self, loss: HashMap<String, (f64, u64)>) -> Vec<TaskScore> {
@@ -629,8 +761,34 @@ impl Simulation {
         let mut out = std::mem::take(&mut self.past);
         match self.engine.config().mode.clone() {
             Mode::Sync => {
+                // The central evaluation of round r reads the weights round
+                // r + 1 starts from, so it runs in round r + 1's pass over
+                // the pool, on the workers the largest clients leave idle.
+                // A round whose row must be complete at once (the last, or
+                // one a checkpoint follows) evaluates alone.
+                let mut held: Option<RoundMetrics> = None;
                 while !self.engine.is_finished() {
-                    let m = self.sync_round()?;
+                    let started = Instant::now();
+                    let (mut m, scores) = self.train_round(held.is_some())?;
+                    if let Some(mut prev) = held.take() {
+                        let (central, eval_ms) = scores.unwrap_or_default();
+                        prev.central = central;
+                        prev.eval_ms = eval_ms;
+                        on_round(&prev);
+                        out.push(prev);
+                    }
+                    let eval_now = self.engine.is_finished() || self.checkpoint_due();
+                    if self.should_eval(m.round) && !eval_now {
+                        m.wall_ms = started.elapsed().as_secs_f64() * 1e3;
+                        held = Some(m);
+                        continue;
+                    }
+                    if self.should_eval(m.round) {
+                        let t = Instant::now();
+                        m.central = self.evaluate_central()?;
+                        m.eval_ms = t.elapsed().as_secs_f64() * 1e3;
+                    }
+                    m.wall_ms = started.elapsed().as_secs_f64() * 1e3;
                     on_round(&m);
                     out.push(m);
                     self.maybe_checkpoint(&out)?;
@@ -734,7 +892,7 @@ impl Simulation {
             };
             if flight[next].reply.is_none() {
                 let jobs: Vec<Job> = flight.iter_mut().filter_map(|f| f.job.take()).collect();
-                let mut replies = self.train_jobs(jobs).into_iter();
+                let mut replies = self.train_jobs(jobs, None)?.0.into_iter();
                 for f in flight.iter_mut().filter(|f| f.reply.is_none()) {
                     f.reply = replies.next();
                 }
@@ -820,20 +978,23 @@ impl Simulation {
     /// Checkpoints after a round when the config asks for it (see
     /// [`Simulation::run`]).
     fn maybe_checkpoint(&self, rows: &[RoundMetrics]) -> Result<(), SimError> {
-        let every = self.cfg.checkpoint.every;
-        let round = self.engine.round();
-        let Some(out) = &self.cfg.output else {
-            return Ok(());
-        };
-        if every == 0
-            || !round.is_multiple_of(every)
-            || self.engine.is_finished()
-            || resumable(&self.cfg).is_err()
-        {
-            return Ok(());
+        match &self.cfg.output {
+            Some(out) if self.checkpoint_due() => {
+                self.save_checkpoint(&crate::checkpoint::dir_of(out), rows)?;
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        self.save_checkpoint(&crate::checkpoint::dir_of(out), rows)?;
-        Ok(())
+    }
+
+    /// Whether the config asks for a checkpoint after the round just run.
+    fn checkpoint_due(&self) -> bool {
+        let every = self.cfg.checkpoint.every;
+        self.cfg.output.is_some()
+            && every != 0
+            && self.engine.round().is_multiple_of(every)
+            && !self.engine.is_finished()
+            && resumable(&self.cfg).is_ok()
     }
 
     /// Writes a checkpoint of the state between two sync rounds into `dir`:

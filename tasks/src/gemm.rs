@@ -37,7 +37,7 @@ use std::sync::Arc;
 use cohort_protocol::{head_group, Layout, ParamGroups, TensorSpec, BACKBONE};
 use serde::{Deserialize, Serialize};
 
-use crate::linalg::{matmul, View};
+use crate::linalg::{matmul, matmul_add_scaled, View};
 use crate::model::{he_uniform_backbone, init_heads, layout_with_heads, validate_tasks};
 use crate::train::{softmax_xent, EvalMetrics, Stepper, TaskData, TrainOutcome, EVAL_BATCH};
 use crate::{Backend, Dataset, Model, Optimizer, SharedModel, TaskSpec, TasksError, TrainConfig};
@@ -632,30 +632,44 @@ impl GemmNet {
         Ok(())
     }
 
-    /// Backward pass after [`GemmNet::forward`] with `ws.dlogits` filled:
-    /// writes the head gradient to `ws.grad_head` and, if `backbone`, the
-    /// backbone gradient to `ws.grad_backbone`.
-    pub(crate) fn backward(&self, ws: &mut Workspace, b: usize, task: &str, backbone: bool) {
-        let Some(head) = self.heads.get(task) else {
+    /// Backward pass after [`GemmNet::forward`] with `ws.dlogits` filled.
+    /// With [`GradSink::Buffers`] it writes the head gradient to
+    /// `ws.grad_head` and, if `backbone`, the backbone gradient to
+    /// `ws.grad_backbone`; with [`GradSink::Sgd`] it steps the weights of
+    /// the head (if `head`) and of the backbone (if `backbone`) instead.
+    pub(crate) fn backward(
+        &mut self,
+        ws: &mut Workspace,
+        b: usize,
+        task: &str,
+        head: bool,
+        backbone: bool,
+        sink: GradSink,
+    ) {
+        let Some(head_w) = self.heads.get_mut(task) else {
             return;
         };
         let f = self.arch.features;
-        let classes = head.len() / (f + 1);
+        let classes = head_w.len() / (f + 1);
         let nl = self.arch.layers.len();
         let dlogits = &ws.dlogits[..b * classes];
         let feat = &ws.acts[nl][..b * f];
-        let (gw, gb) = ws.grad_head[..classes * (f + 1)].split_at_mut(classes * f);
-        linear_param_grads(gw, gb, dlogits, feat, b, f, classes);
+        // d features = dlogits * W_head, before a fused step changes W_head.
+        if backbone {
+            matmul(
+                &mut ws.dacts[nl][..b * f],
+                View::rm(dlogits, b, classes),
+                View::rm(&head_w[..classes * f], classes, f),
+                false,
+            );
+        }
+        if head || matches!(sink, GradSink::Buffers) {
+            let grads = &mut ws.grad_head[..classes * (f + 1)];
+            param_step(sink, head_w, grads, classes * f, dlogits, feat, b, f, classes);
+        }
         if !backbone {
             return;
         }
-        // d features = dlogits * W_head
-        matmul(
-            &mut ws.dacts[nl][..b * f],
-            View::rm(dlogits, b, classes),
-            View::rm(&head[..classes * f], classes, f),
-            false,
-        );
         for i in (0..nl).rev() {
             let (layer, w_off, b_off, _) = self.arch.layers[i];
             let (dbefore, dafter) = ws.dacts.split_at_mut(i + 1);
@@ -664,12 +678,10 @@ impl GemmNet {
             let x = &ws.acts[i][..b * layer.in_size()];
             let need_dx = i > 0;
             let dx = &mut dbefore[i][..b * layer.in_size()];
+            // Each layer's input gradient is taken before its own step.
             match layer {
                 Layer::Linear { input, output } => {
                     relu_backward(dy, y);
-                    let (gw, gb) =
-                        ws.grad_backbone[w_off..b_off + output].split_at_mut(b_off - w_off);
-                    linear_param_grads(gw, gb, dy, x, b, input, output);
                     if need_dx {
                         let w = &self.backbone[w_off..w_off + input * output];
                         matmul(
@@ -679,15 +691,24 @@ impl GemmNet {
                             false,
                         );
                     }
+                    let span = w_off..b_off + output;
+                    param_step(
+                        sink,
+                        &mut self.backbone[span.clone()],
+                        &mut ws.grad_backbone[span],
+                        b_off - w_off,
+                        dy,
+                        x,
+                        b,
+                        input,
+                        output,
+                    );
                 }
                 Layer::Conv { cin, cout, k, h, w } => {
                     relu_backward(dy, y);
                     let kk = cin * k * k;
                     let rows = b * (h + 1 - k) * (w + 1 - k);
                     let cols = &ws.cols[i][..b * layer.cols_size()];
-                    let (gw, gb) =
-                        ws.grad_backbone[w_off..b_off + cout].split_at_mut(b_off - w_off);
-                    linear_param_grads(gw, gb, dy, cols, rows, kk, cout);
                     if need_dx {
                         let wt = &self.backbone[w_off..w_off + cout * kk];
                         let dcols = &mut ws.dcols[..b * layer.cols_size()];
@@ -699,6 +720,18 @@ impl GemmNet {
                         );
                         col2im(dx, dcols, b, cin, k, h, w);
                     }
+                    let span = w_off..b_off + cout;
+                    param_step(
+                        sink,
+                        &mut self.backbone[span.clone()],
+                        &mut ws.grad_backbone[span],
+                        b_off - w_off,
+                        dy,
+                        cols,
+                        rows,
+                        kk,
+                        cout,
+                    );
                 }
                 Layer::Pool { .. } => {
                     if need_dx {
@@ -708,6 +741,47 @@ impl GemmNet {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Where a backward pass puts a layer's parameter gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum GradSink {
+    /// Into the workspace's gradient buffers (overwritten), for an
+    /// optimizer step afterwards.
+    Buffers,
+    /// Straight into the weights, `w -= lr * g`: plain SGD with no decay
+    /// and no proximal term, fused into the gradient's matrix product, so
+    /// no gradient buffer is written and no second pass reads it.
+    Sgd { lr: f32 },
+}
+
+/// One layer's parameter gradient, `dW = dy^T x` and `db = column sums of
+/// dy`, sent to `sink`. `weights` and `grads` are the layer's `[W, b]`
+/// spans (W first, `split` values long).
+#[allow(clippy::too_many_arguments)]
+fn param_step(
+    sink: GradSink,
+    weights: &mut [f32],
+    grads: &mut [f32],
+    split: usize,
+    dy: &[f32],
+    x: &[f32],
+    n: usize,
+    input: usize,
+    output: usize,
+) {
+    let (gw, gb) = grads.split_at_mut(split);
+    match sink {
+        GradSink::Buffers => linear_param_grads(gw, gb, dy, x, n, input, output),
+        GradSink::Sgd { lr } => {
+            let (w, bias) = weights.split_at_mut(split);
+            matmul_add_scaled(w, View::rm_t(dy, n, output), View::rm(x, n, input), -lr);
+            column_sums(gb, dy, output);
+            for (bi, gi) in bias.iter_mut().zip(gb.iter()) {
+                *bi -= lr * *gi;
             }
         }
     }
@@ -740,9 +814,14 @@ fn linear_param_grads(
     output: usize,
 ) {
     matmul(gw, View::rm_t(dy, n, output), View::rm(x, n, input), false);
-    gb.fill(0.0);
+    column_sums(gb, dy, output);
+}
+
+/// `sums[j] = sum over rows of dy[row][j]` (overwrite), rows in order.
+fn column_sums(sums: &mut [f32], dy: &[f32], output: usize) {
+    sums.fill(0.0);
     for row in dy.chunks_exact(output) {
-        for (g, d) in gb.iter_mut().zip(row) {
+        for (g, d) in sums.iter_mut().zip(row) {
             *g += *d;
         }
     }
@@ -983,6 +1062,9 @@ struct GemmStepper<'a> {
     head_states: Vec<OptState>,
     bb_start: Vec<f32>,
     head_starts: Vec<Vec<f32>>,
+    /// `Some(lr)` when the step is plain SGD (no decay, no proximal term):
+    /// the backward pass then updates the weights itself.
+    fused_sgd: Option<f32>,
 }
 
 impl<'a> GemmStepper<'a> {
@@ -1004,6 +1086,10 @@ impl<'a> GemmStepper<'a> {
                 .iter()
                 .map(|td| net.heads.get(td.task).cloned().unwrap_or_default())
                 .collect(),
+            fused_sgd: (cfg.optimizer == Optimizer::Sgd
+                && cfg.weight_decay == 0.0
+                && cfg.prox_mu == 0.0)
+                .then_some(cfg.lr),
             net,
         }
     }
@@ -1026,29 +1112,37 @@ impl Stepper for GemmStepper<'_> {
             Some(&mut ws.dlogits[..n * c]),
         );
         let train_head = !self.head_frozen[t];
-        if train_head || !self.backbone_frozen {
-            self.net.backward(ws, n, task, !self.backbone_frozen);
-            if train_head {
-                if let Some(h) = self.net.heads.get_mut(task) {
-                    let g = &mut ws.grad_head[..h.len()];
-                    apply_step(
-                        h,
-                        g,
-                        &self.head_starts[t],
-                        &mut self.head_states[t],
-                        self.cfg,
-                    );
-                }
-            }
-            if !self.backbone_frozen {
+        let backbone = !self.backbone_frozen;
+        if !train_head && !backbone {
+            return Ok(loss);
+        }
+        if let Some(lr) = self.fused_sgd {
+            self.net
+                .backward(ws, n, task, train_head, backbone, GradSink::Sgd { lr });
+            return Ok(loss);
+        }
+        self.net
+            .backward(ws, n, task, train_head, backbone, GradSink::Buffers);
+        if train_head {
+            if let Some(h) = self.net.heads.get_mut(task) {
+                let g = &mut ws.grad_head[..h.len()];
                 apply_step(
-                    &mut self.net.backbone,
-                    &mut ws.grad_backbone,
-                    &self.bb_start,
-                    &mut self.bb_state,
+                    h,
+                    g,
+                    &self.head_starts[t],
+                    &mut self.head_states[t],
                     self.cfg,
                 );
             }
+        }
+        if backbone {
+            apply_step(
+                &mut self.net.backbone,
+                &mut ws.grad_backbone,
+                &self.bb_start,
+                &mut self.bb_state,
+                self.cfg,
+            );
         }
         Ok(loss)
     }
@@ -1138,7 +1232,7 @@ mod tests {
             model.forward(&mut ws, b, "t").expect("forward");
             let logits = ws.logits[..b * 3].to_vec();
             softmax_xent(&logits, &labels, 3, Some(&mut ws.dlogits[..b * 3]));
-            model.backward(&mut ws, b, "t", true);
+            model.backward(&mut ws, b, "t", true, true, GradSink::Buffers);
             let gb = ws.grad_backbone.clone();
             let gh = ws.grad_head.clone();
             let eps = 1e-3f32;
@@ -1171,6 +1265,60 @@ mod tests {
                     (num - f64::from(gh[k])).abs() < 2e-3 + 0.05 * num.abs(),
                     "{kind} head[{k}]"
                 );
+            }
+        }
+    }
+
+    /// The fused SGD step (weights updated inside the backward pass) lands
+    /// where the buffered gradient plus a separate SGD step lands, for
+    /// every backbone, with the head trained or frozen.
+    #[test]
+    fn fused_sgd_step_matches_the_buffered_step() {
+        for kind in BackboneKind::ALL {
+            for train_head in [true, false] {
+                let spec = GemmModel::new(kind, vec![TaskSpec::new("t", 3)]).expect("valid");
+                let start = GemmNet::from_groups(&spec, &spec.init(5)).expect("layout");
+                let b = 4;
+                let dim = spec.input_dim();
+                let mut rng = ChaCha8Rng::seed_from_u64(9);
+                let x: Vec<f32> = (0..b * dim).map(|_| rng.gen_range(0.0..1.0)).collect();
+                let labels = [0u32, 2, 1, 1];
+                let lr = 0.1;
+                let run = |sink: GradSink| {
+                    let mut net = start.clone();
+                    let mut ws = Workspace::with_classes(&net.arch, b, true, 3);
+                    ws.acts[0][..b * dim].copy_from_slice(&x);
+                    net.forward(&mut ws, b, "t").expect("forward");
+                    let logits = ws.logits[..b * 3].to_vec();
+                    softmax_xent(&logits, &labels, 3, Some(&mut ws.dlogits[..b * 3]));
+                    net.backward(&mut ws, b, "t", train_head, true, sink);
+                    if sink == GradSink::Buffers {
+                        for (w, g) in net.backbone.iter_mut().zip(&ws.grad_backbone) {
+                            *w -= lr * *g;
+                        }
+                        if train_head {
+                            let h = net.heads.get_mut("t").expect("head");
+                            for (w, g) in h.iter_mut().zip(&ws.grad_head) {
+                                *w -= lr * *g;
+                            }
+                        }
+                    }
+                    net
+                };
+                let (fused, buffered) = (run(GradSink::Sgd { lr }), run(GradSink::Buffers));
+                assert_ne!(fused.backbone, start.backbone, "{kind}: the step moved nothing");
+                for (a, e) in fused.backbone.iter().zip(&buffered.backbone) {
+                    assert!((a - e).abs() <= 1e-6 * (1.0 + e.abs()), "{kind}: {a} vs {e}");
+                }
+                let (fh, bh) = (&fused.heads["t"], &buffered.heads["t"]);
+                if train_head {
+                    assert_ne!(fh, &start.heads["t"], "{kind}: the head did not move");
+                    for (a, e) in fh.iter().zip(bh) {
+                        assert!((a - e).abs() <= 1e-6 * (1.0 + e.abs()), "{kind}: {a} vs {e}");
+                    }
+                } else {
+                    assert_eq!(fh, &start.heads["t"], "{kind}: a frozen head moved");
+                }
             }
         }
     }

@@ -64,6 +64,17 @@ impl<'a> View<'a> {
 /// Panics if the shapes disagree or a view overruns its slice: shapes are
 /// fixed by the model spec, never by input data, so a mismatch is a bug.
 pub(crate) fn matmul(out: &mut [f32], a: View<'_>, b: View<'_>, accumulate: bool) {
+    product(out, a, b, accumulate, 1.0);
+}
+
+/// `out += scale * a * b` (`out` row-major `m x n`): a product added straight
+/// into an existing matrix, e.g. an SGD step `w -= lr * g` with `g` a
+/// product, without a buffer for `g` or a second pass.
+pub(crate) fn matmul_add_scaled(out: &mut [f32], a: View<'_>, b: View<'_>, scale: f32) {
+    product(out, a, b, true, scale);
+}
+
+fn product(out: &mut [f32], a: View<'_>, b: View<'_>, accumulate: bool, scale: f32) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
     assert!(
@@ -99,7 +110,7 @@ pub(crate) fn matmul(out: &mut [f32], a: View<'_>, b: View<'_>, accumulate: bool
             b.cs as isize,
             b.rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -123,6 +134,16 @@ mod tests {
         // Accumulate, and a transposed view: a * a^T = [14 32; 32 77].
         matmul(&mut out, View::rm(&a, 2, 3), View::rm_t(&a, 2, 3), true);
         assert_eq!(out, [18.0, 37.0, 42.0, 88.0]);
+    }
+
+    #[test]
+    fn scaled_product_adds_into_the_output() {
+        // w = [1 1; 1 1]; w += -0.5 * ([1 2; 3 4] * I) = [0.5 0; -0.5 -1]
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let eye = [1.0, 0.0, 0.0, 1.0];
+        let mut w = [1.0; 4];
+        matmul_add_scaled(&mut w, View::rm(&a, 2, 2), View::rm(&eye, 2, 2), -0.5);
+        assert_eq!(w, [0.5, 0.0, -0.5, -1.0]);
     }
 
     #[test]
