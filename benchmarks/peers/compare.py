@@ -122,10 +122,10 @@ def run_flower(run_dir: str, rounds: int, py: str, loader: str) -> dict:
     return r
 
 
-def run_cohort(run_dir: str, rounds: int, backend: str) -> dict:
+def run_cohort(run_dir: str, rounds: int, backend: str, sim: str | None = None, label: str | None = None) -> dict:
     so, se = os.path.join(run_dir, "stdout.txt"), os.path.join(run_dir, "stderr.txt")
     out = os.path.join(run_dir, "cohort")
-    cmd = [TIME, "-v", SIM, "--config", CONFIG, "--backend", backend, "--quiet", "--output", out]
+    cmd = [TIME, "-v", sim or SIM, "--config", CONFIG, "--backend", backend, "--quiet", "--output", out]
     if rounds != 30:
         cmd += ["--rounds", str(rounds)]
     # Poll the process's CPU time as metrics.jsonl grows (a line per round,
@@ -165,7 +165,7 @@ def run_cohort(run_dir: str, rounds: int, backend: str) -> dict:
     if len(round_s) != rounds:
         raise RuntimeError(f"cohort-sim wrote {len(round_s)} rounds, expected {rounds}")
     return {
-        "system": f"Cohort {backend}",
+        "system": f"Cohort {label or backend}",
         "cmd": " ".join(cmd[2:]).replace(ROOT + "/", ""),
         "round_s": round_s,
         "acc": acc,
@@ -236,6 +236,9 @@ def main() -> int:
                     help="what each repetition runs, in order: flower (tensor batches), "
                     "flower-dataloader (batches by torch DataLoader), and Cohort backends (auto, dfdx, gemm)")
     ap.add_argument("--out", default=None, help="folder for logs and results (default results/<time>)")
+    ap.add_argument("--before", default=None, metavar="COHORT_SIM",
+                    help="another cohort-sim binary (e.g. built from an earlier commit), run as system "
+                    "`before` with --backend auto: before/after in the same run")
     args = ap.parse_args()
 
     if not os.path.exists(SIM):
@@ -252,6 +255,14 @@ def main() -> int:
     sim = os.path.join(out, "cohort-sim")
     SIM = sim
     systems = [b for b in args.systems.split(",") if b]
+    before = None
+    if args.before:
+        before = os.path.join(out, "cohort-sim-before")
+        shutil.copy2(args.before, before)
+        if "before" not in systems:
+            systems.append("before")
+    elif "before" in systems:
+        sys.exit("--systems names `before` but --before gives no binary")
 
     nproc = os.cpu_count()
     cpu = ""
@@ -276,6 +287,8 @@ def main() -> int:
                 r = run_flower(run_dir, args.rounds, py, "tensor")
             elif system == "flower-dataloader":
                 r = run_flower(run_dir, args.rounds, py, "dataloader")
+            elif system == "before":
+                r = run_cohort(run_dir, args.rounds, "auto", sim=before, label="before (auto)")
             else:
                 r = run_cohort(run_dir, args.rounds, system)
             r.update(run=i, uptime=up, load=load_of(up))

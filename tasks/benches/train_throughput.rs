@@ -7,7 +7,9 @@
 //!
 //! `cargo bench -p cohort-tasks --bench train_throughput` (optionally with a
 //! filter argument: a model `mlp28`, a backend `dfdx`, a batch `b64`, or
-//! several joined by `/` such as `mlp28/dfdx/b64`; or `round`). Runs inside a 1-thread rayon pool (the gemm kernel is
+//! several joined by `/` such as `mlp28/dfdx/b64`; or `round`; or `kernel`:
+//! the W1 training and evaluation rates in GFLOP/s against the gemm
+//! kernel's single-thread peak). Runs inside a 1-thread rayon pool (the gemm kernel is
 //! single-threaded anyway; dfdx's matmul uses the calling pool, so this
 //! holds it to one thread too), one warm-up epoch, then 9 timed epochs of
 //! 6000 samples: best and median. The models compared with each other
@@ -39,7 +41,95 @@ impl Timing {
     }
 }
 
+/// The 1-minute, 5-minute and 15-minute load averages, as the kernel
+/// reports them: a figure taken under load says so.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// FLOPs of one sample through the MLP 784-256-128 + 10: the forward
+/// products, and for training also the weight gradients and the input
+/// gradients of every layer but the first (which the gemm executor skips).
+fn mlp28_flops() -> (f64, f64) {
+    let layers = [(784.0, 256.0), (256.0, 128.0), (128.0, 10.0)];
+    let fwd: f64 = layers.iter().map(|(i, o)| 2.0 * i * o).sum();
+    let dx: f64 = layers[1..].iter().map(|(i, o)| 2.0 * i * o).sum();
+    (fwd, 2.0 * fwd + dx)
+}
+
+/// Single-thread GFLOP/s of the gemm kernel on a square product that
+/// suits it (n = 512, one core): the reachable peak the training and
+/// evaluation rates are set against.
+fn gemm_peak() -> f64 {
+    let n = 512;
+    let a = vec![1.0f32; n * n];
+    let b = vec![0.5f32; n * n];
+    let mut c = vec![0.0f32; n * n];
+    let mut best = f64::MAX;
+    for _ in 0..REPEATS {
+        let t = Instant::now();
+        // SAFETY: all three matrices are n x n row-major and distinct.
+        unsafe {
+            gemm::gemm(
+                n, n, n, c.as_mut_ptr(), 1, n as isize, false, a.as_ptr(), 1, n as isize,
+                b.as_ptr(), 1, n as isize, 1.0, 1.0, false, false, false,
+                gemm::Parallelism::None,
+            );
+        }
+        std::hint::black_box(&c);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    2.0 * (n * n * n) as f64 / best / 1e9
+}
+
+/// The W1 kernels on one thread: training (plain SGD lr 0.05, batch 32, as
+/// W1 trains) and evaluation of the MLP on the embedded 6k set, in samples/s
+/// and GFLOP/s against [`gemm_peak`].
+fn kernel_rates(split: &Split, idx: &[usize], pool: &rayon::ThreadPool) {
+    let tasks = vec![TaskSpec::new("fashion", 10)];
+    let spec = GemmModel::new(BackboneKind::Mlp28, tasks).expect("valid");
+    let start = spec.init(0);
+    let data = [TaskData {
+        task: "fashion",
+        data: &split.train,
+        indices: idx,
+    }];
+    let cfg = TrainConfig::default();
+    let n = idx.len() as f64;
+    let (fwd, train) = mlp28_flops();
+    let (mut tr, mut ev) = (Vec::new(), Vec::new());
+    let peak = pool.install(|| {
+        spec.train(&start, &data, &cfg).expect("warm-up");
+        for _ in 0..REPEATS {
+            let t = Instant::now();
+            std::hint::black_box(spec.train(&start, &data, &cfg).expect("train"));
+            tr.push(t.elapsed().as_secs_f64());
+            let t = Instant::now();
+            let m = spec.evaluate(&start, "fashion", &split.train, Some(idx));
+            std::hint::black_box(m.expect("evaluate"));
+            ev.push(t.elapsed().as_secs_f64());
+        }
+        gemm_peak()
+    });
+    let (tr, ev) = (Timing::of(tr), Timing::of(ev));
+    println!("kernel peak (gemm, 512^3, one thread): {peak:.1} GFLOP/s");
+    for (what, t, flops) in [("train sgd b32", tr, train), ("evaluate b256", ev, fwd)] {
+        let g = |secs: f64| n * flops / secs / 1e9;
+        println!(
+            "mlp28 gemm {what}: best {:.0} samples/s = {:.1} GFLOP/s ({:.0}% of peak), median {:.0} samples/s = {:.1} GFLOP/s",
+            n / t.best,
+            g(t.best),
+            100.0 * g(t.best) / peak,
+            n / t.median,
+            g(t.median)
+        );
+    }
+}
+
 fn main() {
+    println!("load average at start: {}", load_average());
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let split = builtin("fashion6k").expect("fashion6k");
     let idx: Vec<usize> = (0..split.train.len()).collect();
@@ -55,6 +145,11 @@ fn main() {
         indices: &idx,
     }];
     let tasks = vec![TaskSpec::new("fashion", 10)];
+    if filter.as_deref() == Some("kernel") {
+        kernel_rates(&split, &idx, &pool);
+        println!("load average at end: {}", load_average());
+        return;
+    }
     println!(
         "{:<9} {:<7} {:>6} {:>16} {:>18} {:>17} {:>19}",
         "model",
@@ -194,4 +289,5 @@ fn main() {
             t.best, t.median
         );
     }
+    println!("load average at end: {}", load_average());
 }

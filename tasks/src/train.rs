@@ -312,9 +312,18 @@ fn eval_batches(
     let mut labels = Vec::with_capacity(EVAL_BATCH);
     for chunk in idx.chunks(EVAL_BATCH) {
         labels.clear();
+        labels.extend(chunk.iter().map(|&i| data.labels[i]));
+        // Consecutive dense rows (a central evaluation's slices) are
+        // already one batch in memory: no copy.
+        let first = chunk[0];
+        let run = data.windows.is_none()
+            && chunk.iter().enumerate().all(|(r, &i)| i == first + r);
+        if run {
+            f(&data.features[first * dim..(first + chunk.len()) * dim], &labels)?;
+            continue;
+        }
         for (r, &i) in chunk.iter().enumerate() {
             data.copy_row(i, &mut x[r * dim..(r + 1) * dim]);
-            labels.push(data.labels[i]);
         }
         f(&x[..chunk.len() * dim], &labels)?;
     }
