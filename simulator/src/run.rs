@@ -370,7 +370,10 @@ impl Simulation {
         }
     }
 
-    fn put_state(&mut self, client: usize, state: NodeState) -> Result<(), SimError> {
+    fn put_state(&mut self, client: usize, mut state: NodeState) -> Result<(), SimError> {
+        if !self.cfg.clients.keep_residuals {
+            state.residuals.clear();
+        }
         if let Some(s) = StoredState::pack(state)? {
             self.states.insert(client, s);
         }
