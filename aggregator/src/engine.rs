@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{EngineConfig, GroupPolicy, Mode};
 use crate::privacy::{self, PrivacyMode, PrivacyReport, PrivacyState, RdpAccountant};
+use crate::registry::{NodeView, Registry};
 use crate::strategy::{AggregateInput, ClientResult, Collect, Metrics, Strategy};
 use crate::AggError;
 
@@ -142,14 +143,6 @@ pub struct RoundReport {
 /// global weights after each model step.
 pub type Evaluator = Box<dyn FnMut(u64, &ParamGroups) -> Option<Metrics> + Send>;
 
-#[derive(Clone, Debug)]
-pub(crate) struct NodeEntry {
-    pub(crate) info: NodeInfo,
-    /// Global groups the node holds: what it may upload.
-    pub(crate) upload: Vec<String>,
-    pub(crate) samples: BTreeMap<String, u64>,
-}
-
 /// An update held out of a streamed sum: one of the heaviest of its group,
 /// whose weight the share cap may still lower when the round closes.
 #[derive(Debug)]
@@ -266,7 +259,8 @@ pub struct Engine {
     pub(crate) round: u64,
     pub(crate) strategy: Box<dyn Strategy>,
     pub(crate) rng: ChaCha8Rng,
-    pub(crate) nodes: BTreeMap<NodeId, NodeEntry>,
+    /// The registered nodes, compact (see [`crate::registry`]).
+    pub(crate) nodes: Registry,
     sync_round: Option<SyncRound>,
     outstanding: BTreeMap<NodeId, Issued>,
     /// Async: round of each node's last accepted update (duplicate check).
@@ -403,7 +397,7 @@ impl Engine {
             round: 0,
             strategy,
             rng,
-            nodes: BTreeMap::new(),
+            nodes: Registry::default(),
             sync_round: None,
             outstanding: BTreeMap::new(),
             last_accepted: BTreeMap::new(),
@@ -445,16 +439,22 @@ impl Engine {
         self.nodes.len()
     }
     /// A registered node's hello.
-    pub fn node(&self, id: &str) -> Option<&NodeInfo> {
-        self.nodes.get(id).map(|n| &n.info)
+    /// A registered node's hello as recorded, built on demand (the
+    /// registry keeps no `NodeInfo`): its tasks come sorted by name.
+    pub fn node(&self, id: &str) -> Option<NodeInfo> {
+        self.nodes.get(id).and_then(|n| n.info(id))
+    }
+    /// Whether `id` is registered (without building its [`NodeInfo`]).
+    pub fn is_registered(&self, id: &str) -> bool {
+        self.nodes.contains_key(id)
     }
     /// Ids of the registered nodes, in order.
     pub fn node_ids(&self) -> impl Iterator<Item = &str> {
-        self.nodes.keys().map(String::as_str)
+        self.nodes.ids()
     }
     /// The groups a registered node uploads (its global groups).
     pub fn upload_groups(&self, id: &str) -> Option<&[String]> {
-        self.nodes.get(id).map(|n| n.upload.as_slice())
+        self.nodes.get(id).map(|n| n.upload)
     }
     /// A synchronous round is open.
     pub fn round_open(&self) -> bool {
@@ -642,7 +642,12 @@ impl Engine {
         }
         let tasks: Vec<String> = samples.keys().cloned().collect();
         let held = self.groups_of(&tasks);
-        let expected = self.layout.subset(&held)?.fingerprint();
+        // Nodes with the same tasks share the fingerprint: hash the
+        // sub-layout only for a task set nobody registered yet.
+        let expected = match self.nodes.known_fingerprint(&tasks) {
+            Some(f) => f,
+            None => self.layout.subset(&held)?.fingerprint(),
+        };
         if expected != node.fingerprint {
             warn!(node = %node.id, got = %node.fingerprint, %expected, "layout fingerprint mismatch");
             return Err(refuse(format!(
@@ -655,21 +660,15 @@ impl Engine {
             .filter(|g| self.cfg.policy(g) == GroupPolicy::Global)
             .collect();
         debug!(node = %node.id, "registered");
-        self.nodes.insert(
-            node.id.clone(),
-            NodeEntry {
-                info: node,
-                upload,
-                samples,
-            },
-        );
+        self.nodes
+            .insert(&node.id, &samples, upload, node.fingerprint);
         Ok(())
     }
 
     /// The node is gone: it leaves the pool, and a plan it held becomes a
     /// failure.
     pub fn unregister(&mut self, node: &str) {
-        if self.nodes.remove(node).is_some() {
+        if self.nodes.remove(node) {
             debug!(node, "unregistered");
         }
         self.last_accepted.remove(node);
@@ -695,7 +694,7 @@ impl Engine {
 
     fn plan(
         &self,
-        node: &NodeEntry,
+        node: NodeView<'_>,
         round: u64,
         train: cohort_protocol::messages::TrainConfig,
         deadline_ms: u64,
@@ -730,7 +729,7 @@ impl Engine {
         if self.is_finished() {
             return Err(AggError::Finished(self.cfg.rounds));
         }
-        let available: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        let available: Vec<NodeId> = self.nodes.id_list();
         let needed = self.cfg.sampling.min_available.max(1);
         if available.len() < needed {
             return Err(AggError::NotEnoughNodes {
@@ -758,11 +757,7 @@ impl Engine {
                 {
                     continue;
                 }
-                let holders = self
-                    .nodes
-                    .values()
-                    .filter(|n| n.upload.iter().any(|u| u == g))
-                    .count();
+                let holders = self.nodes.holders(g);
                 denominators.insert(g.to_string(), q * holders as f64);
             }
             let expected = q * available.len() as f64;
@@ -1738,7 +1733,7 @@ impl Engine {
     /// sampling of training rounds, and a resumed engine picks the same
     /// nodes.
     pub fn configure_evaluate(&mut self, round: u64) -> Vec<NodeId> {
-        let available: Vec<NodeId> = self.nodes.keys().cloned().collect();
+        let available: Vec<NodeId> = self.nodes.id_list();
         let mut rng = ChaCha8Rng::seed_from_u64(mix_seed(self.cfg.seed ^ EVAL_SALT, round));
         self.strategy
             .configure_evaluate(round, &available, &mut rng)

@@ -108,6 +108,7 @@ pub mod engine;
 pub mod error;
 pub mod experiment;
 pub mod privacy;
+mod registry;
 #[cfg(feature = "service")]
 pub mod service;
 pub mod strategy;

@@ -130,7 +130,8 @@ struct Reply {
     client: usize,
     id: String,
     latency_ms: u64,
-    result: Result<cohort_node::RoundOutput, SimError>,
+    /// The update, opened on the worker that trained it.
+    result: Result<(cohort_node::RoundOutput, Opened), SimError>,
     state: NodeState,
 }
 
@@ -193,6 +194,15 @@ impl CentralEval {
             })
             .collect()
     }
+}
+
+/// A sealed update opened by the worker that trained it: opening is a pure
+/// function of the key and the bytes, so it runs in parallel; the replay
+/// check stays on delivery, in order. The sealed bytes are dropped then,
+/// only their size is kept.
+struct Opened {
+    sealed_len: usize,
+    plain: Result<Vec<u8>, cohort_protocol::ProtocolError>,
 }
 
 /// A running simulation: one engine, one population of virtual clients.
@@ -431,7 +441,10 @@ impl Simulation {
         }
     }
 
-    fn put_state(&mut self, client: usize, state: NodeState) -> Result<(), SimError> {
+    fn put_state(&mut self, client: usize, mut state: NodeState) -> Result<(), SimError> {
+        if !self.cfg.clients.keep_residuals {
+            state.residuals.clear();
+        }
         if let Some(s) = StoredState::pack(state)? {
             self.states.insert(client, s);
         }
@@ -480,6 +493,7 @@ impl Simulation {
             attack: self.cfg.faults.attack,
             federation: &self.engine.config().federation,
             key: self.keys.public(),
+            keys: &self.keys,
             seed: self.cfg.seed,
         };
         let n_jobs = jobs.len();
@@ -531,15 +545,18 @@ impl Simulation {
             .sum()
     }
 
-    /// Opens a reply's sealed update and hands it to the engine at virtual
-    /// time `now`. Returns the refusal code, if any.
-    fn deliver(&mut self, reply: &cohort_node::RoundOutput, now: u64) -> Option<RefusalCode> {
+    /// Checks a reply against replays and hands its update, opened by the
+    /// worker, to the engine at virtual time `now`. Returns the refusal
+    /// code, if any.
+    fn deliver(
+        &mut self,
+        reply: &cohort_node::RoundOutput,
+        plain: Result<Vec<u8>, cohort_protocol::ProtocolError>,
+        now: u64,
+    ) -> Option<RefusalCode> {
         let h = &reply.update.header;
         let ctx = SealContext::of_update(h);
-        let opened = self
-            .replay
-            .check_and_record(&ctx)
-            .and_then(|()| self.keys.open(&ctx, &reply.update.sealed));
+        let opened = self.replay.check_and_record(&ctx).and_then(|()| plain);
         match opened {
             Ok(plain) => self
                 .engine
@@ -678,9 +695,9 @@ impl Simulation {
             let now = t0 + latency_ms;
             last = last.max(now);
             match result {
-                Ok(out) => {
-                    m.bytes_up += out.update.sealed.len() as u64;
-                    match self.deliver(&out, now) {
+                Ok((out, o)) => {
+                    m.bytes_up += o.sealed_len as u64;
+                    match self.deliver(&out, o.plain, now) {
                         None => {
                             for tm in &out.update.header.metrics {
                                 let e = loss.entry(tm.task.clone()).or_default();
@@ -912,9 +929,9 @@ impl Simulation {
             busy.remove(&client);
             self.put_state(client, state)?;
             match result {
-                Ok(out) => {
-                    m.bytes_up += out.update.sealed.len() as u64;
-                    match self.deliver(&out, self.clock_ms) {
+                Ok((out, o)) => {
+                    m.bytes_up += o.sealed_len as u64;
+                    match self.deliver(&out, o.plain, self.clock_ms) {
                         None => {
                             m.accepted += 1;
                             for tm in &out.update.header.metrics {
@@ -1200,6 +1217,8 @@ struct TrainCtx<'a> {
     attack: Attack,
     federation: &'a str,
     key: cohort_protocol::seal::SealPublicKey,
+    /// The aggregator's key pair, to open updates where they were made.
+    keys: &'a SealKeyPair,
     /// The experiment's seed (client-side DP noise).
     seed: u64,
 }
@@ -1227,7 +1246,7 @@ impl TrainCtx<'_> {
             .map(|&t| (t, pop.client_data(client, t).0))
             .collect();
         let mut node_state = NodeState::default();
-        let result = (|| -> Result<cohort_node::RoundOutput, SimError> {
+        let result = (|| -> Result<(cohort_node::RoundOutput, Opened), SimError> {
             let node_spec = self.model.subset(&names)?;
             let mut node = NodeRuntime::new(id.clone(), self.federation, node_spec, self.key);
             node.state = state;
@@ -1255,7 +1274,17 @@ impl TrainCtx<'_> {
                 }
             });
             node_state = std::mem::take(&mut node.state);
-            out.map_err(|source| SimError::Node { client, source })
+            let mut out = out.map_err(|source| SimError::Node { client, source })?;
+            let ctx = SealContext::of_update(&out.update.header);
+            let opened = Opened {
+                sealed_len: out.update.sealed.len(),
+                plain: self.keys.open(&ctx, &out.update.sealed),
+            };
+            out.update.sealed = Vec::new();
+            // The simulator never reads the trained weights (the state it
+            // keeps is in `node.state`): a round of 10,000 would hold them all.
+            out.trained = ParamGroups::new();
+            Ok((out, opened))
         })();
         Reply {
             client,

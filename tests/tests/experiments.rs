@@ -116,3 +116,19 @@ fn scale_file_holds_no_state_for_idle_clients() {
         sim.state_bytes()
     );
 }
+
+#[test]
+fn scale_10k_file_keeps_no_residuals() {
+    let mut cfg = load("scale-10k.toml");
+    assert_eq!(cfg.clients.count, 1_000_000);
+    assert!(!cfg.clients.keep_residuals);
+    // The same settings on a smaller population and round.
+    cfg.clients.count = 5000;
+    cfg.clients.per_round = 500;
+    cfg.rounds = 1;
+    let mut sim = Simulation::new(cfg).expect("builds");
+    let rounds = sim.run(|_| {}).expect("runs");
+    assert_eq!(rounds[0].accepted, 500);
+    // No local heads and no residuals: no client keeps state.
+    assert_eq!(sim.clients_with_state(), 0);
+}
