@@ -4,7 +4,8 @@
 //!
 //! `cargo bench -p cohort-aggregator --bench aggregate`
 //! Prints updates/s and GB/s of f32 equivalent (4 bytes per parameter per
-//! update), best and median of the timed rounds.
+//! update, decimal GB), best and median of the timed rounds, and the load
+//! average at start and end.
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +47,14 @@ fn layout() -> Layout {
     }
 }
 
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn main() {
+    println!("load average at start: {}", load_average());
     let codec = CodecConfig {
         bits: 8,
         ..Default::default()
@@ -93,6 +101,51 @@ fn main() {
             times[0].as_secs_f64() * 1e3,
             med * 1e3
         );
+    }
+    // The engine's per-update check and add, outside the engine, before
+    // and after fusing the checks into the decode (same bits either way):
+    // unfused = zero the scratch, decode into it, a pass of sum of squares,
+    // then the weighted add into the sum; fused = decode into the scratch
+    // with the sum of squares on the fly, then the add.
+    {
+        use cohort_protocol::codec::{decode_accumulate, decode_into_sum_squares, sum_squares};
+        type Check = fn(&[u8], &mut [f32]) -> f64;
+        let rows: [(&str, Check); 2] = [
+            ("check + add, unfused (before)", |d, scratch| {
+                scratch.fill(0.0);
+                decode_accumulate(d, 1.0, scratch).expect("decode");
+                sum_squares(scratch)
+            }),
+            ("check + add, fused decode (after)", |d, scratch| {
+                decode_into_sum_squares(d, scratch).expect("decode")
+            }),
+        ];
+        let mut scratch = vec![0.0f32; PARAMS as usize];
+        let mut sum = vec![0.0f32; PARAMS as usize];
+        for (name, check) in rows {
+            let mut times = Vec::new();
+            for _ in 0..ROUNDS {
+                let t0 = Instant::now();
+                for d in &deltas {
+                    let sq = check(d, &mut scratch);
+                    assert!(sq.is_finite());
+                    for (a, x) in sum.iter_mut().zip(&scratch) {
+                        *a += 0.05 * x;
+                    }
+                }
+                times.push(t0.elapsed());
+                std::hint::black_box(&sum);
+            }
+            times.sort();
+            let med = times[times.len() / 2].as_secs_f64();
+            println!(
+                "| {name} | {:.1} | {:.2} | {:.1} | {:.1} |",
+                UPDATES as f64 / med,
+                UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
+                times[0].as_secs_f64() * 1e3,
+                med * 1e3
+            );
+        }
     }
     // The robust combiners alone, on decoded deltas (what the engine
     // retains), to separate their cost from the engine's checks and copies.
@@ -214,4 +267,5 @@ fn main() {
             secs(med) * 1e3
         );
     }
+    println!("load average at end: {}", load_average());
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
-use cohort_protocol::codec::{decode_accumulate, decoded_len};
+use cohort_protocol::codec::{decode_into_sum_squares, decoded_len};
 use cohort_protocol::messages::{
     unpack_groups, EvalReport, NodeId, RefusalCode, RoundPlan, UpdateHeader,
 };
@@ -1173,16 +1173,15 @@ impl Engine {
             self.scratch.resize(total, 0.0);
         }
         let scratch = &mut self.scratch[..total];
-        scratch.fill(0.0);
         let mut offset = 0;
         let mut sq = 0.0f64;
         for ((g, bytes), &len) in h.groups.iter().zip(encoded).zip(&lens) {
             let part = &mut scratch[offset..offset + len];
-            decode_accumulate(bytes, 1.0, part)
-                .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
-            // One pass for both checks: squares of finite f32 cannot
+            // One pass: the decode computes the sum of squares chunk by
+            // chunk, while it is in cache. Squares of finite f32 cannot
             // overflow an f64 sum, so a non-finite sum means a NaN or inf.
-            let group_sq = sum_squares(part);
+            let group_sq = decode_into_sum_squares(bytes, part)
+                .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
             if !group_sq.is_finite() {
                 let i = part.iter().position(|v| !v.is_finite()).unwrap_or(0);
                 return Err(Refusal::new(
@@ -1887,22 +1886,4 @@ fn capped_mean(
             .collect(),
         cap,
     ))
-}
-
-/// Sum of squares in f64, in 8 independent lanes so that the compiler can
-/// vectorize it (a fixed order, so the result is deterministic).
-fn sum_squares(v: &[f32]) -> f64 {
-    let mut lanes = [0.0f64; 8];
-    let mut chunks = v.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, x) in lanes.iter_mut().zip(c) {
-            *l += f64::from(*x) * f64::from(*x);
-        }
-    }
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum();
-    lanes.iter().sum::<f64>() + tail
 }

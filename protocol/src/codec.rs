@@ -184,17 +184,6 @@ fn dither(key: u32, c: u32) -> f32 {
     f32::from_bits(0x3f80_0000 | ((key ^ c) >> 9)) - 1.0
 }
 
-const LANE_STEPS: [u32; 8] = [
-    0,
-    GOLDEN32,
-    GOLDEN32.wrapping_mul(2),
-    GOLDEN32.wrapping_mul(3),
-    GOLDEN32.wrapping_mul(4),
-    GOLDEN32.wrapping_mul(5),
-    GOLDEN32.wrapping_mul(6),
-    GOLDEN32.wrapping_mul(7),
-];
-
 /// Largest magnitude, with eight lanes so that the loop vectorizes; infinity
 /// if any value is NaN, infinite or above [`MAX_SCALE`] (the range check
 /// rides along, sparing encode a separate pass).
@@ -237,30 +226,16 @@ fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [
         let y = if y < top { y } else { top };
         ((y + MAGIC).to_bits() & 0xff) as u8
     };
-    let mut it = out.chunks_exact_mut(8).zip(x.chunks_exact(8));
-    let mut done = 0usize;
+    // One value per iteration with the Weyl counter `c = i * GOLDEN32` as an
+    // induction variable: the loop vectorizer turns it into a step vector.
     if stochastic {
-        for (o, v) in &mut it {
-            let base = (done as u32).wrapping_mul(GOLDEN32);
-            for j in 0..8 {
-                o[j] = code(v[j], dither(key, base.wrapping_add(LANE_STEPS[j])) - 0.5);
-            }
-            done += 8;
-        }
-        for (i, (o, v)) in out[done..].iter_mut().zip(&x[done..]).enumerate() {
-            *o = code(
-                *v,
-                dither(key, ((done + i) as u32).wrapping_mul(GOLDEN32)) - 0.5,
-            );
+        let mut c = 0u32;
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = code(*v, dither(key, c) - 0.5);
+            c = c.wrapping_add(GOLDEN32);
         }
     } else {
-        for (o, v) in &mut it {
-            for j in 0..8 {
-                o[j] = code(v[j], 0.0);
-            }
-            done += 8;
-        }
-        for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
+        for (o, v) in out.iter_mut().zip(x) {
             *o = code(*v, 0.0);
         }
     }
@@ -456,6 +431,35 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 /// Encodes `delta`. `seed` drives stochastic rounding, so encoding is
 /// deterministic.
 pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, ProtocolError> {
+    let mut out = Vec::new();
+    encode_into(delta, cfg, seed, &mut out)?;
+    Ok(out)
+}
+
+/// Appends the encoding of `delta` to `out` (the same bytes as [`encode`]),
+/// so that a caller can encode straight into a buffer it reuses, or after
+/// room for a seal's header ([`crate::seal::seal_in_place`]). On error `out`
+/// is left as it was.
+pub fn encode_into(
+    delta: &[f32],
+    cfg: &CodecConfig,
+    seed: u64,
+    out: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    let start = out.len();
+    let r = encode_append(delta, cfg, seed, out);
+    if r.is_err() {
+        out.truncate(start);
+    }
+    r
+}
+
+fn encode_append(
+    delta: &[f32],
+    cfg: &CodecConfig,
+    seed: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
     cfg.validate()?;
     let out_of_range = |x: &[f32], offset: usize| {
         let i = x.iter().position(|v| !in_range(*v)).unwrap_or(0);
@@ -514,7 +518,9 @@ pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, Pr
     let scales = num_scales(cfg.bits, k as u64, chunk as u64) as usize;
     let codes_len = code_bytes(cfg.bits, k as u64).unwrap_or(0) as usize;
     let total = HEADER_LEN + index.len() + 4 * scales + codes_len;
-    let mut out = vec![0u8; total];
+    let start = buf.len();
+    buf.resize(start + total, 0);
+    let out = &mut buf[start..];
     out[0..2].copy_from_slice(&MAGIC);
     out[2] = FORMAT;
     out[3] = cfg.bits;
@@ -551,7 +557,7 @@ pub fn encode(delta: &[f32], cfg: &CodecConfig, seed: u64) -> Result<Vec<u8>, Pr
             scale_bytes[4 * ci..4 * ci + 4].copy_from_slice(&s.to_le_bytes());
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The parsed header and the sections of an encoding, all bounds checked.
@@ -794,51 +800,135 @@ pub fn encoded_config(bytes: &[u8]) -> Result<CodecConfig, ProtocolError> {
     })
 }
 
+impl Parsed<'_> {
+    fn check_len(&self, len: usize) -> Result<(), ProtocolError> {
+        if self.n != len as u64 {
+            return Err(ProtocolError::Malformed(format!(
+                "codec: encoding holds {} values, the accumulator {len}",
+                self.n
+            )));
+        }
+        Ok(())
+    }
+
+    /// Bytes of the codes of one full chunk.
+    fn chunk_codes(&self) -> usize {
+        code_bytes(self.bits, self.chunk as u64).unwrap_or(0) as usize
+    }
+
+    /// Adds `weight * value` into `acc`; the encoding has been validated.
+    fn accumulate(&self, weight: f32, acc: &mut [f32]) -> Result<(), ProtocolError> {
+        let chunk = self.chunk;
+        let chunk_codes = self.chunk_codes();
+        match self.index {
+            None => {
+                for (ci, (out, codes)) in acc
+                    .chunks_mut(chunk)
+                    .zip(self.codes.chunks(chunk_codes))
+                    .enumerate()
+                {
+                    add_chunk(self.bits, self.scale(ci), codes, weight, out);
+                }
+            }
+            Some(index) => {
+                // Sparse: decode one chunk of kept values at a time, then scatter.
+                let mut tmp = vec![0.0f32; chunk.min(self.k as usize)];
+                let mut indices = self.indices(index)?;
+                let mut left = self.k as usize;
+                for (ci, codes) in self.codes.chunks(chunk_codes).enumerate() {
+                    let len = left.min(chunk);
+                    left -= len;
+                    let out = &mut tmp[..len];
+                    out.fill(0.0);
+                    add_chunk(self.bits, self.scale(ci), codes, weight, out);
+                    for (v, i) in out.iter().zip(indices.by_ref()) {
+                        // Validated above: every index is in range.
+                        let i = i? as usize;
+                        acc[i] += v;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Adds `weight * decode(bytes)` into `acc`, without a decoded copy. The
 /// encoding must hold exactly `acc.len()` values. On error `acc` is left
 /// unchanged.
 pub fn decode_accumulate(bytes: &[u8], weight: f32, acc: &mut [f32]) -> Result<(), ProtocolError> {
     let p = parse(bytes)?;
-    if p.n != acc.len() as u64 {
-        return Err(ProtocolError::Malformed(format!(
-            "codec: encoding holds {} values, the accumulator {}",
-            p.n,
-            acc.len()
-        )));
-    }
+    p.check_len(acc.len())?;
     p.validate()?;
-    let chunk = p.chunk;
-    let chunk_codes = code_bytes(p.bits, chunk as u64).unwrap_or(0) as usize;
-    match p.index {
-        None => {
-            for (ci, (out, codes)) in acc
-                .chunks_mut(chunk)
-                .zip(p.codes.chunks(chunk_codes))
-                .enumerate()
-            {
-                add_chunk(p.bits, p.scale(ci), codes, weight, out);
+    p.accumulate(weight, acc)
+}
+
+/// Sum of squares in f64, in 8 lanes (position mod 8) plus a sequential
+/// tail for the last `len % 8` values. Fed chunk by chunk (every chunk but
+/// the last a multiple of 8 long) it makes the same additions in the same
+/// order as one pass over the whole slice, so the result is the same bits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SumSquares {
+    lanes: [f64; 8],
+    tail: f64,
+}
+
+impl SumSquares {
+    /// Adds the squares of the next values. Only the last call may pass a
+    /// length that is not a multiple of 8.
+    #[inline]
+    pub fn feed(&mut self, v: &[f32]) {
+        let mut chunks = v.chunks_exact(8);
+        for c in &mut chunks {
+            for (l, x) in self.lanes.iter_mut().zip(c) {
+                *l += f64::from(*x) * f64::from(*x);
             }
         }
-        Some(index) => {
-            // Sparse: decode one chunk of kept values at a time, then scatter.
-            let mut tmp = vec![0.0f32; chunk.min(p.k as usize)];
-            let mut indices = p.indices(index)?;
-            let mut left = p.k as usize;
-            for (ci, codes) in p.codes.chunks(chunk_codes).enumerate() {
-                let len = left.min(chunk);
-                left -= len;
-                let out = &mut tmp[..len];
-                out.fill(0.0);
-                add_chunk(p.bits, p.scale(ci), codes, weight, out);
-                for (v, i) in out.iter().zip(indices.by_ref()) {
-                    // Validated above: every index is in range.
-                    let i = i? as usize;
-                    acc[i] += v;
-                }
-            }
+        for &x in chunks.remainder() {
+            self.tail += f64::from(x) * f64::from(x);
         }
     }
-    Ok(())
+
+    pub fn total(&self) -> f64 {
+        self.lanes.iter().sum::<f64>() + self.tail
+    }
+}
+
+/// Sum of squares of `v` in f64 (see [`SumSquares`]): squares of finite
+/// `f32` cannot overflow it, so a non-finite result means a NaN or an
+/// infinity in `v`.
+pub fn sum_squares(v: &[f32]) -> f64 {
+    let mut s = SumSquares::default();
+    s.feed(v);
+    s.total()
+}
+
+/// Decodes into `out` (overwriting it) and returns [`sum_squares`] of the
+/// decoded values, computed chunk by chunk while each chunk is in cache:
+/// one pass where a decode and a separate check would make two. `out` ends
+/// up exactly as after `out.fill(0.0)` then [`decode_accumulate`] with weight
+/// 1, and the sum is `sum_squares(out)`, bit for bit. On error `out` is left
+/// unchanged.
+pub fn decode_into_sum_squares(bytes: &[u8], out: &mut [f32]) -> Result<f64, ProtocolError> {
+    let p = parse(bytes)?;
+    p.check_len(out.len())?;
+    p.validate()?;
+    if p.index.is_some() {
+        out.fill(0.0);
+        p.accumulate(1.0, out)?;
+        return Ok(sum_squares(out));
+    }
+    let mut sq = SumSquares::default();
+    for (ci, (o, codes)) in out
+        .chunks_mut(p.chunk)
+        .zip(p.codes.chunks(p.chunk_codes()))
+        .enumerate()
+    {
+        o.fill(0.0);
+        add_chunk(p.bits, p.scale(ci), codes, 1.0, o);
+        sq.feed(o);
+    }
+    Ok(sq.total())
 }
 
 /// Decodes into a new vector of `expected_len` values.
@@ -905,6 +995,174 @@ mod tests {
             chunk: 8,
             top_k: None,
         }
+    }
+
+    use proptest::prelude::*;
+
+    /// The quantizer as it was before the one-value-per-iteration loop
+    /// (eight lanes by hand): the reference the new loop must match.
+    fn quantize_reference(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [u8]) {
+        let lf = l as f32;
+        let top = (2 * l) as f32;
+        const MAGIC: f32 = 8_388_608.0;
+        let code = |v: f32, u: f32| {
+            let y = v * inv + (lf + u);
+            let y = if y > 0.0 { y } else { 0.0 };
+            let y = if y < top { y } else { top };
+            ((y + MAGIC).to_bits() & 0xff) as u8
+        };
+        const STEPS: [u32; 8] = [
+            0,
+            GOLDEN32,
+            GOLDEN32.wrapping_mul(2),
+            GOLDEN32.wrapping_mul(3),
+            GOLDEN32.wrapping_mul(4),
+            GOLDEN32.wrapping_mul(5),
+            GOLDEN32.wrapping_mul(6),
+            GOLDEN32.wrapping_mul(7),
+        ];
+        let mut it = out.chunks_exact_mut(8).zip(x.chunks_exact(8));
+        let mut done = 0usize;
+        if stochastic {
+            for (o, v) in &mut it {
+                let base = (done as u32).wrapping_mul(GOLDEN32);
+                for j in 0..8 {
+                    o[j] = code(v[j], dither(key, base.wrapping_add(STEPS[j])) - 0.5);
+                }
+                done += 8;
+            }
+            for (i, (o, v)) in out[done..].iter_mut().zip(&x[done..]).enumerate() {
+                *o = code(
+                    *v,
+                    dither(key, ((done + i) as u32).wrapping_mul(GOLDEN32)) - 0.5,
+                );
+            }
+        } else {
+            for (o, v) in &mut it {
+                for j in 0..8 {
+                    o[j] = code(v[j], 0.0);
+                }
+                done += 8;
+            }
+            for (o, v) in out[done..].iter_mut().zip(&x[done..]) {
+                *o = code(*v, 0.0);
+            }
+        }
+    }
+
+    /// The engine's check before the fused decode: a zeroed buffer, a
+    /// decode, then one pass of sum of squares.
+    fn sum_squares_reference(v: &[f32]) -> f64 {
+        let mut lanes = [0.0f64; 8];
+        let mut chunks = v.chunks_exact(8);
+        for c in &mut chunks {
+            for (l, x) in lanes.iter_mut().zip(c) {
+                *l += f64::from(*x) * f64::from(*x);
+            }
+        }
+        let tail: f64 = chunks
+            .remainder()
+            .iter()
+            .map(|&x| f64::from(x) * f64::from(x))
+            .sum();
+        lanes.iter().sum::<f64>() + tail
+    }
+
+    fn any_config() -> impl Strategy<Value = CodecConfig> {
+        (
+            prop::sample::select(vec![32u8, 16, 8, 4, 2, 1]),
+            any::<bool>(),
+            prop::sample::select(vec![8u32, 16, 24, 256]),
+            prop::option::of(1u64..200),
+        )
+            .prop_map(|(bits, stochastic, chunk, top)| CodecConfig {
+                bits,
+                rounding: if stochastic {
+                    Rounding::Stochastic
+                } else {
+                    Rounding::Nearest
+                },
+                chunk,
+                top_k: top.map(TopK::Count),
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn quantize_matches_the_reference(
+            x in prop::collection::vec(-3.0f32..3.0, 0..600),
+            bits in prop::sample::select(vec![8u8, 4, 2]),
+            stochastic in any::<bool>(),
+            key in any::<u32>(),
+        ) {
+            let l = grid(bits);
+            let s = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let inv = if s > 0.0 { l as f32 / s } else { 0.0 };
+            let mut a = vec![0u8; x.len()];
+            let mut b = vec![0u8; x.len()];
+            quantize(&x, inv, l, stochastic, key, &mut a);
+            quantize_reference(&x, inv, l, stochastic, key, &mut b);
+            prop_assert_eq!(a, b);
+        }
+
+        /// The fused decode writes what a zeroed buffer plus
+        /// `decode_accumulate` held, and its sum of squares is the separate
+        /// pass's, bit for bit; `encode_into` appends `encode`'s bytes.
+        #[test]
+        fn fused_decode_matches_decode_then_sum(
+            x in prop::collection::vec(prop_oneof![
+                8 => -10.0f32..10.0,
+                1 => Just(0.0f32),
+                1 => Just(-0.0f32),
+                1 => -1.0e30f32..1.0e30,
+            ], 0..700),
+            cfg in any_config(),
+            seed in any::<u64>(),
+        ) {
+            let bytes = encode(&x, &cfg, seed).expect("encode");
+            let mut appended = vec![9u8, 8, 7];
+            encode_into(&x, &cfg, seed, &mut appended).expect("encode");
+            prop_assert_eq!(&appended[..3], &[9u8, 8, 7][..]);
+            prop_assert_eq!(&appended[3..], &bytes[..]);
+
+            let mut want = vec![0.0f32; x.len()];
+            decode_accumulate(&bytes, 1.0, &mut want).expect("decode");
+            let want_sq = sum_squares_reference(&want);
+            let mut got = vec![f32::NAN; x.len()];
+            let got_sq = decode_into_sum_squares(&bytes, &mut got).expect("decode");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            prop_assert_eq!(bits(&got), bits(&want));
+            prop_assert_eq!(got_sq.to_bits(), want_sq.to_bits());
+            prop_assert_eq!(sum_squares(&want).to_bits(), want_sq.to_bits());
+        }
+    }
+
+    #[test]
+    fn refused_inputs_leave_buffers_as_they_were() {
+        let x: Vec<f32> = (0..40).map(|i| i as f32 - 20.0).collect();
+        let b = encode(&x, &CodecConfig::default(), 0).expect("encode");
+        let mut evil = b.clone();
+        evil[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut out = vec![3.0f32; 40];
+        assert!(matches!(
+            decode_into_sum_squares(&evil, &mut out),
+            Err(ProtocolError::Malformed(_))
+        ));
+        assert_eq!(out, vec![3.0f32; 40]);
+        let mut short = vec![3.0f32; 39];
+        assert!(decode_into_sum_squares(&b, &mut short).is_err());
+        assert_eq!(short, vec![3.0f32; 39]);
+        // A value out of range in the second chunk: nothing appended.
+        let mut bad = vec![0.5f32; 300];
+        bad[290] = f32::INFINITY;
+        let mut buf = vec![1u8, 2];
+        assert!(matches!(
+            encode_into(&bad, &CodecConfig::default(), 0, &mut buf),
+            Err(ProtocolError::NonFinite(_))
+        ));
+        assert_eq!(buf, vec![1u8, 2]);
     }
 
     #[test]

@@ -228,6 +228,45 @@ impl SealKeyPair {
     /// round or sender ([`ProtocolError::ContextMismatch`]), and any other
     /// change of a bit ([`ProtocolError::Tampered`]).
     pub fn open(&self, ctx: &SealContext, sealed: &[u8]) -> Result<Vec<u8>, ProtocolError> {
+        let (key, body_start) = self.body_key(ctx, sealed)?;
+        let mut buf = sealed[body_start..].to_vec();
+        let n = key
+            .open_in_place(
+                Nonce::assume_unique_for_key([0u8; 12]),
+                Aad::from(ctx.aad()),
+                &mut buf,
+            )
+            .map_err(|_| ProtocolError::Tampered)?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// [`open`](Self::open) without a copy: decrypts inside `sealed` and
+    /// returns the plaintext, a slice of it. Refuses as `open` does; after a
+    /// refusal the contents of `sealed` are unspecified (ring may have
+    /// decrypted or cleared the body), so drop it.
+    pub fn open_in_place<'a>(
+        &self,
+        ctx: &SealContext,
+        sealed: &'a mut [u8],
+    ) -> Result<&'a mut [u8], ProtocolError> {
+        let (key, body_start) = self.body_key(ctx, sealed)?;
+        key.open_in_place(
+            Nonce::assume_unique_for_key([0u8; 12]),
+            Aad::from(ctx.aad()),
+            &mut sealed[body_start..],
+        )
+        .map_err(|_| ProtocolError::Tampered)
+    }
+
+    /// Checks the clear header against this key and `ctx`, and derives the
+    /// update's AES key; returns it with the offset of the ciphertext.
+    fn body_key(
+        &self,
+        ctx: &SealContext,
+        sealed: &[u8],
+    ) -> Result<(LessSafeKey, usize), ProtocolError> {
         let h = parse_header(sealed)?;
         if h.key_id != self.public.key_id() {
             return Err(ProtocolError::WrongKey);
@@ -250,17 +289,7 @@ impl SealKeyPair {
             return Err(ProtocolError::Tampered);
         }
         let key = derive_key(&shared, &h.ephemeral, &self.public.0)?;
-        let mut buf = sealed[h.body_start..].to_vec();
-        let plain = key
-            .open_in_place(
-                Nonce::assume_unique_for_key([0u8; 12]),
-                Aad::from(ctx.aad()),
-                &mut buf,
-            )
-            .map_err(|_| ProtocolError::Tampered)?;
-        let n = plain.len();
-        buf.truncate(n);
-        Ok(buf)
+        Ok((key, h.body_start))
     }
 }
 
@@ -310,15 +339,52 @@ fn derive_key(
     Ok(LessSafeKey::new(UnboundKey::from(okm)))
 }
 
+/// Bytes a sealed update under `ctx` carries before its ciphertext: the
+/// room [`seal_in_place`] expects at the start of its buffer.
+pub fn sealed_header_len(ctx: &SealContext) -> usize {
+    MAGIC.len() + 8 + 8 + 2 + ctx.sender.len() + 32
+}
+
+fn check_sender(ctx: &SealContext) -> Result<(), ProtocolError> {
+    if ctx.sender.len() > MAX_SENDER_LEN {
+        return Err(ProtocolError::Malformed(format!(
+            "sender id longer than {MAX_SENDER_LEN} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Seals `plaintext` to `recipient` under `ctx`.
 pub fn seal(
     recipient: &SealPublicKey,
     ctx: &SealContext,
     plaintext: &[u8],
 ) -> Result<Vec<u8>, ProtocolError> {
-    if ctx.sender.len() > MAX_SENDER_LEN {
+    check_sender(ctx)?;
+    let header_len = sealed_header_len(ctx);
+    let mut out = Vec::with_capacity(header_len + plaintext.len() + TAG_LEN);
+    out.resize(header_len, 0);
+    out.extend_from_slice(plaintext);
+    seal_in_place(recipient, ctx, &mut out)?;
+    Ok(out)
+}
+
+/// Seals without a copy: `buf` holds [`sealed_header_len`]`(ctx)` bytes of
+/// room (any contents) followed by the plaintext, e.g. from
+/// [`crate::codec::encode_into`]. Writes the header into the room, encrypts
+/// the rest in place and appends the tag: `buf` becomes what [`seal`] returns.
+/// On error `buf` is left as it was.
+pub fn seal_in_place(
+    recipient: &SealPublicKey,
+    ctx: &SealContext,
+    buf: &mut Vec<u8>,
+) -> Result<(), ProtocolError> {
+    check_sender(ctx)?;
+    let header_len = sealed_header_len(ctx);
+    if buf.len() < header_len {
         return Err(ProtocolError::Malformed(format!(
-            "sender id longer than {MAX_SENDER_LEN} bytes"
+            "seal buffer of {} bytes has no room for a {header_len}-byte header",
+            buf.len()
         )));
     }
     let rng = SystemRandom::new();
@@ -334,24 +400,25 @@ pub fn seal(
         derive_key(shared, &eph_bytes, &recipient.0)
     })
     .map_err(|_| crypto("key agreement (invalid public key?)"))??;
-    let header_len = MAGIC.len() + 8 + 8 + 2 + ctx.sender.len() + 32;
-    let mut out = Vec::with_capacity(header_len + plaintext.len() + TAG_LEN);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&recipient.key_id());
-    out.extend_from_slice(&ctx.round.to_le_bytes());
-    out.extend_from_slice(&(ctx.sender.len() as u16).to_le_bytes());
-    out.extend_from_slice(ctx.sender.as_bytes());
-    out.extend_from_slice(&eph_bytes);
-    out.extend_from_slice(plaintext);
+    // The header is not the associated data (the context is), so it can be
+    // written after the body is encrypted; a failed seal leaves `buf` as it was.
     let tag = key
         .seal_in_place_separate_tag(
             Nonce::assume_unique_for_key([0u8; 12]),
             Aad::from(ctx.aad()),
-            &mut out[header_len..],
+            &mut buf[header_len..],
         )
         .map_err(|_| crypto("seal"))?;
-    out.extend_from_slice(tag.as_ref());
-    Ok(out)
+    let mut header = Vec::with_capacity(header_len);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&recipient.key_id());
+    header.extend_from_slice(&ctx.round.to_le_bytes());
+    header.extend_from_slice(&(ctx.sender.len() as u16).to_le_bytes());
+    header.extend_from_slice(ctx.sender.as_bytes());
+    header.extend_from_slice(&eph_bytes);
+    buf[..header_len].copy_from_slice(&header);
+    buf.extend_from_slice(tag.as_ref());
+    Ok(())
 }
 
 /// Remembers which (round, sender) pairs were opened, to refuse replays.
@@ -437,6 +504,43 @@ mod tests {
         let msg = b"encoded groups".repeat(100);
         let sealed = seal(&k.public(), &ctx(), &msg).expect("seal");
         assert_eq!(k.open(&ctx(), &sealed).expect("open"), msg);
+    }
+
+    #[test]
+    fn in_place_seal_and_open_match_the_copying_ones() {
+        let keys = SealKeyPair::generate().expect("keys");
+        let c = ctx();
+        let plain: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let mut buf = vec![0xee; sealed_header_len(&c)];
+        buf.extend_from_slice(&plain);
+        seal_in_place(&keys.public(), &c, &mut buf).expect("seal");
+        assert_eq!(buf.len(), sealed_header_len(&c) + plain.len() + TAG_LEN);
+        // What the copying open reads, and what seal would make.
+        assert_eq!(keys.open(&c, &buf).expect("open"), plain);
+        let sealed = seal(&keys.public(), &c, &plain).expect("seal");
+        let mut copy = sealed.clone();
+        assert_eq!(keys.open_in_place(&c, &mut copy).expect("open"), &plain[..]);
+        // Tampering and another context are refused in place too.
+        let mut bad = sealed.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        assert!(matches!(
+            keys.open_in_place(&c, &mut bad),
+            Err(ProtocolError::Tampered)
+        ));
+        let other = SealContext {
+            round: 8,
+            ..c.clone()
+        };
+        let mut copy = sealed.clone();
+        assert!(matches!(
+            keys.open_in_place(&other, &mut copy),
+            Err(ProtocolError::ContextMismatch(_))
+        ));
+        // No room for the header: refused, buffer as it was.
+        let mut short = vec![1u8; 3];
+        assert!(seal_in_place(&keys.public(), &c, &mut short).is_err());
+        assert_eq!(short, vec![1u8; 3]);
     }
 
     #[test]
