@@ -582,12 +582,34 @@ fn wire_config() -> bincode::config::Configuration {
 }
 
 /// Encodes an envelope: the version as `u16` LE, then the rest with bincode.
+///
+/// Two passes: the first only counts bytes (no payload is copied), the
+/// second writes straight into a buffer of exactly that size, so the payload
+/// is copied once (no growing buffer, no second buffer for the version).
 pub fn encode_envelope<B: Serialize>(env: &Envelope<B>) -> Result<Vec<u8>, ProtocolError> {
-    let mut out = env.version.to_le_bytes().to_vec();
-    let rest = bincode::serde::encode_to_vec((&env.federation, &env.body), wire_config())
-        .map_err(|e| ProtocolError::Malformed(format!("encode: {e}")))?;
-    out.extend_from_slice(&rest);
+    let rest = (&env.federation, &env.body);
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(rest, &mut size, wire_config()).map_err(encode_error)?;
+    let version = env.version.to_le_bytes();
+    let mut out = Vec::with_capacity(version.len() + size.bytes_written);
+    out.extend_from_slice(&version);
+    bincode::serde::encode_into_writer(rest, VecWriter(&mut out), wire_config())
+        .map_err(encode_error)?;
     Ok(out)
+}
+
+fn encode_error(e: bincode::error::EncodeError) -> ProtocolError {
+    ProtocolError::Malformed(format!("encode: {e}"))
+}
+
+/// Appends bincode's output to a `Vec` (reserved beforehand).
+struct VecWriter<'a>(&'a mut Vec<u8>);
+
+impl bincode::enc::write::Writer for VecWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
 }
 
 /// Decodes with bincode, bounding what bincode may claim before it

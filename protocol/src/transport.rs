@@ -260,6 +260,10 @@ pub fn build_swarm_with(
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_secs(cfg.idle_timeout_s.max(1)))
                 .with_max_negotiating_inbound_streams(raw_streams)
+                // Every stream speaks the one protocol both ends know: the
+                // request goes out with the protocol proposal instead of
+                // one round trip after it (multistream-select's lazy mode).
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
         .build();
     Ok(swarm)

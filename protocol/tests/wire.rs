@@ -125,6 +125,34 @@ fn every_message_round_trips() {
     }
 }
 
+/// The encoding before `encode_envelope` wrote straight into its output:
+/// the version, then a second buffer of bincode appended.
+fn old_encoding<B: serde::Serialize>(env: &Envelope<B>) -> Vec<u8> {
+    let mut out = env.version.to_le_bytes().to_vec();
+    let rest =
+        bincode::serde::encode_to_vec((&env.federation, &env.body), bincode::config::standard())
+            .expect("encode");
+    out.extend_from_slice(&rest);
+    out
+}
+
+#[test]
+fn the_encoding_is_byte_for_byte_the_old_one_in_a_buffer_of_its_size() {
+    let check = |bytes: Vec<u8>, old: Vec<u8>| {
+        assert_eq!(bytes, old);
+        // Reserved once, at the exact size: no growth, no spare copy.
+        assert_eq!(bytes.capacity(), bytes.len());
+    };
+    for r in requests() {
+        let env = Envelope::new("a federation", r);
+        check(encode_envelope(&env).expect("encode"), old_encoding(&env));
+    }
+    for r in responses() {
+        let env = Envelope::new("fed", r);
+        check(encode_envelope(&env).expect("encode"), old_encoding(&env));
+    }
+}
+
 #[test]
 fn optimizer_is_tagged_in_json_and_plain_on_the_wire() {
     let o = Optimizer::Momentum {

@@ -4,7 +4,11 @@
 //!
 //! Needs the release binaries: `cargo build --release -p cohort-node -p
 //! cohort-aggregator`, then `cargo bench -p cohort-tests --bench federation
-//! [-- digits|mnist] [full]` (`full`: no delta downloads).
+//! [-- digits|mnist] [full]` (`full`: no delta downloads). Environment:
+//! `COHORT_BENCH_BINS=dirA,dirB` alternates two sets of binaries (e.g. a
+//! "before" copy) in one run, `COHORT_BENCH_REPS=n` repeats the simulator
+//! and each federation `n` times, `COHORT_BENCH_KEEP=dir` keeps every
+//! federation's logs and metrics there.
 //!
 //! Method: the same experiment file runs in `cohort-sim`'s engine in this
 //! process and in the real federation. Per-round time is the mean interval
@@ -65,12 +69,18 @@ bits = 8
     (text, backbone, dataset)
 }
 
-fn release_bin(name: &str) -> PathBuf {
+/// The release binaries' folder: `target/release`, or each folder of
+/// `COHORT_BENCH_BINS` (comma-separated), run in turn: how a "before" copy
+/// of the binaries alternates with the current ones in one run.
+fn bin_dirs() -> Vec<PathBuf> {
+    if let Ok(dirs) = std::env::var("COHORT_BENCH_BINS") {
+        return dirs.split(',').map(PathBuf::from).collect();
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
-    target.join("release").join(name)
+    vec![target.join("release")]
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -78,38 +88,53 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn main() {
-    let workload = std::env::args()
-        .skip(1)
-        .find(|a| a == "digits" || a == "mnist")
-        .unwrap_or_else(|| "digits".into());
-    // `full`: every download is the full weights (no deltas).
-    let full_only = std::env::args().any(|a| a == "full");
-    let (text, backbone, dataset) = experiment(&workload);
-    for b in ["cohort-node", "cohort-aggregator"] {
-        assert!(
-            release_bin(b).is_file(),
-            "{} missing: cargo build --release -p cohort-node -p cohort-aggregator",
-            release_bin(b).display()
-        );
-    }
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
 
-    // The simulator.
-    let cfg = ExperimentConfig::from_toml(&text).expect("experiment");
+/// Mean and median ms per round of the simulator (rounds 2..=N).
+fn simulate(text: &str) -> (f64, f64, f32) {
+    let cfg = ExperimentConfig::from_toml(text).expect("experiment");
     let sim = run_experiment(&cfg, |_| {}).expect("simulation");
-    let mut sim_rounds: Vec<f64> = sim.rounds.iter().skip(1).map(|r| r.wall_ms).collect();
-    let sim_mean = sim_rounds.iter().sum::<f64>() / sim_rounds.len() as f64;
-    let sim_median = median(&mut sim_rounds);
-    let sim_acc = sim.accuracy("digits").unwrap_or(f32::NAN);
+    let mut rounds: Vec<f64> = sim.rounds.iter().skip(1).map(|r| r.wall_ms).collect();
+    let mean = rounds.iter().sum::<f64>() / rounds.len() as f64;
+    (
+        mean,
+        median(&mut rounds),
+        sim.accuracy("digits").unwrap_or(f32::NAN),
+    )
+}
 
-    // The federation: real processes on loopback.
-    let root = tempfile::tempdir().expect("tempdir");
-    let exp = root.path().join("experiment.toml");
-    std::fs::write(&exp, &text).expect("experiment file");
+struct Federation {
+    mean: f64,
+    median: f64,
+    accuracy: f64,
+    bytes: u64,
+    full: u64,
+    delta: u64,
+}
+
+/// One federation of real processes with the binaries in `bins`; the logs
+/// and metrics stay in `keep` when given.
+fn federate(
+    text: &str,
+    backbone: &str,
+    dataset: &str,
+    bins: &Path,
+    full_only: bool,
+    keep: Option<PathBuf>,
+) -> Federation {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = keep.unwrap_or_else(|| tmp.path().to_path_buf());
+    std::fs::create_dir_all(&root).expect("run folder");
+    let exp = root.join("experiment.toml");
+    std::fs::write(&exp, text).expect("experiment file");
     let mut agg = Aggregator::start_with_bin(
-        &release_bin("cohort-aggregator"),
+        &bins.join("cohort-aggregator"),
         &exp,
-        &root.path().join("agg"),
+        &root.join("agg"),
         "/ip4/127.0.0.1/tcp/0",
         &[
             "--open",
@@ -121,9 +146,9 @@ fn main() {
     );
     let mut nodes: Vec<Proc> = (0..NODES)
         .map(|i| {
-            let dir = root.path().join(format!("node{i}"));
+            let dir = root.join(format!("node{i}"));
             node_config_for(&dir, i, NODES, "", backbone, dataset);
-            let mut cmd = Command::new(release_bin("cohort-node"));
+            let mut cmd = Command::new(bins.join("cohort-node"));
             cmd.arg("--config")
                 .arg(dir.join("node.toml"))
                 .arg("--connect")
@@ -142,45 +167,91 @@ fn main() {
         .filter_map(|r| r["closed_at_ms"].as_f64())
         .collect();
     let mut net_rounds: Vec<f64> = closes.windows(2).map(|w| w[1] - w[0]).collect();
-    let net_mean = net_rounds.iter().sum::<f64>() / net_rounds.len() as f64;
-    let net_median = median(&mut net_rounds);
-    let net_acc = agg.accuracy("digits");
     let sum = |key: &str| -> u64 { rounds.iter().filter_map(|r| r[key].as_u64()).sum() };
-    let bytes = sum("bytes_received");
-    let (full, delta) = (sum("bytes_sent_full"), sum("bytes_sent_delta"));
+    Federation {
+        mean: net_rounds.iter().sum::<f64>() / net_rounds.len() as f64,
+        median: median(&mut net_rounds),
+        accuracy: agg.accuracy("digits"),
+        bytes: sum("bytes_received"),
+        full: sum("bytes_sent_full"),
+        delta: sum("bytes_sent_delta"),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let workload = args
+        .iter()
+        .find(|a| *a == "digits" || *a == "mnist")
+        .cloned()
+        .unwrap_or_else(|| "digits".into());
+    // `full`: every download is the full weights (no deltas).
+    let full_only = args.iter().any(|a| a == "full");
+    // Repetitions of (simulator, then each set of binaries).
+    let reps: usize = std::env::var("COHORT_BENCH_REPS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    // Logs and metrics of every federation kept under this folder.
+    let keep = std::env::var_os("COHORT_BENCH_KEEP").map(PathBuf::from);
+    let (text, backbone, dataset) = experiment(&workload);
+    let dirs = bin_dirs();
+    for d in &dirs {
+        for b in ["cohort-node", "cohort-aggregator"] {
+            assert!(
+                d.join(b).is_file(),
+                "{} missing: cargo build --release -p cohort-node -p cohort-aggregator",
+                d.join(b).display()
+            );
+        }
+    }
 
     println!("workload {workload}: {NODES} nodes, all of them every round, {ROUNDS} rounds ({backbone} on {dataset}, 8-bit)");
-    println!(
-        "simulator (in process):        mean {sim_mean:7.1} ms/round, median {sim_median:7.1}, final accuracy {:.1}%",
-        100.0 * sim_acc
-    );
-    println!(
-        "federation (11 processes, TCP): mean {net_mean:7.1} ms/round, median {net_median:7.1}, final accuracy {:.1}%",
-        100.0 * net_acc
-    );
-    println!(
-        "overhead ratio federation / simulator: {:.2} (mean), {:.2} (median); updates received: {:.2} MB",
-        net_mean / sim_mean,
-        net_median / sim_median,
-        bytes as f64 / 1e6
-    );
-    // Round 1: every node downloads the full weights; later rounds: the
-    // delta from the version it trained on.
-    let per_full = full as f64 / NODES as f64;
-    let per_delta = delta as f64 / (NODES as f64 * (ROUNDS - 1) as f64);
-    if full_only {
+    println!("load average at start: {}", loadavg());
+    for rep in 0..reps {
+        let (sim_mean, sim_median, sim_acc) = simulate(&text);
         println!(
-            "model downloads: {:.2} MB, all as full weights",
-            full as f64 / 1e6
+            "simulator (in process):        mean {sim_mean:7.1} ms/round, median {sim_median:7.1}, final accuracy {:.1}%",
+            100.0 * sim_acc
         );
-        return;
+        for (i, d) in dirs.iter().enumerate() {
+            let keep = keep.as_ref().map(|k| k.join(format!("run{rep}-bins{i}")));
+            let f = federate(&text, backbone, dataset, d, full_only, keep);
+            println!(
+                "federation (11 processes, TCP): mean {:7.1} ms/round, median {:7.1}, final accuracy {:.1}%  [{}]",
+                f.mean,
+                f.median,
+                100.0 * f.accuracy,
+                d.display()
+            );
+            println!(
+                "overhead ratio federation / simulator: {:.2} (mean), {:.2} (median); updates received: {:.2} MB; load average {}",
+                f.mean / sim_mean,
+                f.median / sim_median,
+                f.bytes as f64 / 1e6,
+                loadavg()
+            );
+            // Round 1: every node downloads the full weights; later rounds:
+            // the delta from the version it trained on.
+            let per_full = f.full as f64 / NODES as f64;
+            let per_delta = f.delta as f64 / (NODES as f64 * (ROUNDS - 1) as f64);
+            if full_only {
+                println!(
+                    "model downloads: {:.2} MB, all as full weights",
+                    f.full as f64 / 1e6
+                );
+            } else {
+                println!(
+                    "model downloads: {:.2} MB as full weights ({:.0} KB each), {:.2} MB as lossless deltas ({:.0} KB each, {:.0}% of the full weights)",
+                    f.full as f64 / 1e6,
+                    per_full / 1e3,
+                    f.delta as f64 / 1e6,
+                    per_delta / 1e3,
+                    100.0 * per_delta / per_full
+                );
+            }
+        }
     }
-    println!(
-        "model downloads: {:.2} MB as full weights ({:.0} KB each), {:.2} MB as lossless deltas ({:.0} KB each, {:.0}% of the full weights)",
-        full as f64 / 1e6,
-        per_full / 1e3,
-        delta as f64 / 1e6,
-        per_delta / 1e3,
-        100.0 * per_delta / per_full
-    );
+    println!("load average at end: {}", loadavg());
 }

@@ -113,15 +113,31 @@ struct Parked {
     since: Instant,
 }
 
+/// What a closing round's blocking work returns: the checkpoint written,
+/// then the scores (none: not evaluated).
+type WorkResult = Result<Option<Vec<Score>>, AggError>;
+
 /// A closed round whose checkpoint write and central evaluation run on a
 /// blocking thread; its metrics line is written when both are done.
 struct Closing {
     report: RoundReport,
     /// The checkpoint written, then the scores (none: not evaluated).
-    work: tokio::task::JoinHandle<Result<Option<Vec<Score>>, AggError>>,
+    work: tokio::task::JoinHandle<WorkResult>,
+    /// Its outcome, once the service loop saw it finish ([`work_done`]).
+    done: Option<Result<WorkResult, tokio::task::JoinError>>,
     wall_ms: u64,
     /// A line written after a restart (see `Service::recover_last_line`).
     recovered: bool,
+}
+
+/// Waits until the oldest closing round's work is done and keeps its
+/// outcome in `done`; pending forever when there is none (or it is kept
+/// already). Cancel-safe: dropped before the work ends, it takes nothing.
+async fn work_done(closing: &mut VecDeque<Closing>) {
+    match closing.front_mut() {
+        Some(c) if c.done.is_none() => c.done = Some((&mut c.work).await),
+        _ => std::future::pending().await,
+    }
 }
 
 /// The task that owns the engine while the aggregator runs (built by
@@ -399,6 +415,15 @@ impl Service {
                     }
                     None => return Err(AggError::Net("the network event loop stopped".into())),
                 },
+                // The oldest closing round's checkpoint and evaluation are
+                // done: its line, and the next round, now rather than at
+                // the next tick.
+                () = work_done(&mut self.closing) => {
+                    if self.on_tick().await? {
+                        info!("run finished; exiting");
+                        return Ok(());
+                    }
+                }
                 _ = tick.tick() => {
                     if self.on_tick().await? {
                         info!("run finished; exiting");
@@ -485,6 +510,7 @@ impl Service {
         self.closing.push_back(Closing {
             report,
             work,
+            done: None,
             wall_ms: 0,
             recovered: true,
         });
@@ -1141,6 +1167,7 @@ impl Service {
         self.closing.push_back(Closing {
             report,
             work,
+            done: None,
             wall_ms,
             recovered: false,
         });
@@ -1152,13 +1179,17 @@ impl Service {
     async fn finish_closing(&mut self) -> Result<bool, AggError> {
         let mut any = false;
         while let Some(c) = self.closing.front() {
-            if !c.work.is_finished() {
+            if c.done.is_none() && !c.work.is_finished() {
                 break;
             }
             let Some(c) = self.closing.pop_front() else {
                 break;
             };
-            let central = match c.work.await {
+            let outcome = match c.done {
+                Some(d) => d,
+                None => c.work.await,
+            };
+            let central = match outcome {
                 // A checkpoint that cannot be written stops the aggregator:
                 // going on would break "every round has its checkpoint".
                 Ok(done) => done?.unwrap_or_default(),
