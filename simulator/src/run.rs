@@ -139,7 +139,10 @@ struct Reply {
 enum Work {
     Train(Job),
     /// Slice `slice` of task `task`'s test set (see [`CentralEval`]).
-    Eval { task: usize, slice: usize },
+    Eval {
+        task: usize,
+        slice: usize,
+    },
 }
 
 enum Done {
@@ -180,10 +183,17 @@ impl CentralEval {
     fn combine(&self, parts: &[SliceScore]) -> Vec<TaskScore> {
         (0..self.tasks.len())
             .map(|task| {
-                let of = || parts.iter().filter(move |(t, _)| *t == task).map(|(_, m)| m);
+                let of = || {
+                    parts
+                        .iter()
+                        .filter(move |(t, _)| *t == task)
+                        .map(|(_, m)| m)
+                };
                 let n: u64 = of().map(|m| m.samples).sum();
                 let w = |f: fn(&cohort_tasks::EvalMetrics) -> f32| {
-                    (of().map(|m| f64::from(f(m)) * m.samples as f64).sum::<f64>()
+                    (of()
+                        .map(|m| f64::from(f(m)) * m.samples as f64)
+                        .sum::<f64>()
                         / n.max(1) as f64) as f32
                 };
                 TaskScore {
@@ -578,11 +588,10 @@ impl Simulation {
     /// the pool.
     pub fn evaluate_central(&self) -> Result<Vec<TaskScore>, SimError> {
         let (central, pop) = (self.central_eval()?, &self.pop);
-        let parts = crate::schedule::run_queue(
-            &self.pool,
-            central.slices().collect(),
-            |(task, slice)| central.slice(pop, task, slice),
-        );
+        let parts =
+            crate::schedule::run_queue(&self.pool, central.slices().collect(), |(task, slice)| {
+                central.slice(pop, task, slice)
+            });
         let parts: Vec<SliceScore> = parts.into_iter().collect::<Result<_, _>>()?;
         Ok(central.combine(&parts))
     }

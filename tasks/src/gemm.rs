@@ -665,7 +665,17 @@ impl GemmNet {
         }
         if head || matches!(sink, GradSink::Buffers) {
             let grads = &mut ws.grad_head[..classes * (f + 1)];
-            param_step(sink, head_w, grads, classes * f, dlogits, feat, b, f, classes);
+            param_step(
+                sink,
+                head_w,
+                grads,
+                classes * f,
+                dlogits,
+                feat,
+                b,
+                f,
+                classes,
+            );
         }
         if !backbone {
             return;
@@ -1306,15 +1316,24 @@ mod tests {
                     net
                 };
                 let (fused, buffered) = (run(GradSink::Sgd { lr }), run(GradSink::Buffers));
-                assert_ne!(fused.backbone, start.backbone, "{kind}: the step moved nothing");
+                assert_ne!(
+                    fused.backbone, start.backbone,
+                    "{kind}: the step moved nothing"
+                );
                 for (a, e) in fused.backbone.iter().zip(&buffered.backbone) {
-                    assert!((a - e).abs() <= 1e-6 * (1.0 + e.abs()), "{kind}: {a} vs {e}");
+                    assert!(
+                        (a - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                        "{kind}: {a} vs {e}"
+                    );
                 }
                 let (fh, bh) = (&fused.heads["t"], &buffered.heads["t"]);
                 if train_head {
                     assert_ne!(fh, &start.heads["t"], "{kind}: the head did not move");
                     for (a, e) in fh.iter().zip(bh) {
-                        assert!((a - e).abs() <= 1e-6 * (1.0 + e.abs()), "{kind}: {a} vs {e}");
+                        assert!(
+                            (a - e).abs() <= 1e-6 * (1.0 + e.abs()),
+                            "{kind}: {a} vs {e}"
+                        );
                     }
                 } else {
                     assert_eq!(fh, &start.heads["t"], "{kind}: a frozen head moved");

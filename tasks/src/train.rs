@@ -316,10 +316,12 @@ fn eval_batches(
         // Consecutive dense rows (a central evaluation's slices) are
         // already one batch in memory: no copy.
         let first = chunk[0];
-        let run = data.windows.is_none()
-            && chunk.iter().enumerate().all(|(r, &i)| i == first + r);
+        let run = data.windows.is_none() && chunk.iter().enumerate().all(|(r, &i)| i == first + r);
         if run {
-            f(&data.features[first * dim..(first + chunk.len()) * dim], &labels)?;
+            f(
+                &data.features[first * dim..(first + chunk.len()) * dim],
+                &labels,
+            )?;
             continue;
         }
         for (r, &i) in chunk.iter().enumerate() {
