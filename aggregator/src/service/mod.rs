@@ -475,7 +475,7 @@ impl Service {
                 // Its plan fails now rather than at the deadline; it says
                 // hello again when it comes back.
                 let node = peer.to_string();
-                if self.engine.node(&node).is_some() {
+                if self.engine.is_registered(&node) {
                     info!(%peer, "node disconnected; unregistered");
                     self.engine.unregister(&node);
                     return Ok(true);
@@ -558,7 +558,7 @@ impl Service {
             }
         }
         let node = peer.to_string();
-        if !matches!(env.body, Request::Hello(_)) && self.engine.node(&node).is_none() {
+        if !matches!(env.body, Request::Hello(_)) && !self.engine.is_registered(&node) {
             return refuse(RefusalCode::UnknownNode, "unknown node: say hello first");
         }
         match env.body {
@@ -1091,7 +1091,7 @@ impl Service {
         }
         let parked = std::mem::take(&mut self.parked);
         for p in parked {
-            if self.engine.node(&p.node).is_none() {
+            if !self.engine.is_registered(&p.node) {
                 // Gone (disconnected); dropping the channel is the answer.
                 continue;
             }
