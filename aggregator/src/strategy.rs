@@ -749,50 +749,18 @@ fn from_key(k: i32) -> f32 {
 const PAR_CHUNK: usize = 16 * 1024;
 const BLOCK: usize = 256;
 
-/// Up to this many deltas, columns are sorted by a sorting network run on
-/// [`LANES`] coordinates at once (branch-free min/max rows the compiler
-/// vectorizes) instead of a sort per column.
+/// Up to this many deltas, columns are sorted by counting ranks (k² branch-free
+/// comparisons, vectorized across [`LANES`] coordinates) instead of a sort.
 const SMALL_K: usize = 32;
 const LANES: usize = 16;
 
-/// The comparators of Batcher's odd-even merge sort of `n` (a power of
-/// two) items, in order: `(i, j)` with `i < j` puts the smaller in `i`.
-/// 191 comparators for 32, against the k² compares of counting ranks.
-fn batcher_network(n: usize) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut p = 1;
-    while p < n {
-        let mut k = p;
-        while k >= 1 {
-            let mut j = k % p;
-            while j + k < n {
-                for i in 0..k.min(n - j - k) {
-                    if (i + j) / (2 * p) == (i + j + k) / (2 * p) {
-                        out.push((i + j, i + j + k));
-                    }
-                }
-                j += 2 * k;
-            }
-            k /= 2;
-        }
-        p *= 2;
-    }
-    out
-}
-
 /// Writes the sorted keys of the columns `start..start+len` into
-/// `buf[i*k .. (i+1)*k]`: the `k` rows are padded to `network`'s size with
-/// `i32::MAX` (which sorts last), so the first `k` sorted rows are exactly
-/// the column's keys in order.
-fn sort_block_by_network(
-    deltas: &[Vec<f32>],
-    network: &[(usize, usize)],
-    start: usize,
-    len: usize,
-    buf: &mut [i32],
-) {
+/// `buf[i*k .. (i+1)*k]`. Rank of value i = #{j < i: x_j <= x_i} +
+/// #{j > i: x_j < x_i}, a permutation of 0..k (ties in index order), so
+/// the result is exactly a sort.
+fn sort_block_by_rank(deltas: &[Vec<f32>], start: usize, len: usize, buf: &mut [i32]) {
     let k = deltas.len();
-    let mut keys = [[i32::MAX; LANES]; SMALL_K];
+    let mut keys = [[0i32; LANES]; SMALL_K];
     let mut lane0 = 0;
     while lane0 < len {
         let lw = LANES.min(len - lane0);
@@ -801,18 +769,21 @@ fn sort_block_by_network(
                 *key = order_key(*x);
             }
         }
-        for &(i, j) in network {
-            let (lo, hi) = keys.split_at_mut(j);
-            let (a, b) = (&mut lo[i], &mut hi[0]);
-            for l in 0..LANES {
-                let (x, y) = (a[l], b[l]);
-                a[l] = x.min(y);
-                b[l] = x.max(y);
+        let keys = &keys[..k];
+        for (i, xi) in keys.iter().enumerate() {
+            let mut rank = [0u32; LANES];
+            for xj in &keys[..i] {
+                for l in 0..LANES {
+                    rank[l] += u32::from(xj[l] <= xi[l]);
+                }
             }
-        }
-        for (r, row) in keys[..k].iter().enumerate() {
-            for (l, &key) in row[..lw].iter().enumerate() {
-                buf[(lane0 + l) * k + r] = key;
+            for xj in &keys[i + 1..] {
+                for l in 0..LANES {
+                    rank[l] += u32::from(xj[l] < xi[l]);
+                }
+            }
+            for l in 0..lw {
+                buf[(lane0 + l) * k + rank[l] as usize] = xi[l];
             }
         }
         lane0 += LANES;
@@ -829,11 +800,6 @@ fn per_column_sorted(
     let n = check_same_len(deltas)?;
     let k = deltas.len();
     let mut out = vec![0.0f32; n];
-    let network = if k <= SMALL_K {
-        batcher_network(k.next_power_of_two())
-    } else {
-        Vec::new()
-    };
     out.par_chunks_mut(PAR_CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
@@ -843,7 +809,7 @@ fn per_column_sorted(
                 let start = base + b * BLOCK;
                 let len = block.len();
                 if k <= SMALL_K {
-                    sort_block_by_network(deltas, &network, start, len, &mut buf);
+                    sort_block_by_rank(deltas, start, len, &mut buf);
                     for (i, o) in block.iter_mut().enumerate() {
                         *o = f(&buf[i * k..(i + 1) * k]);
                     }
@@ -1119,70 +1085,4 @@ pub fn server_strategy(cfg: &StrategyConfig) -> ServerStrategy {
         }
     };
     s.with_clip_norm(cfg.clip_norm)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    /// The column's values sorted one by one: what the network must match.
-    fn sorted_column(deltas: &[Vec<f32>], i: usize) -> Vec<f32> {
-        let mut c: Vec<f32> = deltas.iter().map(|d| d[i]).collect();
-        c.sort_by(f32::total_cmp);
-        c
-    }
-
-    #[test]
-    fn batcher_networks_sort_every_zero_one_input() {
-        // The 0-1 principle: a network that sorts every 0/1 input sorts all.
-        for n in [1usize, 2, 4, 8, 16] {
-            let net = batcher_network(n);
-            for bits in 0u32..(1 << n) {
-                let mut v: Vec<u32> = (0..n).map(|i| (bits >> i) & 1).collect();
-                for &(i, j) in &net {
-                    if v[i] > v[j] {
-                        v.swap(i, j);
-                    }
-                }
-                assert!(v.windows(2).all(|w| w[0] <= w[1]), "n={n} bits={bits:b}");
-            }
-        }
-        assert_eq!(batcher_network(32).len(), 191);
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(64))]
-        /// Median and trimmed mean equal the same statistics of columns
-        /// sorted one by one, bit for bit, for every count of deltas up to
-        /// past the network's limit and lengths that leave partial lanes.
-        #[test]
-        fn network_path_matches_sorting_each_column(
-            k in 1usize..=40,
-            n in 1usize..300,
-            seed in any::<u64>(),
-        ) {
-            use rand::{Rng, SeedableRng};
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-            // Few distinct values, so ties are common.
-            let deltas: Vec<Vec<f32>> = (0..k)
-                .map(|_| (0..n).map(|_| f32::from(rng.gen_range(-4i8..4)) * 0.5).collect())
-                .collect();
-            let med = median(&deltas).expect("median");
-            let tm = trimmed_mean(&deltas, 0.2).expect("trimmed");
-            let cut = ((0.2f64 * k as f64).floor() as usize).min((k - 1) / 2);
-            for i in 0..n {
-                let c = sorted_column(&deltas, i);
-                let m = if k % 2 == 1 {
-                    c[k / 2]
-                } else {
-                    ((f64::from(c[k / 2 - 1]) + f64::from(c[k / 2])) / 2.0) as f32
-                };
-                prop_assert_eq!(med[i].to_bits(), m.to_bits());
-                let s: f64 = c[cut..k - cut].iter().map(|&x| f64::from(x)).sum();
-                let t = (s / (k - 2 * cut) as f64) as f32;
-                prop_assert_eq!(tm[i].to_bits(), t.to_bits());
-            }
-        }
-    }
 }
