@@ -211,8 +211,6 @@ fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [
     let lf = l as f32;
     let top = (2 * l) as f32;
     // y = x/s*L + L in [0, 2L]; floor(y + u) is y in expectation, floor(y + 1/2) is nearest.
-    // Plain selects (not f32::max/min, whose NaN rules cost extra
-    // instructions): the input is finite, checked by the caller.
     // Rounding by the magic number 2^23: adding it to y in [0, 2^23) leaves
     // round-to-nearest(y) in the low mantissa bits, with plain float ops
     // (a float-to-int conversion with Rust's saturation costs more).
