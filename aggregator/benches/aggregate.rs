@@ -53,6 +53,20 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// One table row from a round's timings: updates/s and GB/s of f32 at the
+/// median, best and median round in ms.
+fn print_row(name: &str, times: &mut [Duration]) {
+    times.sort();
+    let med = times[times.len() / 2].as_secs_f64();
+    println!(
+        "| {name} | {:.1} | {:.2} | {:.1} | {:.1} |",
+        UPDATES as f64 / med,
+        UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
+        times[0].as_secs_f64() * 1e3,
+        med * 1e3
+    );
+}
+
 fn main() {
     println!("load average at start: {}", load_average());
     let codec = CodecConfig {
@@ -92,15 +106,7 @@ fn main() {
             times.push(t0.elapsed());
             std::hint::black_box(&acc);
         }
-        times.sort();
-        let med = times[times.len() / 2].as_secs_f64();
-        println!(
-            "| decode_accumulate only (baseline) | {:.1} | {:.2} | {:.1} | {:.1} |",
-            UPDATES as f64 / med,
-            UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
-            times[0].as_secs_f64() * 1e3,
-            med * 1e3
-        );
+        print_row("decode_accumulate only (baseline)", &mut times);
     }
     // The engine's per-update check and add, outside the engine, before
     // and after fusing the checks into the decode (same bits either way):
@@ -136,15 +142,7 @@ fn main() {
                 times.push(t0.elapsed());
                 std::hint::black_box(&sum);
             }
-            times.sort();
-            let med = times[times.len() / 2].as_secs_f64();
-            println!(
-                "| {name} | {:.1} | {:.2} | {:.1} | {:.1} |",
-                UPDATES as f64 / med,
-                UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
-                times[0].as_secs_f64() * 1e3,
-                med * 1e3
-            );
+            print_row(name, &mut times);
         }
     }
     // The robust combiners alone, on decoded deltas (what the engine
@@ -170,15 +168,7 @@ fn main() {
                 std::hint::black_box(f(&decoded));
                 times.push(t0.elapsed());
             }
-            times.sort();
-            let med = times[times.len() / 2].as_secs_f64();
-            println!(
-                "| {name} | {:.1} | {:.2} | {:.1} | {:.1} |",
-                UPDATES as f64 / med,
-                UPDATES as f64 * PARAMS as f64 * 4.0 / med / 1e9,
-                times[0].as_secs_f64() * 1e3,
-                med * 1e3
-            );
+            print_row(name, &mut times);
         }
     }
     for (name, kind) in [
@@ -255,17 +245,7 @@ fn main() {
                 times.push(dt); // round 0 warms up allocations
             }
         }
-        times.sort();
-        let best = times[0];
-        let med = times[times.len() / 2];
-        let secs = |d: Duration| d.as_secs_f64();
-        println!(
-            "| {name} | {:.1} | {:.2} | {:.1} | {:.1} |",
-            UPDATES as f64 / secs(med),
-            UPDATES as f64 * PARAMS as f64 * 4.0 / secs(med) / 1e9,
-            secs(best) * 1e3,
-            secs(med) * 1e3
-        );
+        print_row(name, &mut times);
     }
     println!("load average at end: {}", load_average());
 }
