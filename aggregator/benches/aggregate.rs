@@ -3,6 +3,7 @@
 //! for streaming FedAvg, coordinate-wise median and trimmed mean.
 //!
 //! `cargo bench -p cohort-aggregator --bench aggregate`
+//! An argument (e.g. `-- fedavg`) runs only the rows whose name contains it.
 //! Prints updates/s and GB/s of f32 equivalent (4 bytes per parameter per
 //! update, decimal GB), best and median of the timed rounds, and the load
 //! average at start and end.
@@ -11,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use cohort_aggregator::strategy::TrimParams;
 use cohort_aggregator::{
-    strategy_from_config, Engine, EngineConfig, NodeInfo, OpenedUpdate, StrategyConfig,
-    StrategyKind,
+    strategy_from_config, Engine, EngineConfig, NodeInfo, StrategyConfig, StrategyKind,
 };
 use cohort_protocol::codec::{encode, CodecConfig};
 use cohort_protocol::messages::{TaskMetrics, UpdateHeader};
@@ -67,6 +67,15 @@ fn print_row(name: &str, times: &mut [Duration]) {
     );
 }
 
+/// The rows to run: those whose name contains the first argument that is
+/// not a flag (cargo passes `--bench`), all when there is none.
+fn selected(name: &str) -> bool {
+    std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .is_none_or(|f| name.contains(f.as_str()))
+}
+
 fn main() {
     println!("load average at start: {}", load_average());
     let codec = CodecConfig {
@@ -95,7 +104,7 @@ fn main() {
     println!("|---|---|---|---|---|");
     // Baseline: the codec alone, decode_accumulate of every update into one
     // accumulator (no checks, no engine).
-    {
+    if selected("decode_accumulate only (baseline)") {
         let mut acc = vec![0.0f32; PARAMS as usize];
         let mut times = Vec::new();
         for _ in 0..ROUNDS {
@@ -128,7 +137,7 @@ fn main() {
         ];
         let mut scratch = vec![0.0f32; PARAMS as usize];
         let mut sum = vec![0.0f32; PARAMS as usize];
-        for (name, check) in rows {
+        for (name, check) in rows.into_iter().filter(|(n, _)| selected(n)) {
             let mut times = Vec::new();
             for _ in 0..ROUNDS {
                 let t0 = Instant::now();
@@ -144,6 +153,23 @@ fn main() {
             }
             print_row(name, &mut times);
         }
+    }
+    // The engine's check and add since: one read of the encoding for the
+    // sum of squares, no decoded copy, then a decode straight into the sum.
+    if selected("check + add, no copy (codec::check)") {
+        let mut sum = vec![0.0f32; PARAMS as usize];
+        let mut times = Vec::new();
+        for _ in 0..ROUNDS {
+            let t0 = Instant::now();
+            for d in &deltas {
+                let c = cohort_protocol::codec::check(d, PARAMS as usize).expect("check");
+                assert!(c.sum_squares().is_finite());
+                c.add_scaled_to(0.05, 1.0, &mut sum);
+            }
+            times.push(t0.elapsed());
+            std::hint::black_box(&sum);
+        }
+        print_row("check + add, no copy (codec::check)", &mut times);
     }
     // The robust combiners alone, on decoded deltas (what the engine
     // retains), to separate their cost from the engine's checks and copies.
@@ -161,7 +187,7 @@ fn main() {
                 cohort_aggregator::strategy::trimmed_mean(d, 0.1).expect("trimmed")
             }),
         ];
-        for (name, f) in rows {
+        for (name, f) in rows.into_iter().filter(|(n, _)| selected(n)) {
             let mut times = Vec::new();
             for _ in 0..ROUNDS {
                 let t0 = Instant::now();
@@ -178,7 +204,10 @@ fn main() {
             "trimmed_mean beta=0.1",
             StrategyKind::TrimmedMean(TrimParams { beta: 0.1 }),
         ),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(n, _)| selected(n))
+    {
         let cfg = EngineConfig {
             federation: "bench".into(),
             codec: codec.clone(),
@@ -211,31 +240,29 @@ fn main() {
         for round in 0..ROUNDS {
             let now = round as u64 * 10;
             let plans = e.start_round(now).expect("start");
-            // Headers and payload copies are made outside the timing.
-            let updates: Vec<OpenedUpdate> = plans
+            // Headers are made outside the timing; payloads are borrowed,
+            // as the service's are from the opened frame.
+            let headers: Vec<UpdateHeader> = plans
                 .iter()
-                .zip(&deltas)
-                .map(|((id, p), d)| OpenedUpdate {
-                    header: UpdateHeader {
-                        federation: p.federation.clone(),
-                        round: p.round,
-                        base_version: p.base_version,
-                        node: id.clone(),
-                        groups: vec![BACKBONE.into()],
-                        metrics: vec![TaskMetrics {
-                            task: "t".into(),
-                            loss: 0.0,
-                            samples: 100,
-                            steps: 1,
-                        }],
-                        num_examples: 100,
-                    },
-                    groups: vec![d.clone()],
+                .map(|(id, p)| UpdateHeader {
+                    federation: p.federation.clone(),
+                    round: p.round,
+                    base_version: p.base_version,
+                    node: id.clone(),
+                    groups: vec![BACKBONE.into()],
+                    metrics: vec![TaskMetrics {
+                        task: "t".into(),
+                        loss: 0.0,
+                        samples: 100,
+                        steps: 1,
+                    }],
+                    num_examples: 100,
                 })
                 .collect();
             let t0 = Instant::now();
-            for u in updates {
-                e.submit(u, now + 1).expect("accepted");
+            for (h, d) in headers.iter().zip(&deltas) {
+                e.submit_groups(h, &[d.as_slice()], now + 1)
+                    .expect("accepted");
             }
             let report = e.poll(now + 2).expect("closed");
             let dt = t0.elapsed();

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
-use cohort_protocol::codec::{decode_into_sum_squares, decoded_len};
+use cohort_protocol::codec::{self, decoded_len};
 use cohort_protocol::messages::{
     unpack_groups, EvalReport, NodeId, RefusalCode, RoundPlan, UpdateHeader,
 };
@@ -14,6 +14,7 @@ use cohort_protocol::{
 };
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tracing::{debug, info, warn};
@@ -154,6 +155,49 @@ struct Held {
     delta: Vec<f32>,
 }
 
+/// Model-sized buffers kept across rounds: a round's sums, held deltas
+/// and rollback copies would otherwise be fresh pages, zeroed by the kernel
+/// on first touch, every round.
+#[derive(Debug, Default)]
+struct Spares(Vec<Vec<f32>>);
+
+/// Spare buffers kept at most (a few per group of a multi-task model).
+const MAX_SPARES: usize = 16;
+
+impl Spares {
+    /// A buffer of `len` values whose contents are left over: for a caller
+    /// that overwrites every value.
+    fn any(&mut self, len: usize) -> Vec<f32> {
+        match self.0.iter().position(|v| v.capacity() >= len) {
+            Some(i) => {
+                let mut v = self.0.swap_remove(i);
+                v.resize(len, 0.0);
+                v.truncate(len);
+                v
+            }
+            None => vec![0.0; len],
+        }
+    }
+
+    fn zeroed(&mut self, len: usize) -> Vec<f32> {
+        let mut v = self.any(len);
+        v.fill(0.0);
+        v
+    }
+
+    fn copy_of(&mut self, src: &[f32]) -> Vec<f32> {
+        let mut v = self.any(src.len());
+        v.copy_from_slice(src);
+        v
+    }
+
+    fn give(&mut self, v: Vec<f32>) {
+        if self.0.len() < MAX_SPARES && v.capacity() > 0 {
+            self.0.push(v);
+        }
+    }
+}
+
 /// Collected updates of one group.
 #[derive(Debug)]
 enum GroupAcc {
@@ -174,6 +218,95 @@ enum GroupAcc {
         deltas: Vec<Vec<f32>>,
         weights: Vec<f64>,
     },
+}
+
+impl GroupAcc {
+    fn new(collect: Collect, len: usize, spares: &mut Spares) -> GroupAcc {
+        match collect {
+            Collect::Stream => GroupAcc::Stream {
+                sum: spares.zeroed(len),
+                weight: 0.0,
+                count: 0,
+                held: Vec::new(),
+            },
+            Collect::Retain => GroupAcc::Retain {
+                deltas: Vec::new(),
+                weights: Vec::new(),
+            },
+        }
+    }
+
+    /// Adds an accepted update of weight `w` whose delta is `scale` times
+    /// the `len` values of `part`, keeping the `hold` heaviest out of a
+    /// streamed sum. Returns the bytes it retained.
+    #[allow(clippy::too_many_arguments)]
+    fn add(
+        &mut self,
+        part: &codec::Checked<'_>,
+        len: usize,
+        w: f64,
+        scale: f64,
+        hold: usize,
+        result: usize,
+        spares: &mut Spares,
+    ) -> u64 {
+        let c = scale as f32;
+        let mut decoded = || {
+            let mut d = spares.any(len);
+            part.decode_scaled(c, &mut d);
+            d
+        };
+        match self {
+            GroupAcc::Stream {
+                sum,
+                weight,
+                count,
+                held,
+            } => {
+                *count += 1;
+                if hold == 0 {
+                    part.add_scaled_to((w * scale) as f32, 1.0, sum);
+                    *weight += w;
+                } else if held.len() < hold {
+                    held.push(Held {
+                        weight: w,
+                        result,
+                        delta: decoded(),
+                    });
+                } else {
+                    // The lightest held (the first of equals) goes into the
+                    // sum when a heavier one comes; its buffer is reused.
+                    let lightest = held.iter().enumerate().fold(0, |best, (i, h)| {
+                        if h.weight < held[best].weight {
+                            i
+                        } else {
+                            best
+                        }
+                    });
+                    let h = &mut held[lightest];
+                    if w > h.weight {
+                        let m = h.weight as f32;
+                        for (a, x) in sum.iter_mut().zip(&h.delta) {
+                            *a += m * x;
+                        }
+                        *weight += h.weight;
+                        part.decode_scaled(c, &mut h.delta);
+                        h.weight = w;
+                        h.result = result;
+                    } else {
+                        part.add_scaled_to(w as f32, c, sum);
+                        *weight += w;
+                    }
+                }
+                0
+            }
+            GroupAcc::Retain { deltas, weights } => {
+                deltas.push(decoded());
+                weights.push(w);
+                4 * len as u64
+            }
+        }
+    }
 }
 
 /// Everything collected since the last model step.
@@ -266,9 +399,8 @@ pub struct Engine {
     /// Async: round of each node's last accepted update (duplicate check).
     last_accepted: BTreeMap<NodeId, u64>,
     collecting: Collecting,
+    spares: Spares,
     reports: VecDeque<RoundReport>,
-    /// Decoded values of the update being checked: O(model), reused.
-    scratch: Vec<f32>,
     evaluator: Option<Evaluator>,
     /// The effective bound on an update's L2 norm.
     norm_bound: f32,
@@ -402,8 +534,8 @@ impl Engine {
             outstanding: BTreeMap::new(),
             last_accepted: BTreeMap::new(),
             collecting: Collecting::default(),
+            spares: Spares::default(),
             reports: VecDeque::new(),
-            scratch: Vec::new(),
             evaluator: None,
             norm_bound,
             dp,
@@ -1166,31 +1298,25 @@ impl Engine {
                 ));
             }
         }
-        // Decode everything before anything counts, so that a refusal
-        // (malformed, non-finite, norm) leaves the accumulators untouched.
-        let total = total_len as usize;
-        if self.scratch.len() < total {
-            self.scratch.resize(total, 0.0);
-        }
-        let scratch = &mut self.scratch[..total];
-        let mut offset = 0;
+        // Check every part before anything counts, so that a refusal
+        // (malformed, norm) leaves the accumulators untouched. The check
+        // reads each encoding once and keeps no decoded copy: the commit
+        // below decodes straight into the sum.
+        let mut checked = Vec::with_capacity(encoded.len());
         let mut sq = 0.0f64;
         for ((g, bytes), &len) in h.groups.iter().zip(encoded).zip(&lens) {
-            let part = &mut scratch[offset..offset + len];
-            // One pass: the decode computes the sum of squares chunk by
-            // chunk, while it is in cache. Squares of finite f32 cannot
-            // overflow an f64 sum, so a non-finite sum means a NaN or inf.
-            let group_sq = decode_into_sum_squares(bytes, part)
+            let c = codec::check(bytes, len)
                 .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
-            if !group_sq.is_finite() {
-                let i = part.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            // A checked encoding holds finite values whose squares cannot
+            // overflow an f64 sum; kept as a guard all the same.
+            if !c.sum_squares().is_finite() {
                 return Err(Refusal::new(
                     C::NonFinite,
-                    format!("`{g}`[{i}] is not finite"),
+                    format!("`{g}` decodes to a value that is not finite"),
                 ));
             }
-            sq += group_sq;
-            offset += len;
+            sq += c.sum_squares();
+            checked.push(c);
         }
         let norm = sq.sqrt();
         let bound = self.norm_bound;
@@ -1266,104 +1392,15 @@ impl Engine {
         let round = plan.round;
         let bytes: u64 = encoded.iter().map(|b| b.len() as u64).sum();
         let hold = held_capacity(self.cfg.max_weight_share);
-        let mut offset = 0;
-        for ((g, &len), &w) in h.groups.iter().zip(&lens).zip(&weights) {
-            let part = &self.scratch[offset..offset + len];
-            offset += len;
+        for (((g, part), &len), &w) in h.groups.iter().zip(&checked).zip(&lens).zip(&weights) {
+            let spares = &mut self.spares;
             let acc = self
                 .collecting
                 .groups
                 .entry(g.clone())
-                .or_insert_with(|| match collect {
-                    Collect::Stream => GroupAcc::Stream {
-                        sum: vec![0.0; len],
-                        weight: 0.0,
-                        count: 0,
-                        held: Vec::new(),
-                    },
-                    Collect::Retain => GroupAcc::Retain {
-                        deltas: Vec::new(),
-                        weights: Vec::new(),
-                    },
-                });
-            match acc {
-                GroupAcc::Stream {
-                    sum,
-                    weight,
-                    count,
-                    held,
-                } => {
-                    *count += 1;
-                    if hold == 0 {
-                        let m = (w * scale) as f32;
-                        for (a, x) in sum.iter_mut().zip(part) {
-                            *a += m * x;
-                        }
-                        *weight += w;
-                        continue;
-                    }
-                    let c = scale as f32;
-                    let scaled = || -> Vec<f32> {
-                        if scale == 1.0 {
-                            part.to_vec()
-                        } else {
-                            part.iter().map(|x| x * c).collect()
-                        }
-                    };
-                    // Keep the `hold` heaviest out of the sum; the lightest
-                    // held (the first of equals) goes in when a heavier one
-                    // comes.
-                    let into_sum = if held.len() < hold {
-                        held.push(Held {
-                            weight: w,
-                            result: result_index,
-                            delta: scaled(),
-                        });
-                        None
-                    } else {
-                        let lightest = held.iter().enumerate().fold(0, |best, (i, h)| {
-                            if h.weight < held[best].weight {
-                                i
-                            } else {
-                                best
-                            }
-                        });
-                        if w > held[lightest].weight {
-                            Some(std::mem::replace(
-                                &mut held[lightest],
-                                Held {
-                                    weight: w,
-                                    result: result_index,
-                                    delta: scaled(),
-                                },
-                            ))
-                        } else {
-                            Some(Held {
-                                weight: w,
-                                result: result_index,
-                                delta: scaled(),
-                            })
-                        }
-                    };
-                    if let Some(h) = into_sum {
-                        let m = h.weight as f32;
-                        for (a, x) in sum.iter_mut().zip(&h.delta) {
-                            *a += m * x;
-                        }
-                        *weight += h.weight;
-                    }
-                }
-                GroupAcc::Retain { deltas, weights } => {
-                    let c = scale as f32;
-                    deltas.push(if scale == 1.0 {
-                        part.to_vec()
-                    } else {
-                        part.iter().map(|x| x * c).collect()
-                    });
-                    weights.push(w);
-                    self.collecting.retained_bytes += 4 * len as u64;
-                }
-            }
+                .or_insert_with(|| GroupAcc::new(collect, len, spares));
+            self.collecting.retained_bytes +=
+                acc.add(part, len, w, scale, hold, result_index, spares);
         }
         if let Some(r) = self.dp.as_mut().and_then(|d| d.round.as_mut()) {
             r.under += u64::from(under_clip);
@@ -1450,9 +1487,8 @@ impl Engine {
                     count,
                     held,
                 } => {
-                    let Some((delta, cap)) =
-                        capped_mean(sum, weight, &held, self.cfg.max_weight_share)
-                    else {
+                    let mean = capped_mean(sum, weight, &held, self.cfg.max_weight_share);
+                    let Some((delta, cap)) = mean else {
                         continue;
                     };
                     // The weights the held updates were combined with.
@@ -1466,11 +1502,19 @@ impl Engine {
                             }
                         }
                     }
+                    for h in held {
+                        self.spares.give(h.delta);
+                    }
                     (delta, count)
                 }
                 GroupAcc::Retain { deltas, weights } => {
-                    match self.strategy.combine(&g, &deltas, &weights) {
-                        Ok(d) => (d, deltas.len() as u32),
+                    let combined = self.strategy.combine(&g, &deltas, &weights);
+                    let count = deltas.len() as u32;
+                    for d in deltas {
+                        self.spares.give(d);
+                    }
+                    match combined {
+                        Ok(d) => (d, count),
                         Err(e) => {
                             warn!(group = %g, error = %e, "combine failed; group left unchanged");
                             report.skipped_groups.push(g);
@@ -1479,7 +1523,7 @@ impl Engine {
                     }
                 }
             };
-            if delta.iter().any(|v| !v.is_finite()) {
+            if !all_finite(&delta) {
                 warn!(group = %g, "combined delta is not finite; group left unchanged");
                 report.skipped_groups.push(g);
                 continue;
@@ -1490,49 +1534,14 @@ impl Engine {
         if combined.is_empty() {
             return report;
         }
-        // What the step may change, to undo it if it goes non-finite.
-        let saved_weights: Vec<(String, Vec<f32>)> = combined
-            .keys()
-            .filter_map(|g| self.global.get(g).map(|w| (g.clone(), w.to_vec())))
-            .collect();
-        let saved_strategy = self.strategy.state();
-        let restore = |engine: &mut Engine| -> Result<(), AggError> {
-            for (g, w) in &saved_weights {
-                engine.global.insert(g, w.clone());
+        let stepped = self.step_or_roll_back(round, &combined, &results, &mut report);
+        for (g, delta) in combined {
+            if !stepped {
+                report.skipped_groups.push(g);
             }
-            engine
-                .strategy
-                .restore(saved_strategy.clone(), &engine.layout)
-        };
-        let input = AggregateInput::new(round, &combined)
-            .with_results(&results)
-            .with_failures(&report.failures);
-        if let Err(e) = self.strategy.aggregate(&input, &mut self.global) {
-            warn!(error = %e, round, "strategy failed to aggregate; model unchanged this round");
-            if let Err(e) = restore(self) {
-                warn!(error = %e, round, "could not restore the strategy state");
-            }
-            report.skipped_groups.extend(combined.into_keys());
-            report.contributors.clear();
-            return report;
+            self.spares.give(delta);
         }
-        let weights_finite = combined.keys().all(|g| {
-            self.global
-                .get(g)
-                .is_some_and(|w| w.iter().all(|v| v.is_finite()))
-        });
-        if !weights_finite || !self.strategy.is_finite() {
-            warn!(
-                round,
-                weights_finite,
-                "SERVER STEP ROLLED BACK: the step made the model or the optimizer state \
-                 non-finite; model and strategy state restored, the round fails"
-            );
-            if let Err(e) = restore(self) {
-                warn!(error = %e, round, "could not restore the strategy state");
-            }
-            report.rolled_back = true;
-            report.skipped_groups.extend(combined.into_keys());
+        if !stepped {
             report.contributors.clear();
             return report;
         }
@@ -1552,6 +1561,66 @@ impl Engine {
             "model stepped"
         );
         report
+    }
+
+    /// The strategy's step with the round's combined deltas. Undoes it
+    /// (model and strategy state) when the strategy fails or leaves
+    /// anything non-finite; returns whether the step stands.
+    fn step_or_roll_back(
+        &mut self,
+        round: u64,
+        combined: &BTreeMap<String, Vec<f32>>,
+        results: &[ClientResult],
+        report: &mut RoundReport,
+    ) -> bool {
+        // What the step may change, to undo it.
+        let mut saved_weights: Vec<(String, Vec<f32>)> = Vec::new();
+        for g in combined.keys() {
+            if let Some(w) = self.global.get(g) {
+                saved_weights.push((g.clone(), self.spares.copy_of(w)));
+            }
+        }
+        let saved_strategy = self.strategy.state();
+        let input = AggregateInput::new(round, combined)
+            .with_results(results)
+            .with_failures(&report.failures);
+        let stands = match self.strategy.aggregate(&input, &mut self.global) {
+            Err(e) => {
+                warn!(error = %e, round, "strategy failed to aggregate; model unchanged this round");
+                false
+            }
+            Ok(()) => {
+                let weights_finite = combined
+                    .keys()
+                    .all(|g| self.global.get(g).is_some_and(all_finite));
+                let stands = weights_finite && self.strategy.is_finite();
+                if !stands {
+                    warn!(
+                        round,
+                        weights_finite,
+                        "SERVER STEP ROLLED BACK: the step made the model or the optimizer \
+                         state non-finite; model and strategy state restored, the round fails"
+                    );
+                    report.rolled_back = true;
+                }
+                stands
+            }
+        };
+        for (g, w) in saved_weights {
+            if stands {
+                self.spares.give(w);
+            } else {
+                if let Some(broken) = self.global.insert(g, w) {
+                    self.spares.give(broken);
+                }
+            }
+        }
+        if !stands {
+            if let Err(e) = self.strategy.restore(saved_strategy, &self.layout) {
+                warn!(error = %e, round, "could not restore the strategy state");
+            }
+        }
+        stands
     }
 
     /// Composes the round into the accountant: the sampled Gaussian
@@ -1847,7 +1916,7 @@ fn weight_cap(streamed: f64, held: &[f64], share: f64) -> Option<f64> {
 /// held updates, and the cap if one applied; None when the total weight is
 /// not positive.
 fn capped_mean(
-    sum: Vec<f32>,
+    mut sum: Vec<f32>,
     streamed: f64,
     held: &[Held],
     share: f64,
@@ -1862,28 +1931,50 @@ fn capped_mean(
     if total.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || !total.is_finite() {
         return None;
     }
-    if held.is_empty() {
-        return Some((
-            sum.into_iter()
-                .map(|s| (f64::from(s) / total) as f32)
-                .collect(),
-            None,
-        ));
-    }
     if let Some(c) = cap {
         debug!(cap = c, "weight share capped");
     }
-    Some((
-        sum.iter()
-            .enumerate()
-            .map(|(i, &s)| {
-                let mut acc = f64::from(s);
-                for (h, &w) in held.iter().zip(&capped) {
-                    acc += w * f64::from(h.delta.get(i).copied().unwrap_or(0.0));
+    // In place, a block of f64 at a time, spans of blocks on the pool; per
+    // value the additions come in the same order as one value at a time:
+    // the streamed sum, then each held update.
+    const BLOCK: usize = 512;
+    let mean_span = |(span, out): (usize, &mut [f32])| {
+        let mut acc = [0.0f64; BLOCK];
+        for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+            let start = span * PAR_SPAN + b * BLOCK;
+            let acc = &mut acc[..block.len()];
+            for (a, &s) in acc.iter_mut().zip(block.iter()) {
+                *a = f64::from(s);
+            }
+            for (h, &w) in held.iter().zip(&capped) {
+                let d = h.delta.get(start..).unwrap_or(&[]);
+                for (a, &x) in acc.iter_mut().zip(d) {
+                    *a += w * f64::from(x);
                 }
-                (acc / total) as f32
-            })
-            .collect(),
-        cap,
-    ))
+            }
+            for (o, a) in block.iter_mut().zip(acc.iter()) {
+                *o = (a / total) as f32;
+            }
+        }
+    };
+    if sum.len() > PAR_SPAN {
+        sum.par_chunks_mut(PAR_SPAN).enumerate().for_each(mean_span);
+    } else {
+        mean_span((0, &mut sum));
+    }
+    Some((sum, cap))
+}
+
+/// Values per span of the round's model-sized passes handed to a thread;
+/// a group no longer than one span stays on the caller's thread.
+const PAR_SPAN: usize = 1 << 17;
+
+/// Every value is finite; spans of a long slice on the pool.
+fn all_finite(v: &[f32]) -> bool {
+    let span = |c: &[f32]| c.iter().all(|x| x.is_finite());
+    if v.len() > PAR_SPAN {
+        v.par_chunks(PAR_SPAN).all(span)
+    } else {
+        span(v)
+    }
 }

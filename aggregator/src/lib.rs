@@ -76,8 +76,9 @@
 //!   round / plan / deadline / duplicate / base version (and staleness in
 //!   async), groups allowed, encoded lengths (`decoded_len` against the
 //!   layout), sample weights, retained-memory cap, decoding, finite values,
-//!   L2 norm bound over the whole update. The update is decoded into one
-//!   reusable O(model) scratch buffer and committed only when all pass.
+//!   L2 norm bound over the whole update. The checks read each encoding once
+//!   (`codec::check`: sum of squares a block at a time, no decoded copy);
+//!   only when all pass is it decoded, straight into the running sum.
 //! - Mean-based strategies accumulate `weight * delta` per group in `f32` in
 //!   **submission order** (the simulator submits in node-id order so that
 //!   runs are deterministic); memory is O(model) whatever the number of

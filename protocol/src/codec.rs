@@ -34,6 +34,7 @@
 //! checked. A decoder that refuses an input leaves the accumulator untouched.
 
 use half::f16;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::ProtocolError;
@@ -328,22 +329,39 @@ fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
 /// Adds `weight * value` of each of the `out.len()` values of one chunk.
 /// `scale` has been validated; codes above the grid are clamped onto it.
 fn add_chunk(bits: u8, scale: f32, codes: &[u8], weight: f32, out: &mut [f32]) {
+    decode_chunk(bits, scale, codes, weight, out, |o, x| *o += x);
+}
+
+/// Calls `put(&mut out[i], weight * value[i])` for each of the `out.len()`
+/// values of one chunk, `weight * value` computed as [`add_chunk`] adds it.
+#[inline(always)]
+fn decode_chunk(
+    bits: u8,
+    scale: f32,
+    codes: &[u8],
+    weight: f32,
+    out: &mut [f32],
+    put: impl Fn(&mut f32, f32),
+) {
     match bits {
         32 => {
             for (o, c) in out.iter_mut().zip(codes.chunks_exact(4)) {
-                *o += weight * f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                put(o, weight * f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
             }
         }
         16 => {
             let a = weight * scale;
             for (o, c) in out.iter_mut().zip(codes.chunks_exact(2)) {
-                *o += a * f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                put(
+                    o,
+                    a * f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32(),
+                );
             }
         }
         8 => {
             let a = weight * scale / 127.0;
             for (o, &c) in out.iter_mut().zip(codes) {
-                *o += a * (i32::from(c.min(254)) - 127) as f32;
+                put(o, a * (i32::from(c.min(254)) - 127) as f32);
             }
         }
         4 => {
@@ -351,18 +369,18 @@ fn add_chunk(bits: u8, scale: f32, codes: &[u8], weight: f32, out: &mut [f32]) {
             let half = out.len() / 2;
             let mut it = out.chunks_exact_mut(2);
             for (o, &c) in (&mut it).zip(codes) {
-                o[0] += a * (i32::from((c & 15).min(14)) - 7) as f32;
-                o[1] += a * (i32::from((c >> 4).min(14)) - 7) as f32;
+                put(&mut o[0], a * (i32::from((c & 15).min(14)) - 7) as f32);
+                put(&mut o[1], a * (i32::from((c >> 4).min(14)) - 7) as f32);
             }
             if let ([o], Some(&c)) = (it.into_remainder(), codes.get(half)) {
-                *o += a * (i32::from((c & 15).min(14)) - 7) as f32;
+                put(o, a * (i32::from((c & 15).min(14)) - 7) as f32);
             }
         }
         2 => {
             let a = weight * scale;
             for (o, &c) in out.chunks_mut(4).zip(codes) {
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v += a * (i32::from(((c >> (2 * j)) & 3).min(2)) - 1) as f32;
+                    put(v, a * (i32::from(((c >> (2 * j)) & 3).min(2)) - 1) as f32);
                 }
             }
         }
@@ -370,7 +388,7 @@ fn add_chunk(bits: u8, scale: f32, codes: &[u8], weight: f32, out: &mut [f32]) {
             let a = weight * scale;
             for (o, &c) in out.chunks_mut(8).zip(codes) {
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v += if (c >> j) & 1 == 1 { a } else { -a };
+                    put(v, if (c >> j) & 1 == 1 { a } else { -a });
                 }
             }
         }
@@ -929,6 +947,233 @@ pub fn decode_into_sum_squares(bytes: &[u8], out: &mut [f32]) -> Result<f64, Pro
     Ok(sq.total())
 }
 
+/// Values decoded at a time by [`Checked`] (a multiple of 8).
+const BLOCK: usize = 1024;
+
+/// An encoding that passed every check a decode makes, with the sum of
+/// squares of its values: decoding it cannot fail, so a caller can check
+/// every part of an update before any part touches an accumulator, without
+/// a decoded copy.
+#[derive(Debug)]
+pub struct Checked<'a> {
+    p: Parsed<'a>,
+    sum_squares: f64,
+}
+
+/// Checks an encoding of `len` values and computes the sum of squares of
+/// the values it stands for, in f64, reading it once and writing nothing
+/// the size of the model. Quantized chunks are summed exactly in integers
+/// (`scale² × Σ code²`), so the result can differ from [`sum_squares`] of
+/// the decoded `f32` values in the last bits (each decoded value is
+/// rounded to `f32`); raw and half values are squared one by one.
+pub fn check(bytes: &[u8], len: usize) -> Result<Checked<'_>, ProtocolError> {
+    let p = parse(bytes)?;
+    p.check_len(len)?;
+    p.validate()?;
+    let bits = p.bits;
+    let sum_squares = match bits {
+        32 | 16 => {
+            let mut sq = SumSquares::default();
+            p.blocks(|v| sq.feed(v));
+            sq.total()
+        }
+        // Sums over spans of chunks, added in span order: the same number
+        // whatever the threads.
+        _ => p
+            .par_spans(|span| {
+                span.map(|ci| {
+                    let (scale, codes, n) = p.chunk_at(ci);
+                    // The grid step, as `add_chunk` computes it.
+                    let a = f64::from(match bits {
+                        8 => scale / 127.0,
+                        4 => scale / 7.0,
+                        _ => scale,
+                    });
+                    a * a * code_squares(bits, codes, n) as f64
+                })
+                .sum::<f64>()
+            })
+            .iter()
+            .sum(),
+    };
+    Ok(Checked { p, sum_squares })
+}
+
+/// Values per span of chunks that [`Checked`] hands to a thread: below
+/// two spans an encoding is decoded on the caller's thread.
+const SPAN_VALUES: usize = 1 << 17;
+
+/// Sum of the squared grid steps of the first `n` codes of a chunk of
+/// `bits` (8, 4, 2, 1), clamped as [`add_chunk`] clamps them.
+fn code_squares(bits: u8, codes: &[u8], n: usize) -> u64 {
+    // u32 sums over blocks cannot overflow (127² × 4096 < 2³²) and
+    // vectorize; u64 across blocks.
+    let block = |c: &[u8], f: fn(u8) -> u32| -> u64 {
+        c.chunks(4096)
+            .map(|b| u64::from(b.iter().map(|&x| f(x)).sum::<u32>()))
+            .sum()
+    };
+    match bits {
+        8 => block(&codes[..n.min(codes.len())], |c| {
+            let q = i32::from(c.min(254)) - 127;
+            (q * q) as u32
+        }),
+        4 => {
+            let sq = |c: u8| {
+                let q = i32::from(c.min(14)) - 7;
+                (q * q) as u32
+            };
+            let full = &codes[..(n / 2).min(codes.len())];
+            let pairs = block(full, |c| {
+                let lo = i32::from((c & 15).min(14)) - 7;
+                let hi = i32::from((c >> 4).min(14)) - 7;
+                (lo * lo + hi * hi) as u32
+            });
+            let odd = match (n % 2, codes.get(n / 2)) {
+                (1, Some(&c)) => u64::from(sq(c & 15)),
+                _ => 0,
+            };
+            pairs + odd
+        }
+        2 => {
+            // Codes 0 and 2 (and 3, clamped to 2) are -1 and +1; 1 is 0.
+            let mut total = 0u64;
+            for (i, &c) in codes.iter().enumerate() {
+                let k = (n - (4 * i).min(n)).min(4);
+                total += (0..k).filter(|j| (c >> (2 * j)) & 3 != 1).count() as u64;
+            }
+            total
+        }
+        // Every value is +a or -a.
+        _ => n as u64,
+    }
+}
+impl Checked<'_> {
+    pub fn sum_squares(&self) -> f64 {
+        self.sum_squares
+    }
+
+    /// `acc[i] += m * (c * value[i])`: with `c = 1`, `m * value[i]`; the
+    /// same bits as decoding, scaling the copy by `c`, then adding `m`
+    /// times it. `acc` must hold the encoding's length (checked by
+    /// [`check`]); a shorter one gets a prefix.
+    pub fn add_scaled_to(&self, m: f32, c: f32, acc: &mut [f32]) {
+        self.scatter(|a, x| *a += m * (c * x), acc);
+    }
+
+    /// `out[i] = c * value[i]` (0 where a sparse encoding keeps nothing).
+    pub fn decode_scaled(&self, c: f32, out: &mut [f32]) {
+        if self.p.index.is_some() {
+            out.fill(0.0);
+        }
+        self.scatter(|o, x| *o = c * x, out);
+    }
+
+    /// Calls `f(&mut out[i], value[i])` for every value the encoding holds.
+    #[inline(always)]
+    fn scatter(&self, f: impl Fn(&mut f32, f32) + Sync, out: &mut [f32]) {
+        match self.p.index {
+            None => {
+                let p = &self.p;
+                let span = p.span_chunks() * p.chunk;
+                let decode_span = |(si, o): (usize, &mut [f32])| {
+                    let first = si * p.span_chunks();
+                    for (ci, oc) in (first..).zip(o.chunks_mut(p.chunk)) {
+                        let (scale, codes, _) = p.chunk_at(ci);
+                        decode_chunk(p.bits, scale, codes, 1.0, oc, &f);
+                    }
+                };
+                if out.len() > span {
+                    out.par_chunks_mut(span).enumerate().for_each(decode_span);
+                } else {
+                    decode_span((0, out));
+                }
+            }
+            Some(index) => {
+                // Validated by `check`: the indices parse and are in range.
+                let Ok(indices) = self.p.indices(index) else {
+                    return;
+                };
+                let mut indices = indices.flatten();
+                self.p.blocks(|v| {
+                    for (&x, i) in v.iter().zip(indices.by_ref()) {
+                        if let Some(o) = out.get_mut(i as usize) {
+                            f(o, x);
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl Parsed<'_> {
+    /// Each chunk's scale, codes and number of values, in order (a sparse
+    /// encoding's chunks of kept values).
+    fn chunks(&self) -> impl Iterator<Item = (f32, &[u8], usize)> + '_ {
+        let mut left = self.k as usize;
+        self.codes
+            .chunks(self.chunk_codes())
+            .enumerate()
+            .map(move |(ci, codes)| {
+                let n = left.min(self.chunk);
+                left -= n;
+                (self.scale(ci), codes, n)
+            })
+    }
+
+    /// Chunk `ci`'s scale, codes and number of values (empty past the end).
+    fn chunk_at(&self, ci: usize) -> (f32, &[u8], usize) {
+        let cc = self.chunk_codes();
+        let lo = ci.saturating_mul(cc).min(self.codes.len());
+        let hi = lo.saturating_add(cc).min(self.codes.len());
+        let first = ci.saturating_mul(self.chunk) as u64;
+        let n = self.k.saturating_sub(first).min(self.chunk as u64) as usize;
+        (self.scale(ci), &self.codes[lo..hi], n)
+    }
+
+    /// Chunks per span (see [`SPAN_VALUES`]).
+    fn span_chunks(&self) -> usize {
+        (SPAN_VALUES / self.chunk).max(1)
+    }
+
+    /// `f` of each span of chunk indices, in order; on the pool when there
+    /// are two spans or more.
+    fn par_spans<T: Send>(&self, f: impl Fn(std::ops::Range<usize>) -> T + Sync) -> Vec<T> {
+        let per = self.span_chunks();
+        let chunks = (self.k as usize).div_ceil(self.chunk);
+        let span = |s: usize| f(s * per..((s + 1) * per).min(chunks));
+        match chunks.div_ceil(per) {
+            0 | 1 => vec![span(0)],
+            n => (0..n).into_par_iter().map(span).collect(),
+        }
+    }
+
+    /// Decodes the values (a sparse encoding's kept values), in order, at
+    /// most [`BLOCK`] at a time into a buffer on the stack, and passes each
+    /// block to `f`; every block but the last is a multiple of 8 long.
+    /// Values are exactly [`decode_accumulate`]'s into zeros, weight 1.
+    #[inline(always)]
+    fn blocks(&self, mut f: impl FnMut(&[f32])) {
+        let mut buf = [0.0f32; BLOCK];
+        let bits = self.bits as usize;
+        for (scale, codes, len) in self.chunks() {
+            let mut start = 0;
+            while start < len {
+                let n = (len - start).min(BLOCK);
+                // `start` is a multiple of 8, so its codes start on a byte.
+                let lo = (start * bits / 8).min(codes.len());
+                let hi = ((start + n) * bits).div_ceil(8).min(codes.len());
+                let out = &mut buf[..n];
+                out.fill(0.0);
+                add_chunk(self.bits, scale, &codes[lo..hi], 1.0, out);
+                f(out);
+                start += n;
+            }
+        }
+    }
+}
+
 /// Decodes into a new vector of `expected_len` values.
 pub fn decode(bytes: &[u8], expected_len: usize) -> Result<Vec<f32>, ProtocolError> {
     let n = decoded_len(bytes)?;
@@ -1067,11 +1312,15 @@ mod tests {
     }
 
     fn any_config() -> impl Strategy<Value = CodecConfig> {
+        config_with_chunks(vec![8, 16, 24, 256], 200)
+    }
+
+    fn config_with_chunks(chunks: Vec<u32>, max_top: u64) -> impl Strategy<Value = CodecConfig> {
         (
             prop::sample::select(vec![32u8, 16, 8, 4, 2, 1]),
             any::<bool>(),
-            prop::sample::select(vec![8u32, 16, 24, 256]),
-            prop::option::of(1u64..200),
+            prop::sample::select(chunks),
+            prop::option::of(1u64..max_top),
         )
             .prop_map(|(bits, stochastic, chunk, top)| CodecConfig {
                 bits,
@@ -1134,6 +1383,84 @@ mod tests {
             prop_assert_eq!(bits(&got), bits(&want));
             prop_assert_eq!(got_sq.to_bits(), want_sq.to_bits());
             prop_assert_eq!(sum_squares(&want).to_bits(), want_sq.to_bits());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(120))]
+
+        /// `check` gives the decoded values' sum of squares (up to their
+        /// rounding to f32) and `Checked` the decoded values, scaled, bit
+        /// for bit (zeros of either sign
+        /// where a sparse encoding keeps nothing), also with chunks longer
+        /// than a block.
+        #[test]
+        fn checked_matches_decode(
+            x in prop::collection::vec(prop_oneof![
+                8 => -10.0f32..10.0,
+                1 => Just(-0.0f32),
+                1 => -1.0e30f32..1.0e30,
+            ], 0..5000),
+            cfg in config_with_chunks(vec![8, 256, 1024, 2056, 4096], 3000),
+            seed in any::<u64>(),
+            m in -3.0f32..3.0,
+            c in 0.1f32..2.0,
+        ) {
+            let n = x.len();
+            let bytes = encode(&x, &cfg, seed).expect("encode");
+            let mut dec = vec![0.0f32; n];
+            let want_sq = decode_into_sum_squares(&bytes, &mut dec).expect("decode");
+            let checked = check(&bytes, n).expect("check");
+            // Exact per chunk against f32-rounded squares: 2^-23 apart each.
+            let got_sq = checked.sum_squares();
+            prop_assert!((got_sq - want_sq).abs() <= want_sq * 4e-7, "{} vs {}", got_sq, want_sq);
+            prop_assert!(check(&bytes, n + 1).is_err());
+
+            let same = |a: &[f32], b: &[f32]| {
+                a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0))
+            };
+            let mut out = vec![f32::NAN; n];
+            checked.decode_scaled(c, &mut out);
+            let want: Vec<f32> = dec.iter().map(|v| c * v).collect();
+            prop_assert!(same(&out, &want));
+            let mut acc = x.clone();
+            checked.add_scaled_to(m, c, &mut acc);
+            let want: Vec<f32> = x.iter().zip(&dec).map(|(a, v)| a + m * (c * v)).collect();
+            prop_assert!(same(&acc, &want));
+        }
+    }
+
+    /// Encodings long enough to be split into spans over threads decode
+    /// to the same bits as the one-thread decode.
+    #[test]
+    fn checked_spans_match_decode() {
+        let n = 3 * SPAN_VALUES + 1000;
+        let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 1e-2).collect();
+        for (bits, chunk) in [(8, 256), (4, 256), (1, 8), (8, 1 << 20)] {
+            let cfg = CodecConfig {
+                bits,
+                chunk,
+                ..CodecConfig::default()
+            };
+            let bytes = encode(&x, &cfg, 7).expect("encode");
+            let mut dec = vec![0.0f32; n];
+            let want_sq = decode_into_sum_squares(&bytes, &mut dec).expect("decode");
+            let checked = check(&bytes, n).expect("check");
+            let rel = (checked.sum_squares() - want_sq).abs() / want_sq;
+            assert!(rel < 4e-7, "bits {bits}: relative error {rel}");
+            let mut acc = x.clone();
+            checked.add_scaled_to(0.5, 0.25, &mut acc);
+            let want: Vec<f32> = x
+                .iter()
+                .zip(&dec)
+                .map(|(a, v)| a + 0.5 * (0.25 * v))
+                .collect();
+            assert!(
+                acc.iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "bits {bits}"
+            );
         }
     }
 
