@@ -155,22 +155,35 @@ struct Held {
     delta: Vec<f32>,
 }
 
-/// Model-sized buffers kept across rounds: a round's sums, held deltas
-/// and rollback copies would otherwise be fresh pages, zeroed by the kernel
-/// on first touch, every round.
+/// Model-sized buffers kept across rounds: a round's sums, held deltas,
+/// retained deltas and rollback copies would otherwise be fresh pages,
+/// zeroed by the kernel on first touch, every round. Kept up to
+/// `max_retained_bytes`, which a round may hold anyway.
 #[derive(Debug, Default)]
-struct Spares(Vec<Vec<f32>>);
+struct Spares {
+    free: Vec<Vec<f32>>,
+    bytes: u64,
+    budget: u64,
+}
 
-/// Spare buffers kept at most (a few per group of a multi-task model).
-const MAX_SPARES: usize = 16;
+/// Spare buffers kept at most, whatever their size.
+const MAX_SPARES: usize = 64;
 
 impl Spares {
+    fn new(budget: u64) -> Spares {
+        Spares {
+            budget,
+            ..Spares::default()
+        }
+    }
+
     /// A buffer of `len` values whose contents are left over: for a caller
     /// that overwrites every value.
     fn any(&mut self, len: usize) -> Vec<f32> {
-        match self.0.iter().position(|v| v.capacity() >= len) {
+        match self.free.iter().position(|v| v.capacity() >= len) {
             Some(i) => {
-                let mut v = self.0.swap_remove(i);
+                let mut v = self.free.swap_remove(i);
+                self.bytes -= 4 * v.capacity() as u64;
                 v.resize(len, 0.0);
                 v.truncate(len);
                 v
@@ -192,8 +205,10 @@ impl Spares {
     }
 
     fn give(&mut self, v: Vec<f32>) {
-        if self.0.len() < MAX_SPARES && v.capacity() > 0 {
-            self.0.push(v);
+        let b = 4 * v.capacity() as u64;
+        if self.free.len() < MAX_SPARES && b > 0 && self.bytes + b <= self.budget {
+            self.bytes += b;
+            self.free.push(v);
         }
     }
 }
@@ -520,6 +535,7 @@ impl Engine {
                 round: None,
             })
         };
+        let spares = Spares::new(cfg.max_retained_bytes);
         let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         Ok(Engine {
             cfg,
@@ -534,7 +550,7 @@ impl Engine {
             outstanding: BTreeMap::new(),
             last_accepted: BTreeMap::new(),
             collecting: Collecting::default(),
-            spares: Spares::default(),
+            spares,
             reports: VecDeque::new(),
             evaluator: None,
             norm_bound,
