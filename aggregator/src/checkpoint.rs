@@ -604,8 +604,9 @@ impl Checkpoint {
                 })
                 .collect();
             writes.into_iter().try_for_each(|w| {
-                w.join()
-                    .unwrap_or_else(|_| Err(AggError::Checkpoint("a writer thread panicked".into())))
+                w.join().unwrap_or_else(|_| {
+                    Err(AggError::Checkpoint("a writer thread panicked".into()))
+                })
             })
         })?;
         // The folder's entries themselves.

@@ -2,9 +2,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use cohort_protocol::codec::{CodecConfig, ErrorFeedback};
-use cohort_protocol::messages::{pack_groups, RoundPlan, TaskMetrics, Update, UpdateHeader};
+use cohort_protocol::messages::{
+    pack_groups_into, packed_len, RoundPlan, TaskMetrics, Update, UpdateHeader,
+};
 pub use cohort_protocol::mix_seed;
-use cohort_protocol::seal::{seal, SealContext, SealPublicKey};
+use cohort_protocol::seal::{
+    seal_in_place, sealed_header_len, SealContext, SealPublicKey, TAG_LEN,
+};
 use cohort_protocol::{codec, ParamGroups};
 use cohort_tasks::{SharedModel, TaskData};
 use serde::{Deserialize, Serialize};
@@ -392,17 +396,17 @@ impl NodeRuntime {
             metrics,
             num_examples,
         };
-        let sealed = match seal(
-            &self.aggregator_key,
-            &SealContext::of_update(&header),
-            &pack_groups(&encoded),
-        ) {
-            Ok(s) => s,
-            Err(e) => {
-                self.state.residuals = saved_residuals;
-                return Err(e.into());
-            }
-        };
+        // The groups are packed straight into the buffer sealed in place:
+        // one copy of the update, where packing then sealing made two.
+        let ctx = SealContext::of_update(&header);
+        let room = sealed_header_len(&ctx);
+        let mut sealed = Vec::with_capacity(room + packed_len(&encoded) + TAG_LEN);
+        sealed.resize(room, 0);
+        pack_groups_into(&encoded, &mut sealed);
+        if let Err(e) = seal_in_place(&self.aggregator_key, &ctx, &mut sealed) {
+            self.state.residuals = saved_residuals;
+            return Err(e.into());
+        }
         // Committed: local groups keep their trained weights.
         for name in layout.group_names() {
             if !upload.iter().any(|g| g == name) {

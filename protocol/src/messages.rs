@@ -198,13 +198,24 @@ pub struct Update {
 /// Packs the encoded groups of an update (the plaintext that gets sealed):
 /// for each group, its byte length as `u64` LE, then its bytes.
 pub fn pack_groups<B: AsRef<[u8]>>(encoded: &[B]) -> Vec<u8> {
-    let total: usize = encoded.iter().map(|b| 8 + b.as_ref().len()).sum();
-    let mut out = Vec::with_capacity(total);
+    let mut out = Vec::with_capacity(packed_len(encoded));
+    pack_groups_into(encoded, &mut out);
+    out
+}
+
+/// Bytes [`pack_groups`] makes of `encoded`.
+pub fn packed_len<B: AsRef<[u8]>>(encoded: &[B]) -> usize {
+    encoded.iter().map(|b| 8 + b.as_ref().len()).sum()
+}
+
+/// [`pack_groups`], appended to `out` (e.g. after the room that
+/// `seal::seal_in_place` expects).
+pub fn pack_groups_into<B: AsRef<[u8]>>(encoded: &[B], out: &mut Vec<u8>) {
+    out.reserve(packed_len(encoded));
     for b in encoded {
         out.extend_from_slice(&(b.as_ref().len() as u64).to_le_bytes());
         out.extend_from_slice(b.as_ref());
     }
-    out
 }
 
 /// Splits a packed payload into exactly `count` encoded groups, borrowing

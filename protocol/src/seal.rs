@@ -37,7 +37,8 @@ const MAGIC: &[u8; 4] = b"CSL1";
 const KEY_FILE_MAGIC: &[u8; 8] = b"COHORTSK";
 const PUBLIC_PREFIX: &str = "cohort-pk1:";
 const HKDF_INFO: &[u8] = b"cohort-seal-v1 aes-256-gcm";
-const TAG_LEN: usize = 16;
+/// Bytes of the authentication tag a sealed update ends with.
+pub const TAG_LEN: usize = 16;
 /// Longest sender id a sealed update may name.
 pub const MAX_SENDER_LEN: usize = 1024;
 

@@ -10,7 +10,9 @@
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use cohort_protocol::codec::{decode_accumulate, encode, CodecConfig, Rounding, TopK};
+use cohort_protocol::codec::{
+    check, decode_accumulate, decode_into_sum_squares, encode, CodecConfig, Rounding, TopK,
+};
 use cohort_protocol::framing::{frame, unframe};
 use cohort_protocol::messages::*;
 use cohort_protocol::model_delta;
@@ -278,12 +280,26 @@ fn run(kind: Kind, b: &[u8], keys: &SealKeyPair, acc: &mut [f32], base: &[f32]) 
     match kind {
         Kind::Codec => {
             let _ = decode_accumulate(b, 0.5, acc);
+            let _ = decode_into_sum_squares(b, acc);
+            // What the engine runs: a check, then decodes that cannot fail.
+            if let Ok(c) = check(b, acc.len()) {
+                assert!(
+                    c.sum_squares().is_finite(),
+                    "a checked encoding sums to a finite value"
+                );
+                c.add_scaled_to(0.5, 2.0, acc);
+                c.decode_scaled(1.0, acc);
+            }
         }
         Kind::Packed => {
             let _ = unpack_groups(b, 2);
         }
         Kind::Sealed => {
-            let _ = keys.open(&ctx(), b);
+            let copied = keys.open(&ctx(), b);
+            let mut inplace = b.to_vec();
+            let opened = keys.open_in_place(&ctx(), &mut inplace);
+            // The two ways of opening agree on what they accept.
+            assert_eq!(copied.is_ok(), opened.is_ok());
         }
         Kind::Request => {
             let _ = decode_request(b, &limits, Some("fed"));
