@@ -5,7 +5,9 @@
 //! `cargo bench -p cohort-protocol --bench codec_seal` (a filter such as
 //! `end_to_end_8bit` runs a subset).
 
-use cohort_protocol::codec::{decode_accumulate, encode, encode_into, CodecConfig, Rounding, TopK};
+use cohort_protocol::codec::{
+    check, decode_accumulate, encode, encode_into, CodecConfig, Rounding, TopK,
+};
 use cohort_protocol::seal::{seal, seal_in_place, sealed_header_len, SealContext, SealKeyPair};
 use cohort_protocol::PROTOCOL_VERSION;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -119,6 +121,33 @@ fn benches(c: &mut Criterion) {
                 })
             });
         }
+        // What the node and the engine run since: the in-place path, then
+        // the engine's one-read check and its decode into the sum.
+        {
+            let c = ctx();
+            let mut buf = Vec::new();
+            g.bench_function(
+                BenchmarkId::new("end_to_end_8bit_in_place_checked", &label),
+                |b| {
+                    b.iter(|| {
+                        buf.clear();
+                        buf.resize(sealed_header_len(&c), 0);
+                        encode_into(&x, &eight, 1, &mut buf).expect("encode");
+                        seal_in_place(&public, &c, &mut buf).expect("seal");
+                        let o = keys.open_in_place(&c, &mut buf).expect("open");
+                        let checked = check(o, n).expect("check");
+                        checked.add_scaled_to(0.5, 1.0, &mut acc);
+                    })
+                },
+            );
+        }
+        g.bench_function(BenchmarkId::new("check_add_8bit", &label), |b| {
+            b.iter(|| {
+                check(&enc, n)
+                    .expect("check")
+                    .add_scaled_to(0.5, 1.0, &mut acc)
+            })
+        });
         g.finish();
     }
 }

@@ -477,14 +477,6 @@ fn encode_append(
     buf: &mut Vec<u8>,
 ) -> Result<(), ProtocolError> {
     cfg.validate()?;
-    let out_of_range = |x: &[f32], offset: usize| {
-        let i = x.iter().position(|v| !in_range(*v)).unwrap_or(0);
-        ProtocolError::NonFinite(format!(
-            "value {} at index {} is not finite or exceeds {MAX_SCALE:e}",
-            x[i],
-            offset + i
-        ))
-    };
     // Dense quantized encodings check the range chunk by chunk, along with
     // the scale; raw and sparse ones need it before anything else.
     if (cfg.bits == 32 || cfg.kept(delta.len()) < delta.len()) && absmax(delta) == f32::INFINITY {
@@ -549,16 +541,48 @@ fn encode_append(
     let (scale_bytes, codes) = out[HEADER_LEN + index.len()..].split_at_mut(4 * scales);
 
     let chunk_code_bytes = code_bytes(cfg.bits, chunk as u64).unwrap_or(0) as usize;
+    let span_chunks = (SPAN_VALUES / chunk).max(1);
+    if cfg.bits == 32 || values.len() <= span_chunks * chunk {
+        return encode_chunks(values, 0, cfg, seed, codes, scale_bytes);
+    }
+    // Spans of chunks on the pool: each chunk's bytes depend on its index
+    // only (its rounding key), so they are the same whatever the threads;
+    // the first error in span order is the one-thread error.
+    values
+        .par_chunks(span_chunks * chunk)
+        .zip(codes.par_chunks_mut(span_chunks * chunk_code_bytes))
+        .zip(scale_bytes.par_chunks_mut(span_chunks * 4))
+        .enumerate()
+        .map(|(si, ((x, c), sc))| encode_chunks(x, si * span_chunks, cfg, seed, c, sc))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Encodes `values`, whole chunks of `cfg.chunk` from chunk `first` on,
+/// into their `codes` and little-endian `scales` (none for raw values).
+fn encode_chunks(
+    values: &[f32],
+    first: usize,
+    cfg: &CodecConfig,
+    seed: u64,
+    codes: &mut [u8],
+    scales: &mut [u8],
+) -> Result<(), ProtocolError> {
+    let chunk = cfg.chunk as usize;
+    let stochastic = cfg.rounding == Rounding::Stochastic;
+    let chunk_code_bytes = code_bytes(cfg.bits, chunk as u64).unwrap_or(0) as usize;
     let mut tmp = if cfg.bits < 8 {
         vec![0u8; chunk.min(values.len())]
     } else {
         Vec::new()
     };
-    for (ci, (x, c)) in values
+    for (i, (x, c)) in values
         .chunks(chunk)
         .zip(codes.chunks_mut(chunk_code_bytes.max(1)))
         .enumerate()
     {
+        let ci = first + i;
         let key = if stochastic {
             chunk_key(seed, ci as u64)
         } else {
@@ -569,11 +593,22 @@ fn encode_append(
             return Err(out_of_range(x, ci * chunk));
         }
         let s = encode_chunk(x, m, cfg.bits, stochastic, key, c, &mut tmp);
-        if cfg.bits != 32 {
-            scale_bytes[4 * ci..4 * ci + 4].copy_from_slice(&s.to_le_bytes());
+        if let Some(dst) = scales.get_mut(4 * i..4 * i + 4) {
+            dst.copy_from_slice(&s.to_le_bytes());
         }
     }
     Ok(())
+}
+
+/// The error for the first value of `x` out of range; `offset` is the index
+/// of `x[0]` in the delta.
+fn out_of_range(x: &[f32], offset: usize) -> ProtocolError {
+    let i = x.iter().position(|v| !in_range(*v)).unwrap_or(0);
+    ProtocolError::NonFinite(format!(
+        "value {} at index {} is not finite or exceeds {MAX_SCALE:e}",
+        x.get(i).copied().unwrap_or(f32::NAN),
+        offset + i
+    ))
 }
 
 /// The parsed header and the sections of an encoding, all bounds checked.
@@ -1462,6 +1497,38 @@ mod tests {
                 "bits {bits}"
             );
         }
+    }
+
+    /// An encoding split into spans over threads is the one-thread one,
+    /// byte for byte, and an out-of-range value in a later span is found
+    /// at its index.
+    #[test]
+    fn span_encoding_is_the_one_thread_encoding() {
+        let n = 3 * SPAN_VALUES + 1000;
+        let x: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 1e-2).collect();
+        for bits in [8u8, 4, 2, 1, 16] {
+            let cfg = CodecConfig {
+                bits,
+                ..CodecConfig::default()
+            };
+            let bytes = encode(&x, &cfg, 11).expect("encode");
+            let p = parse(&bytes).expect("parse");
+            let split = HEADER_LEN + p.scales.len();
+            let mut one = bytes.clone();
+            let (scales, codes) = one[HEADER_LEN..].split_at_mut(split - HEADER_LEN);
+            codes.fill(0);
+            scales.fill(0);
+            encode_chunks(&x, 0, &cfg, 11, codes, scales).expect("encode");
+            assert!(one == bytes, "bits {bits}");
+        }
+        let mut bad = x.clone();
+        bad[2 * SPAN_VALUES + 5] = f32::NAN;
+        let err = encode(&bad, &CodecConfig::default(), 0).expect_err("NaN");
+        assert!(
+            err.to_string()
+                .contains(&format!("index {}", 2 * SPAN_VALUES + 5)),
+            "{err}"
+        );
     }
 
     #[test]
