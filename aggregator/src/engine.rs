@@ -185,7 +185,6 @@ impl Spares {
                 let mut v = self.free.swap_remove(i);
                 self.bytes -= 4 * v.capacity() as u64;
                 v.resize(len, 0.0);
-                v.truncate(len);
                 v
             }
             None => vec![0.0; len],

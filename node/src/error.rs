@@ -75,6 +75,8 @@ impl NodeError {
         }
     }
 
+    /// Only the network driver (`agent`, feature `net`) touches files.
+    #[cfg(feature = "net")]
     pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
         move |source| NodeError::Io {
             path: path.to_path_buf(),
