@@ -1034,8 +1034,9 @@ pub fn check(bytes: &[u8], len: usize) -> Result<Checked<'_>, ProtocolError> {
     Ok(Checked { p, sum_squares })
 }
 
-/// Values per span of chunks that [`Checked`] hands to a thread: below
-/// two spans an encoding is decoded on the caller's thread.
+/// Values per span of chunks handed to a thread by [`check`], [`Checked`]'s
+/// dense decodes and [`encode_into`]: an encoding of one span or less stays
+/// on the caller's thread.
 const SPAN_VALUES: usize = 1 << 17;
 
 /// Sum of the squared grid steps of the first `n` codes of a chunk of
