@@ -1271,35 +1271,7 @@ impl Engine {
             lens.push(expected as usize);
             total_len += expected;
         }
-        // Weights: examples for the backbone, the task's samples for a head,
-        // never more than the node registered (times the epochs).
-        let epochs = u64::from(plan.train.epochs.max(1));
-        let mut weights = Vec::with_capacity(h.groups.len());
-        for g in &h.groups {
-            let (claimed, registered) = match task_of_group(g) {
-                Some(task) => {
-                    let claimed: u64 = h
-                        .metrics
-                        .iter()
-                        .filter(|m| m.task == task)
-                        .map(|m| m.samples)
-                        .fold(0, u64::saturating_add);
-                    (claimed, node.samples.get(task).copied().unwrap_or(0))
-                }
-                None => (
-                    h.num_examples,
-                    node.samples.values().copied().fold(0, u64::saturating_add),
-                ),
-            };
-            if claimed == 0 || claimed > registered.saturating_mul(epochs) {
-                return Err(Refusal::new(
-                    C::BadWeight,
-                    format!("`{g}`: {claimed} examples claimed, {registered} registered x {epochs} epochs"),
-                ));
-            }
-            // The operator's cap: a claim beyond it weighs as the cap.
-            weights.push(claimed.min(self.cfg.max_samples_per_node) as f64);
-        }
+        let mut weights = claimed_weights(h, &node, plan, self.cfg.max_samples_per_node)?;
         let collect = self.strategy.collect();
         if collect == Collect::Retain {
             let need = total_len.saturating_mul(4);
@@ -1314,25 +1286,8 @@ impl Engine {
             }
         }
         // Check every part before anything counts, so that a refusal
-        // (malformed, norm) leaves the accumulators untouched. The check
-        // reads each encoding once and keeps no decoded copy: the commit
-        // below decodes straight into the sum.
-        let mut checked = Vec::with_capacity(encoded.len());
-        let mut sq = 0.0f64;
-        for ((g, bytes), &len) in h.groups.iter().zip(encoded).zip(&lens) {
-            let c = codec::check(bytes, len)
-                .map_err(|e| Refusal::new(C::Malformed, format!("`{g}`: {e}")))?;
-            // A checked encoding holds finite values whose squares cannot
-            // overflow an f64 sum; kept as a guard all the same.
-            if !c.sum_squares().is_finite() {
-                return Err(Refusal::new(
-                    C::NonFinite,
-                    format!("`{g}` decodes to a value that is not finite"),
-                ));
-            }
-            sq += c.sum_squares();
-            checked.push(c);
-        }
+        // (malformed, norm) leaves the accumulators untouched.
+        let (checked, sq) = check_parts(h, encoded, &lens)?;
         let norm = sq.sqrt();
         let bound = self.norm_bound;
         if norm > f64::from(bound) {
@@ -1884,6 +1839,73 @@ impl Engine {
         self.version = version;
         self.rng = rng;
     }
+}
+
+/// Each group's weight: examples for the backbone, the task's samples for a
+/// head, never more than the node registered (times the epochs); a claim
+/// beyond the operator's cap `max_samples` weighs as the cap.
+fn claimed_weights(
+    h: &UpdateHeader,
+    node: &NodeView<'_>,
+    plan: &RoundPlan,
+    max_samples: u64,
+) -> Result<Vec<f64>, Refusal> {
+    let epochs = u64::from(plan.train.epochs.max(1));
+    let mut weights = Vec::with_capacity(h.groups.len());
+    for g in &h.groups {
+        let (claimed, registered) = match task_of_group(g) {
+            Some(task) => {
+                let claimed: u64 = h
+                    .metrics
+                    .iter()
+                    .filter(|m| m.task == task)
+                    .map(|m| m.samples)
+                    .fold(0, u64::saturating_add);
+                (claimed, node.samples.get(task).copied().unwrap_or(0))
+            }
+            None => (
+                h.num_examples,
+                node.samples.values().copied().fold(0, u64::saturating_add),
+            ),
+        };
+        if claimed == 0 || claimed > registered.saturating_mul(epochs) {
+            return Err(Refusal::new(
+                RefusalCode::BadWeight,
+                format!(
+                    "`{g}`: {claimed} examples claimed, {registered} registered x {epochs} epochs"
+                ),
+            ));
+        }
+        weights.push(claimed.min(max_samples) as f64);
+    }
+    Ok(weights)
+}
+
+/// Checks each encoded part against its length and returns the checked
+/// parts with the update's sum of squares. Each encoding is read once and
+/// no decoded copy is kept: the commit decodes straight into the sums.
+fn check_parts<'b>(
+    h: &UpdateHeader,
+    encoded: &[&'b [u8]],
+    lens: &[usize],
+) -> Result<(Vec<codec::Checked<'b>>, f64), Refusal> {
+    let mut checked = Vec::with_capacity(encoded.len());
+    let mut sq = 0.0f64;
+    for ((g, bytes), &len) in h.groups.iter().zip(encoded).zip(lens) {
+        let c = codec::check(bytes, len)
+            .map_err(|e| Refusal::new(RefusalCode::Malformed, format!("`{g}`: {e}")))?;
+        // A checked encoding holds finite values whose squares cannot
+        // overflow an f64 sum; kept as a guard all the same.
+        if !c.sum_squares().is_finite() {
+            return Err(Refusal::new(
+                RefusalCode::NonFinite,
+                format!("`{g}` decodes to a value that is not finite"),
+            ));
+        }
+        sq += c.sum_squares();
+        checked.push(c);
+    }
+    Ok((checked, sq))
 }
 
 /// Updates kept out of a streamed sum so that the share cap can still lower
