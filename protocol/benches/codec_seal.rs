@@ -8,6 +8,7 @@
 use cohort_protocol::codec::{
     check, decode_accumulate, encode, encode_into, CodecConfig, Rounding, TopK,
 };
+use cohort_protocol::model_delta;
 use cohort_protocol::seal::{seal, seal_in_place, sealed_header_len, SealContext, SealKeyPair};
 use cohort_protocol::PROTOCOL_VERSION;
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -147,6 +148,17 @@ fn benches(c: &mut Criterion) {
                     .expect("check")
                     .add_scaled_to(0.5, 1.0, &mut acc)
             })
+        });
+        // A download as a lossless delta: weights of spread 0.1 after a step
+        // of spread 0.01 of theirs.
+        let old: Vec<f32> = x.iter().map(|d| 10.0 * d).collect();
+        let new: Vec<f32> = old.iter().zip(&x).map(|(w, d)| w + 0.1 * d).collect();
+        let packed = model_delta::encode(&old, &new).expect("delta");
+        g.bench_function(BenchmarkId::new("model_delta_encode", &label), |b| {
+            b.iter(|| model_delta::encode(&old, &new).expect("delta"))
+        });
+        g.bench_function(BenchmarkId::new("model_delta_decode", &label), |b| {
+            b.iter(|| model_delta::decode(&old, &packed).expect("delta"))
         });
         g.finish();
     }

@@ -8,13 +8,17 @@
 //! `COHORT_BENCH_BINS=dirA,dirB` alternates two sets of binaries (e.g. a
 //! "before" copy) in one run, `COHORT_BENCH_REPS=n` repeats the simulator
 //! and each federation `n` times, `COHORT_BENCH_KEEP=dir` keeps every
-//! federation's logs and metrics there.
+//! federation's logs and metrics there, `COHORT_BENCH_ROUNDS=n` runs `n`
+//! rounds instead of 12.
 //!
 //! Method: the same experiment file runs in `cohort-sim`'s engine in this
 //! process and in the real federation. Per-round time is the mean interval
 //! between round closes over rounds 2..=N (round 1 includes the start-up);
 //! in the simulator, the mean wall time of rounds 2..=N. Both include the
 //! central evaluation and, in the federation, the checkpoint of every round.
+//! CPU per round is the user + system time of the simulator (or of all the
+//! federation's processes) over the whole run, start-up included, divided by
+//! the rounds: the difference of two run lengths gives a round's own CPU.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,17 +28,27 @@ use cohort_simulator::{run_experiment, ExperimentConfig};
 use cohort_tests::net::{node_config_for, Aggregator, Proc};
 
 const NODES: usize = 10;
+/// Rounds of each run, unless `COHORT_BENCH_ROUNDS` says otherwise.
 const ROUNDS: u64 = 12;
+
+fn rounds() -> u64 {
+    std::env::var("COHORT_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(ROUNDS)
+        .max(2)
+}
 
 fn experiment(workload: &str) -> (String, &'static str, &'static str) {
     let (backbone, dataset, epochs, batch, lr) = match workload {
         "mnist" => ("mlp28", "mnist5k", 1, 32, 0.1),
         _ => ("mlp8x8", "digits8x8", 3, 8, 0.2),
     };
+    let rounds = rounds();
     let text = format!(
         r#"name = "bench-{workload}"
 seed = 3
-rounds = {ROUNDS}
+rounds = {rounds}
 backbone = "{backbone}"
 threads = 2
 
@@ -94,16 +108,36 @@ fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Mean and median ms per round of the simulator (rounds 2..=N).
-fn simulate(text: &str) -> (f64, f64, f32) {
+/// CPU time in ms (user + system) of this process and of its children that
+/// have been waited for, from `/proc/self/stat` (clock ticks of 10 ms).
+fn cpu_ms() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let tick_ms = 10.0;
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) * tick_ms;
+    // utime, stime, cutime, cstime are fields 14-17 of the whole line.
+    (at(11) + at(12), at(13) + at(14))
+}
+
+/// Mean and median ms per round of the simulator (rounds 2..=N), and its
+/// CPU ms per round over the whole run.
+fn simulate(text: &str) -> (f64, f64, f32, f64) {
     let cfg = ExperimentConfig::from_toml(text).expect("experiment");
+    let before = cpu_ms().0;
     let sim = run_experiment(&cfg, |_| {}).expect("simulation");
+    let cpu = (cpu_ms().0 - before) / rounds() as f64;
     let mut rounds: Vec<f64> = sim.rounds.iter().skip(1).map(|r| r.wall_ms).collect();
     let mean = rounds.iter().sum::<f64>() / rounds.len() as f64;
     (
         mean,
         median(&mut rounds),
         sim.accuracy("digits").unwrap_or(f32::NAN),
+        cpu,
     )
 }
 
@@ -114,6 +148,8 @@ struct Federation {
     bytes: u64,
     full: u64,
     delta: u64,
+    /// CPU ms per round of all the processes, over their whole run.
+    cpu: f64,
 }
 
 /// One federation of real processes with the binaries in `bins`; the logs
@@ -156,11 +192,13 @@ fn federate(
             Proc::spawn(&format!("node{i}"), cmd, &dir)
         })
         .collect();
+    let cpu_before = cpu_ms().1;
     let status = agg.proc.expect_exit(Duration::from_secs(600));
     assert!(status.success(), "aggregator failed:\n{}", agg.proc.err());
     for n in &mut nodes {
         n.expect_exit(Duration::from_secs(60));
     }
+    let cpu = (cpu_ms().1 - cpu_before) / rounds() as f64;
     let rounds = agg.rounds();
     let closes: Vec<f64> = rounds
         .iter()
@@ -175,6 +213,7 @@ fn federate(
         bytes: sum("bytes_received"),
         full: sum("bytes_sent_full"),
         delta: sum("bytes_sent_delta"),
+        cpu,
     }
 }
 
@@ -207,22 +246,23 @@ fn main() {
         }
     }
 
-    println!("workload {workload}: {NODES} nodes, all of them every round, {ROUNDS} rounds ({backbone} on {dataset}, 8-bit)");
+    println!("workload {workload}: {NODES} nodes, all of them every round, {} rounds ({backbone} on {dataset}, 8-bit)", rounds());
     println!("load average at start: {}", loadavg());
     for rep in 0..reps {
-        let (sim_mean, sim_median, sim_acc) = simulate(&text);
+        let (sim_mean, sim_median, sim_acc, sim_cpu) = simulate(&text);
         println!(
-            "simulator (in process):        mean {sim_mean:7.1} ms/round, median {sim_median:7.1}, final accuracy {:.1}%",
+            "simulator (in process):        mean {sim_mean:7.1} ms/round, median {sim_median:7.1}, final accuracy {:.1}%, CPU {sim_cpu:.1} ms/round",
             100.0 * sim_acc
         );
         for (i, d) in dirs.iter().enumerate() {
             let keep = keep.as_ref().map(|k| k.join(format!("run{rep}-bins{i}")));
             let f = federate(&text, backbone, dataset, d, full_only, keep);
             println!(
-                "federation (11 processes, TCP): mean {:7.1} ms/round, median {:7.1}, final accuracy {:.1}%  [{}]",
+                "federation (11 processes, TCP): mean {:7.1} ms/round, median {:7.1}, final accuracy {:.1}%, CPU {:.1} ms/round  [{}]",
                 f.mean,
                 f.median,
                 100.0 * f.accuracy,
+                f.cpu,
                 d.display()
             );
             println!(
@@ -235,7 +275,7 @@ fn main() {
             // Round 1: every node downloads the full weights; later rounds:
             // the delta from the version it trained on.
             let per_full = f.full as f64 / NODES as f64;
-            let per_delta = f.delta as f64 / (NODES as f64 * (ROUNDS - 1) as f64);
+            let per_delta = f.delta as f64 / (NODES as f64 * (rounds() - 1) as f64);
             if full_only {
                 println!(
                     "model downloads: {:.2} MB, all as full weights",

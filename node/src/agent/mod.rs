@@ -168,8 +168,8 @@ impl Agent {
     /// Runs the node until the federation is over (`Ok`), or the aggregator
     /// refuses it for good ([`NodeError::Refused`]), or its own machinery
     /// fails. Network trouble is never an error: the node backs off and
-    /// reconnects. Needs a tokio runtime (multi-threaded: training runs on
-    /// its blocking pool).
+    /// reconnects. Needs a tokio runtime with timers and I/O enabled (either
+    /// flavour: training runs on its blocking pool).
     pub async fn run(self) -> Result<(), NodeError> {
         let Agent {
             cfg,

@@ -123,7 +123,12 @@ fn main() -> anyhow::Result<()> {
         agent.federation(),
         agent.aggregator()
     );
-    let rt = tokio::runtime::Runtime::new()?;
+    // One thread for the event loop and the session (training has its own,
+    // from the blocking pool): fewer wake-ups across threads per request,
+    // which on a machine shared by many nodes is most of a node's CPU.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match rt.block_on(agent.run()) {
         Ok(()) => {
             println!("federation finished");
