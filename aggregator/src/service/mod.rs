@@ -57,6 +57,7 @@ use futures::StreamExt;
 use libp2p::request_response::ResponseChannel;
 use libp2p::PeerId;
 use serde::Serialize;
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::{AggError, Engine, FailureReason, Mode, NodeInfo, RoundReport};
@@ -123,21 +124,47 @@ struct Closing {
     report: RoundReport,
     /// The checkpoint written, then the scores (none: not evaluated).
     work: tokio::task::JoinHandle<WorkResult>,
-    /// Its outcome, once the service loop saw it finish ([`work_done`]).
+    /// Its outcome, once the service loop saw it finish ([`closing_step`]).
     done: Option<Result<WorkResult, tokio::task::JoinError>>,
+    /// Fires when the checkpoint is on disk (dropped unfired when the
+    /// write failed); `None` once seen ([`closing_step`]).
+    written: Option<oneshot::Receiver<()>>,
+    /// The checkpoint is durable: the next round may start (and hand out
+    /// this round's version) while the evaluation runs.
+    durable: bool,
     wall_ms: u64,
+    /// Model bytes sent while the round ran (full, delta).
+    sent: (u64, u64),
     /// A line written after a restart (see `Service::recover_last_line`).
     recovered: bool,
 }
 
-/// Waits until the oldest closing round's work is done and keeps its
-/// outcome in `done`; pending forever when there is none (or it is kept
-/// already). Cancel-safe: dropped before the work ends, it takes nothing.
-async fn work_done(closing: &mut VecDeque<Closing>) {
-    match closing.front_mut() {
-        Some(c) if c.done.is_none() => c.done = Some((&mut c.work).await),
-        _ => std::future::pending().await,
-    }
+/// Waits for the next step of the closing rounds and records it: a
+/// checkpoint written or failed (`written`, `durable`), or the oldest
+/// round's work done (`done`). Pending forever when nothing is left to
+/// wait for. Cancel-safe: a step is taken only when it is recorded.
+async fn closing_step(closing: &mut VecDeque<Closing>) {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    std::future::poll_fn(|cx| {
+        for c in closing.iter_mut() {
+            if let Some(rx) = c.written.as_mut() {
+                if let Poll::Ready(r) = Pin::new(rx).poll(cx) {
+                    c.durable = r.is_ok();
+                    c.written = None;
+                    return Poll::Ready(());
+                }
+            }
+        }
+        match closing.front_mut() {
+            Some(c) if c.done.is_none() => Pin::new(&mut c.work).poll(cx).map(|r| {
+                c.done = Some(r);
+            }),
+            _ => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// The task that owns the engine while the aggregator runs (built by
@@ -146,8 +173,10 @@ struct Service {
     engine: Engine,
     fed: FederationConfig,
     evaluator: Option<Arc<dyn CentralEvaluator>>,
-    /// Rounds closed (checkpoint written) whose metrics line waits for
-    /// their evaluation, oldest first; no round starts meanwhile.
+    /// Rounds closed whose metrics line waits for their checkpoint and
+    /// evaluation, oldest first. Synchronous rounds: at most one; the next
+    /// round starts once its checkpoint is durable and closes only after
+    /// its line, so lines stay in order and a crash loses at most one.
     closing: VecDeque<Closing>,
     /// Test hook (`COHORT_DEBUG_CLOSE_DELAY_MS`): a slower evaluation.
     close_delay: Duration,
@@ -415,10 +444,10 @@ impl Service {
                     }
                     None => return Err(AggError::Net("the network event loop stopped".into())),
                 },
-                // The oldest closing round's checkpoint and evaluation are
-                // done: its line, and the next round, now rather than at
-                // the next tick.
-                () = work_done(&mut self.closing) => {
+                // A closing round's checkpoint is durable (the next round
+                // may start) or its evaluation is done (its line): now
+                // rather than at the next tick.
+                () = closing_step(&mut self.closing) => {
                     if self.on_tick().await? {
                         info!("run finished; exiting");
                         return Ok(());
@@ -511,7 +540,10 @@ impl Service {
             report,
             work,
             done: None,
+            written: None,
+            durable: true,
             wall_ms: 0,
+            sent: (0, 0),
             recovered: true,
         });
     }
@@ -1040,22 +1072,26 @@ impl Service {
     async fn on_tick(&mut self) -> Result<bool, AggError> {
         self.remember_version();
         let now = self.now_ms();
+        let sync = matches!(self.engine.config().mode, Mode::Sync);
         // Enough nodes for the first round (async: for the first plans).
         let mut changed = self.waiting_first && self.ready();
-        while let Some(report) = self.engine.poll(now) {
-            self.on_round_closed(report)?;
-            changed = true;
+        changed |= self.finish_closing().await?;
+        // A synchronous round closes only after the previous one's line.
+        if !sync || self.closing.is_empty() {
+            while let Some(report) = self.engine.poll(now) {
+                self.on_round_closed(report)?;
+                changed = true;
+            }
         }
         if changed {
             self.update_submit_cap();
         }
-        changed |= self.finish_closing().await?;
         self.answer_parked(changed).await;
-        if !self.closing.is_empty() {
-            // Rounds evaluating: no new round, no exit before their lines.
-            return Ok(false);
-        }
         if self.over() {
+            if !self.closing.is_empty() {
+                // No exit before every round's line.
+                return Ok(false);
+            }
             let at = *self.finished_at.get_or_insert_with(Instant::now);
             let leaving = at.elapsed() >= self.linger;
             if leaving {
@@ -1063,8 +1099,12 @@ impl Service {
             }
             return Ok(leaving);
         }
-        if matches!(self.engine.config().mode, Mode::Sync) && !self.engine.round_open() {
-            if !self.ready() {
+        if !sync && !self.closing.is_empty() {
+            return Ok(false);
+        }
+        if sync && !self.engine.round_open() {
+            // The version a round hands out must survive a crash.
+            if !self.ready() || !self.closing.iter().all(|c| c.durable) {
                 return Ok(false);
             }
             match self.engine.start_round(now) {
@@ -1116,8 +1156,9 @@ impl Service {
     /// A round closed: its checkpoint encoded now, the bookkeeping of the
     /// next round, then on a blocking thread the checkpoint written and the
     /// central evaluation; the metrics line follows in
-    /// [`Service::finish_closing`] once both are done, and no round starts
-    /// before.
+    /// [`Service::finish_closing`] once both are done. The next round
+    /// starts as soon as the checkpoint is durable, its training overlapping
+    /// this evaluation.
     fn on_round_closed(&mut self, report: RoundReport) -> Result<(), AggError> {
         // The checkpoint before the metrics line and before the next round
         // starts: a crash loses at most the round in progress, and every
@@ -1153,8 +1194,10 @@ impl Service {
         let (dir, delay, round) = (self.checkpoints.clone(), self.close_delay, report.round);
         // Written first, evaluated after: an evaluation that fails or
         // crashes the process never loses the round.
+        let (written_tx, written) = oneshot::channel();
         let work = tokio::task::spawn_blocking(move || {
             checkpoint.write(&dir)?;
+            let _ = written_tx.send(());
             Ok(eval.map(|(ev, global)| {
                 std::thread::sleep(delay);
                 ev.evaluate(round, &global)
@@ -1168,7 +1211,10 @@ impl Service {
             report,
             work,
             done: None,
+            written: Some(written),
+            durable: false,
             wall_ms,
+            sent: std::mem::take(&mut self.sent),
             recovered: false,
         });
         Ok(())
@@ -1182,12 +1228,12 @@ impl Service {
             if c.done.is_none() && !c.work.is_finished() {
                 break;
             }
-            let Some(c) = self.closing.pop_front() else {
+            let Some(mut c) = self.closing.pop_front() else {
                 break;
             };
-            let outcome = match c.done {
+            let outcome = match c.done.take() {
                 Some(d) => d,
-                None => c.work.await,
+                None => (&mut c.work).await,
             };
             let central = match outcome {
                 // A checkpoint that cannot be written stops the aggregator:
@@ -1201,19 +1247,14 @@ impl Service {
                 }
             };
             self.prune_checkpoints();
-            self.write_round(&c.report, central, c.wall_ms, c.recovered)?;
+            self.write_round(&c, central)?;
             any = true;
         }
         Ok(any)
     }
 
-    fn write_round(
-        &mut self,
-        report: &RoundReport,
-        central: Vec<Score>,
-        wall_ms: u64,
-        recovered: bool,
-    ) -> Result<(), AggError> {
+    fn write_round(&mut self, c: &Closing, central: Vec<Score>) -> Result<(), AggError> {
+        let report = &c.report;
         let scores: Vec<String> = central
             .iter()
             .map(|s| format!("{} {:.1}%", s.task, 100.0 * s.accuracy))
@@ -1241,7 +1282,7 @@ impl Service {
         let line = RoundLine {
             kind: "round",
             round: report.round,
-            recovered,
+            recovered: c.recovered,
             version: report.version,
             stepped: report.stepped,
             quorum_met: report.quorum_met,
@@ -1260,16 +1301,14 @@ impl Service {
                 .collect(),
             contributors: &report.contributors,
             bytes_received: report.bytes_received,
-            bytes_sent_full: self.sent.0,
-            bytes_sent_delta: self.sent.1,
+            bytes_sent_full: c.sent.0,
+            bytes_sent_delta: c.sent.1,
             central,
-            wall_ms,
+            wall_ms: c.wall_ms,
             closed_at_ms: report.closed_at_ms,
             privacy: report.privacy.as_ref(),
         };
-        self.write_line(&line)?;
-        self.sent = (0, 0);
-        Ok(())
+        self.write_line(&line)
     }
 
     fn prune_checkpoints(&self) {
