@@ -39,10 +39,12 @@ pub fn unframe(bytes: &[u8], max: u64) -> Result<&[u8], ProtocolError> {
 
 #[cfg(feature = "libp2p")]
 mod io {
+    use std::future::Future;
     use std::io;
-    use std::time::Duration;
+    use std::pin::Pin;
+    use std::task::Poll;
+    use std::time::{Duration, Instant};
 
-    use futures::future::{select, Either};
     use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
     use super::PREFIX_LEN;
@@ -56,22 +58,66 @@ mod io {
         io::Error::new(io::ErrorKind::InvalidData, e)
     }
 
-    /// `fut`, or a `TimedOut` error after `limit` (`None`: no limit).
-    pub(crate) async fn timed<T>(
+    /// The stall limit of one call: an operation fails with `TimedOut` once
+    /// no operation of the call has made progress for `limit` (`None`: no
+    /// limit). One timer per call, made only when an operation has to wait:
+    /// futures-timer wakes its thread for every timer made and dropped, and
+    /// a timer per chunk cost the federation a few percent of its CPU.
+    struct Stall {
         limit: Option<Duration>,
-        what: &'static str,
-        fut: impl std::future::Future<Output = io::Result<T>>,
-    ) -> io::Result<T> {
-        let Some(limit) = limit else {
-            return fut.await;
-        };
-        let fut = std::pin::pin!(fut);
-        match select(fut, futures_timer::Delay::new(limit)).await {
-            Either::Left((r, _)) => r,
-            Either::Right(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("{what}: no progress in {limit:?}"),
-            )),
+        last: Instant,
+        timer: Option<futures_timer::Delay>,
+    }
+
+    impl Stall {
+        fn new(limit: Option<Duration>) -> Self {
+            Self {
+                limit,
+                last: Instant::now(),
+                timer: None,
+            }
+        }
+
+        /// `fut`, or a `TimedOut` error when the call stalls.
+        async fn run<T>(
+            &mut self,
+            what: &'static str,
+            fut: impl Future<Output = io::Result<T>>,
+        ) -> io::Result<T> {
+            let Some(limit) = self.limit else {
+                return fut.await;
+            };
+            let mut fut = std::pin::pin!(fut);
+            let (last, timer) = (self.last, &mut self.timer);
+            let out = std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                loop {
+                    let idle = last.elapsed();
+                    if idle >= limit {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("{what}: no progress in {limit:?}"),
+                        )));
+                    }
+                    match timer.as_mut() {
+                        None => *timer = Some(futures_timer::Delay::new(limit - idle)),
+                        Some(t) => {
+                            if Pin::new(&mut *t).poll(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            // Set before the last progress: the rest of it.
+                            t.reset(limit - idle);
+                        }
+                    }
+                }
+            })
+            .await;
+            if out.is_ok() {
+                self.last = Instant::now();
+            }
+            out
         }
     }
 
@@ -100,11 +146,12 @@ mod io {
             }));
         }
         let prefix = (payload.len() as u64).to_le_bytes();
-        timed(stall, "write", io.write_all(&prefix)).await?;
+        let mut stall = Stall::new(stall);
+        stall.run("write", io.write_all(&prefix)).await?;
         for chunk in payload.chunks(CHUNK * 4) {
-            timed(stall, "write", io.write_all(chunk)).await?;
+            stall.run("write", io.write_all(chunk)).await?;
         }
-        timed(stall, "write", io.flush()).await
+        stall.run("write", io.flush()).await
     }
 
     /// Reads the length prefix of a frame; at most `max` (checked before
@@ -115,7 +162,9 @@ mod io {
         stall: Option<Duration>,
     ) -> io::Result<u64> {
         let mut len = [0u8; PREFIX_LEN];
-        timed(stall, "frame length", io.read_exact(&mut len)).await?;
+        Stall::new(stall)
+            .run("frame length", io.read_exact(&mut len))
+            .await?;
         let len = u64::from_le_bytes(len);
         if len > max {
             return Err(invalid(ProtocolError::TooLarge {
@@ -139,13 +188,14 @@ mod io {
         mut n: u64,
         stall: Option<Duration>,
     ) -> io::Result<()> {
+        let mut stall = Stall::new(stall);
         while n > 0 {
             let step = n.min(buf.len().max(CHUNK) as u64) as usize;
             let filled = buf.len();
             buf.reserve_exact(step);
             // Zeroes this step only (an `AsyncRead` needs initialized bytes).
             buf.resize(filled + step, 0);
-            let got = read_step(io, &mut buf[filled..], stall).await;
+            let got = read_step(io, &mut buf[filled..], &mut stall).await;
             buf.truncate(filled + got.as_ref().map_or_else(|(k, _)| *k, |k| *k));
             got.map_err(|(_, e)| e)?;
             n -= step as u64;
@@ -157,11 +207,11 @@ mod io {
     async fn read_step<R: AsyncRead + Unpin>(
         io: &mut R,
         dst: &mut [u8],
-        stall: Option<Duration>,
+        stall: &mut Stall,
     ) -> Result<usize, (usize, io::Error)> {
         let mut k = 0;
         while k < dst.len() {
-            match timed(stall, "frame body", io.read(&mut dst[k..])).await {
+            match stall.run("frame body", io.read(&mut dst[k..])).await {
                 Ok(0) => {
                     return Err((
                         k,
