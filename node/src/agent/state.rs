@@ -65,12 +65,21 @@ pub fn load_state(path: &Path, layout: &Layout) -> Result<NodeState, NodeError> 
     Ok(state)
 }
 
-/// Writes the state atomically and durably: a temporary file created with
-/// mode 0600 (local heads are private), fsynced, renamed over the old one,
-/// then the folder fsynced.
+/// Writes the state atomically and durably ([`write_state`]).
 pub fn save_state(path: &Path, state: &NodeState) -> Result<(), NodeError> {
-    let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
-        .map_err(|e| NodeError::Internal(format!("encoding the node state: {e}")))?;
+    write_state(path, &encode_state(state)?)
+}
+
+/// The bytes of a state file.
+pub fn encode_state(state: &NodeState) -> Result<Vec<u8>, NodeError> {
+    bincode::serde::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| NodeError::Internal(format!("encoding the node state: {e}")))
+}
+
+/// Writes state file bytes ([`encode_state`]) atomically and durably: a
+/// temporary file created with mode 0600 (local heads are private),
+/// fsynced, renamed over the old one, then the folder fsynced.
+pub fn write_state(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -87,7 +96,7 @@ pub fn save_state(path: &Path, state: &NodeState) -> Result<(), NodeError> {
         f.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(NodeError::io(&tmp))?;
     }
-    f.write_all(&bytes)
+    f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(NodeError::io(&tmp))?;
     drop(f);
