@@ -25,7 +25,8 @@ pub use layout::{
 
 /// Version of the wire protocol. Every envelope carries it; a peer speaking
 /// another version is refused with [`ProtocolError::VersionMismatch`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// 2: model deltas per byte plane, each deflated or raw ([`model_delta`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// SplitMix64 of `a` combined with `b`: derives independent, reproducible
 /// seeds (per node, round, group) from one experiment seed. Every crate
