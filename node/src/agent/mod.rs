@@ -32,7 +32,7 @@ mod config;
 mod data;
 mod state;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ use tracing::{debug, info, warn};
 
 pub use config::{Backoff, NodeConfig, NodeTask, Shard};
 pub use data::{check_tasks, load_local_tasks, task_specs, LocalTask};
-pub use state::{encode_state, load_state, save_state, write_state, MAX_STATE_BYTES};
+pub use state::{encode_state, load_state, write_slot, StateFile, MAX_STATE_BYTES};
 
 use crate::{NodeError, NodeRuntime};
 
@@ -77,7 +77,7 @@ pub struct Agent {
     address: Multiaddr,
     runtime: NodeRuntime,
     tasks: Vec<LocalTask>,
-    state_path: PathBuf,
+    state_file: StateFile,
 }
 
 impl std::fmt::Debug for Agent {
@@ -132,8 +132,9 @@ impl Agent {
         let peer_id = identity.public().to_peer_id();
         let mut runtime = NodeRuntime::new(peer_id.to_string(), cfg.federation.clone(), model, key);
         runtime.limits = cfg.limits.clone();
-        let state_path = cfg.data_dir.join("state.bin");
-        runtime.state = load_state(&state_path, &runtime.model.layout())?;
+        let (state_file, state) =
+            StateFile::load(&cfg.data_dir.join("state.bin"), &runtime.model.layout())?;
+        runtime.state = state;
         Ok(Agent {
             cfg,
             identity,
@@ -141,7 +142,7 @@ impl Agent {
             address,
             runtime,
             tasks,
-            state_path,
+            state_file,
         })
     }
 
@@ -178,7 +179,7 @@ impl Agent {
             address,
             runtime,
             tasks,
-            state_path,
+            state_file,
         } = self;
         // A node talks to its aggregator only, and only asks: no other peer
         // holds a connection, and no inbound request is accepted at all.
@@ -218,7 +219,7 @@ impl Agent {
             federation: runtime.federation.clone(),
             runtime: Some(runtime),
             tasks: Arc::new(tasks),
-            state_path,
+            state_file,
             backoff: cfg.backoff.clone(),
             hello,
             request_timeout: Duration::from_secs(
@@ -247,7 +248,7 @@ struct Session {
     /// Away (`None`) while a round trains on the blocking pool.
     runtime: Option<NodeRuntime>,
     tasks: Arc<Vec<LocalTask>>,
-    state_path: PathBuf,
+    state_file: StateFile,
     backoff: Backoff,
     hello: Hello,
     /// Longest wait for any answer (beyond the transport's own request
@@ -516,13 +517,14 @@ impl Session {
         // before the next plan; a crash in between leaves the previous
         // residuals, one round's bounded compression error.
         let state = encode_state(&self.runtime()?.state)?;
-        let path = self.state_path.clone();
-        let saving = tokio::task::spawn_blocking(move || write_state(&path, &state));
+        let (path, seq) = self.state_file.next();
+        let saving = tokio::task::spawn_blocking(move || write_slot(&path, seq, &state));
         let bytes = output.update.sealed.len();
         let answer = self.ask(Request::Submit(output.update)).await;
         saving
             .await
             .map_err(|e| StepError::Fatal(NodeError::Internal(format!("state writer: {e}"))))??;
+        self.state_file.saved(seq);
         match answer {
             Ok(Response::Ack) => {
                 info!(round = plan.round, bytes, "update accepted");
