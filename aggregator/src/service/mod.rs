@@ -330,6 +330,30 @@ struct Parts {
     control_limit: u64,
 }
 
+/// What node operators need: the federation, the peer id, the sealing key
+/// and who may join.
+fn print_banner(
+    connect: &ConnectInfo,
+    fed: &FederationConfig,
+    engine: &Engine,
+    allow: Option<&BTreeSet<PeerId>>,
+) {
+    println!(
+        "cohort-aggregator: federation `{}`, {} rounds, model version {} (round {}), {} nodes awaited",
+        connect.federation,
+        fed.rounds,
+        engine.version(),
+        engine.round(),
+        fed.clients.count
+    );
+    println!("peer id:     {}", connect.peer_id);
+    println!("sealing key: {}", connect.aggregator_key);
+    match allow {
+        Some(a) => println!("access:      {} allowed peer ids", a.len()),
+        None => println!("access:      open (any peer may join)"),
+    }
+}
+
 impl Service {
     /// The service, after printing what node operators need.
     fn new(parts: Parts, cfg: &AggregatorConfig) -> Result<Self, AggError> {
@@ -350,20 +374,7 @@ impl Service {
             aggregator_key: keys.public().to_string(),
             addrs: Vec::new(),
         };
-        println!(
-            "cohort-aggregator: federation `{}`, {} rounds, model version {} (round {}), {} nodes awaited",
-            connect.federation,
-            fed.rounds,
-            engine.version(),
-            engine.round(),
-            fed.clients.count
-        );
-        println!("peer id:     {}", connect.peer_id);
-        println!("sealing key: {}", connect.aggregator_key);
-        match &allow {
-            Some(a) => println!("access:      {} allowed peer ids", a.len()),
-            None => println!("access:      open (any peer may join)"),
-        }
+        print_banner(&connect, &fed, &engine, allow.as_ref());
         let data_dir = &cfg.data_dir;
         let metrics_path = data_dir.join("metrics.jsonl");
         let metrics = std::fs::OpenOptions::new()

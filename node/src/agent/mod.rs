@@ -512,10 +512,10 @@ impl Session {
             }
             Err(e) => return Err(StepError::Fatal(e)),
         };
-        // The state is written while the update travels (its fsyncs took
-        // a millisecond off every round's critical path) and is durable
-        // before the next plan; a crash in between leaves the previous
-        // residuals, one round's bounded compression error.
+        // The state is written while the update travels (off the round's
+        // critical path) and is durable before the next plan; a crash in
+        // between leaves the previous residuals, one round's bounded
+        // compression error.
         let state = encode_state(&self.runtime()?.state)?;
         let (path, seq) = self.state_file.next();
         let saving = tokio::task::spawn_blocking(move || write_slot(&path, seq, &state));
