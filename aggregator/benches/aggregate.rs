@@ -236,7 +236,7 @@ fn main() {
             })
             .expect("register");
         }
-        let mut times = Vec::new();
+        let (mut times, mut closes) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let now = round as u64 * 10;
             let plans = e.start_round(now).expect("start");
@@ -264,15 +264,22 @@ fn main() {
                 e.submit_groups(h, &[d.as_slice()], now + 1)
                     .expect("accepted");
             }
+            let t1 = Instant::now();
             let report = e.poll(now + 2).expect("closed");
             let dt = t0.elapsed();
             assert!(report.stepped);
             std::hint::black_box(e.global());
             if round > 0 {
                 times.push(dt); // round 0 warms up allocations
+                closes.push(t1.elapsed());
             }
         }
         print_row(name, &mut times);
+        closes.sort();
+        println!(
+            "|   of it the round's close (`poll`), median | | | | {:.1} |",
+            closes[closes.len() / 2].as_secs_f64() * 1e3
+        );
     }
     println!("load average at end: {}", load_average());
 }

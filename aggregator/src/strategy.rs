@@ -733,13 +733,13 @@ pub fn weighted_mean(deltas: &[Vec<f32>], weights: &[f64]) -> Result<Vec<f32>, A
 /// Maps an f32 to an i32 whose integer order is the float's total order
 /// (an involution: applying it twice gives the bits back). Integer sorts of
 /// the small columns below are much faster than float comparisons.
-#[inline]
+#[inline(always)]
 fn order_key(x: f32) -> i32 {
     let b = x.to_bits() as i32;
     b ^ ((((b >> 31) as u32) >> 1) as i32)
 }
 
-#[inline]
+#[inline(always)]
 fn from_key(k: i32) -> f32 {
     f32::from_bits((k ^ ((((k >> 31) as u32) >> 1) as i32)) as u32)
 }
@@ -749,57 +749,158 @@ fn from_key(k: i32) -> f32 {
 const PAR_CHUNK: usize = 16 * 1024;
 const BLOCK: usize = 256;
 
-/// Up to this many deltas, columns are sorted by counting ranks (k² branch-free
-/// comparisons, vectorized across [`LANES`] coordinates) instead of a sort.
+/// Up to this many deltas, [`LANES`] columns at a time go through a sorting
+/// network (branch-free min/max across the lanes); more are transposed and
+/// sorted one column at a time.
 const SMALL_K: usize = 32;
 const LANES: usize = 16;
 
-/// Writes the sorted keys of the columns `start..start+len` into
-/// `buf[i*k .. (i+1)*k]`. Rank of value i = #{j < i: x_j <= x_i} +
-/// #{j > i: x_j < x_i}, a permutation of 0..k (ties in index order), so
-/// the result is exactly a sort.
-fn sort_block_by_rank(deltas: &[Vec<f32>], start: usize, len: usize, buf: &mut [i32]) {
-    let k = deltas.len();
-    let mut keys = [[0i32; LANES]; SMALL_K];
-    let mut lane0 = 0;
-    while lane0 < len {
-        let lw = LANES.min(len - lane0);
-        for (row, d) in keys.iter_mut().zip(deltas) {
-            for (key, x) in row.iter_mut().zip(&d[start + lane0..start + lane0 + lw]) {
-                *key = order_key(*x);
+/// Batcher's odd-even merge sort for the next power of two above `k`,
+/// without the comparators that reach a position `>= k`: with `+inf` padded
+/// there, those never swap, so the rest sorts `k` values.
+fn sorting_network(k: usize) -> Vec<(u8, u8)> {
+    let n = k.next_power_of_two();
+    let mut net = Vec::new();
+    let mut p = 1;
+    while p < n {
+        let mut step = p;
+        while step >= 1 {
+            let mut j = step % p;
+            while j + step < n {
+                for i in 0..step.min(n - j - step) {
+                    let (a, b) = (i + j, i + j + step);
+                    if a / (2 * p) == b / (2 * p) && b < k {
+                        net.push((a as u8, b as u8));
+                    }
+                }
+                j += 2 * step;
+            }
+            step /= 2;
+        }
+        p *= 2;
+    }
+    net
+}
+
+/// What a robust combiner takes from a sorted column of `k` values.
+#[derive(Debug, Clone, Copy)]
+enum Pick {
+    /// The middle value; the mean of the two middle ones when `k` is even.
+    Median,
+    /// The mean of the values after dropping `cut` at each end, summed in
+    /// ascending order.
+    Trimmed { cut: usize },
+}
+
+impl Pick {
+    fn of_column(self, col: &[i32]) -> f32 {
+        let k = col.len();
+        match self {
+            Pick::Median if k % 2 == 1 => from_key(col[k / 2]),
+            Pick::Median => {
+                let (lo, hi) = (from_key(col[k / 2 - 1]), from_key(col[k / 2]));
+                ((f64::from(lo) + f64::from(hi)) / 2.0) as f32
+            }
+            Pick::Trimmed { cut } => {
+                let s: f64 = col[cut..k - cut]
+                    .iter()
+                    .map(|&x| f64::from(from_key(x)))
+                    .sum();
+                (s / (k - 2 * cut) as f64) as f32
             }
         }
-        let keys = &keys[..k];
-        for (i, xi) in keys.iter().enumerate() {
-            let mut rank = [0u32; LANES];
-            for xj in &keys[..i] {
-                for l in 0..LANES {
-                    rank[l] += u32::from(xj[l] <= xi[l]);
+    }
+
+    /// [`Pick::of_column`] of each lane of `rows[..k]` (row `i` holds the
+    /// `i`-th smallest of every lane), the same arithmetic lane-wise.
+    #[inline(always)]
+    fn of_rows(self, rows: &[[i32; LANES]], out: &mut [f32]) {
+        let k = rows.len();
+        // -0.0, the neutral element of f64's `Sum`, as in `of_column`.
+        let mut v = [-0.0f64; LANES];
+        let kept = match self {
+            Pick::Median if k % 2 == 1 => {
+                for (o, x) in out.iter_mut().zip(rows[k / 2]) {
+                    *o = from_key(x);
                 }
+                return;
             }
-            for xj in &keys[i + 1..] {
-                for l in 0..LANES {
-                    rank[l] += u32::from(xj[l] < xi[l]);
-                }
-            }
-            for l in 0..lw {
-                buf[(lane0 + l) * k + rank[l] as usize] = xi[l];
+            Pick::Median => &rows[k / 2 - 1..k / 2 + 1],
+            Pick::Trimmed { cut } => &rows[cut..k - cut],
+        };
+        for row in kept {
+            for (a, &x) in v.iter_mut().zip(row) {
+                *a += f64::from(from_key(x));
             }
         }
-        lane0 += LANES;
+        let n = kept.len() as f64;
+        for (o, a) in out.iter_mut().zip(v) {
+            *o = (a / n) as f32;
+        }
     }
 }
 
-/// Applies `f` to every coordinate's column of values, sorted ascending.
+/// One parallel task's coordinates `base..base+out.len()` through the
+/// network, [`LANES`] at a time. Compiled once per instruction set by
+/// `pulp` (AVX2's integer min/max where the CPU has them), the same
+/// results on every path.
+struct NetworkSort<'a> {
+    deltas: &'a [Vec<f32>],
+    net: &'a [(u8, u8)],
+    pick: Pick,
+    base: usize,
+    out: &'a mut [f32],
+}
+
+impl pulp::WithSimd for NetworkSort<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let k = self.deltas.len();
+        let mut rows = [[0i32; LANES]; SMALL_K];
+        for (c, out) in self.out.chunks_mut(LANES).enumerate() {
+            let start = self.base + c * LANES;
+            for (row, d) in rows.iter_mut().zip(self.deltas) {
+                for (key, x) in row.iter_mut().zip(&d[start..start + out.len()]) {
+                    *key = order_key(*x);
+                }
+            }
+            for &(a, b) in self.net {
+                let (x, y) = (rows[usize::from(a)], rows[usize::from(b)]);
+                for l in 0..LANES {
+                    rows[usize::from(a)][l] = x[l].min(y[l]);
+                    rows[usize::from(b)][l] = x[l].max(y[l]);
+                }
+            }
+            self.pick.of_rows(&rows[..k], out);
+        }
+    }
+}
+
+/// Each coordinate's column of values, sorted ascending, reduced by `pick`.
 /// Coordinates are independent, so the parallel split does not change the
 /// result (deterministic whatever the thread count).
-fn per_column_sorted(
-    deltas: &[Vec<f32>],
-    f: impl Fn(&[i32]) -> f32 + Sync,
-) -> Result<Vec<f32>, AggError> {
+fn per_column_sorted(deltas: &[Vec<f32>], pick: Pick) -> Result<Vec<f32>, AggError> {
     let n = check_same_len(deltas)?;
     let k = deltas.len();
     let mut out = vec![0.0f32; n];
+    if k <= SMALL_K {
+        let net = sorting_network(k);
+        let arch = pulp::Arch::new();
+        out.par_chunks_mut(PAR_CHUNK)
+            .enumerate()
+            .for_each(|(c, out)| {
+                arch.dispatch(NetworkSort {
+                    deltas,
+                    net: &net,
+                    pick,
+                    base: c * PAR_CHUNK,
+                    out,
+                });
+            });
+        return Ok(out);
+    }
     out.par_chunks_mut(PAR_CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
@@ -807,24 +908,16 @@ fn per_column_sorted(
             let mut buf = vec![0i32; BLOCK * k];
             for (b, block) in chunk.chunks_mut(BLOCK).enumerate() {
                 let start = base + b * BLOCK;
-                let len = block.len();
-                if k <= SMALL_K {
-                    sort_block_by_rank(deltas, start, len, &mut buf);
-                    for (i, o) in block.iter_mut().enumerate() {
-                        *o = f(&buf[i * k..(i + 1) * k]);
-                    }
-                    continue;
-                }
                 // Transpose: column i of the block is buf[i*k .. (i+1)*k].
                 for (j, d) in deltas.iter().enumerate() {
-                    for (i, x) in d[start..start + len].iter().enumerate() {
+                    for (i, x) in d[start..start + block.len()].iter().enumerate() {
                         buf[i * k + j] = order_key(*x);
                     }
                 }
                 for (i, o) in block.iter_mut().enumerate() {
                     let col = &mut buf[i * k..(i + 1) * k];
                     col.sort_unstable();
-                    *o = f(col);
+                    *o = pick.of_column(col);
                 }
             }
         });
@@ -834,16 +927,7 @@ fn per_column_sorted(
 /// Coordinate-wise median; the mean of the two middle values when the count
 /// is even.
 pub fn median(deltas: &[Vec<f32>]) -> Result<Vec<f32>, AggError> {
-    let k = deltas.len();
-    per_column_sorted(deltas, |col| {
-        let hi = from_key(col[k / 2]);
-        if k % 2 == 1 {
-            hi
-        } else {
-            let lo = from_key(col[k / 2 - 1]);
-            ((f64::from(lo) + f64::from(hi)) / 2.0) as f32
-        }
-    })
+    per_column_sorted(deltas, Pick::Median)
 }
 
 /// Coordinate-wise trimmed mean: drops `floor(beta * n)` values at each end
@@ -851,14 +935,7 @@ pub fn median(deltas: &[Vec<f32>]) -> Result<Vec<f32>, AggError> {
 pub fn trimmed_mean(deltas: &[Vec<f32>], beta: f32) -> Result<Vec<f32>, AggError> {
     let k = deltas.len().max(1);
     let cut = ((f64::from(beta.clamp(0.0, 0.5)) * k as f64).floor() as usize).min((k - 1) / 2);
-    let kept = (k - 2 * cut) as f64;
-    per_column_sorted(deltas, |col| {
-        let s: f64 = col[cut..k - cut]
-            .iter()
-            .map(|&x| f64::from(from_key(x)))
-            .sum();
-        (s / kept) as f32
-    })
+    per_column_sorted(deltas, Pick::Trimmed { cut })
 }
 
 /// Krum's scores: for each delta, the sum of its squared distances to its
@@ -1085,4 +1162,66 @@ pub fn server_strategy(cfg: &StrategyConfig) -> ServerStrategy {
         }
     };
     s.with_clip_norm(cfg.clip_norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The network compiled for the CPU's widest instruction set gives the
+    /// bits of the same loop without it (what a CPU without AVX2 runs).
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        use pulp::WithSimd;
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let n = 1_000;
+        for k in [2usize, 7, 20, 32] {
+            let d: Vec<Vec<f32>> = (0..k)
+                .map(|_| (0..n).map(|_| rng.gen_range(-1.0f32..1.0)).collect())
+                .collect();
+            let net = sorting_network(k);
+            for pick in [Pick::Median, Pick::Trimmed { cut: k / 5 }] {
+                let run = |scalar: bool| {
+                    let mut out = vec![0.0f32; n];
+                    let op = NetworkSort {
+                        deltas: &d,
+                        net: &net,
+                        pick,
+                        base: 0,
+                        out: &mut out,
+                    };
+                    if scalar {
+                        op.with_simd(pulp::Scalar::new());
+                    } else {
+                        pulp::Arch::new().dispatch(op);
+                    }
+                    out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(run(true), run(false), "k = {k}, {pick:?}");
+            }
+        }
+    }
+
+    /// By the 0-1 principle a comparator network sorts every input if it
+    /// sorts every input of zeros and ones: checked exhaustively up to 20
+    /// values (bit `i` of `x` is position `i`).
+    #[test]
+    fn the_sorting_network_sorts_every_zero_one_input() {
+        for k in 1..=20usize {
+            let net = sorting_network(k);
+            for input in 0u32..(1 << k) {
+                let mut x = input;
+                for &(a, b) in &net {
+                    let (ba, bb) = ((x >> a) & 1, (x >> b) & 1);
+                    if ba > bb {
+                        x ^= (1 << a) | (1 << b);
+                    }
+                }
+                let ones = input.count_ones();
+                let sorted = ((1u32 << ones) - 1) << (k as u32 - ones);
+                assert_eq!(x, sorted, "k = {k}, input {input:b}");
+            }
+        }
+    }
 }

@@ -34,6 +34,7 @@
 //! checked. A decoder that refuses an input leaves the accumulator untouched.
 
 use half::f16;
+use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -155,11 +156,24 @@ fn num_scales(bits: u8, k: u64, chunk: u64) -> u64 {
     }
 }
 
+/// Runs `op` compiled for the widest instruction set the CPU has (AVX2 and
+/// FMA where present, through `pulp`'s safe run-time dispatch: the
+/// workspace builds for generic x86-64 and denies `unsafe`). What `op`
+/// calls on its hot path is `#[inline(always)]`, so that its loops are
+/// vectorized for that set. The results are the same bits on every path:
+/// the loops are lane-wise or integer, and Rust never fuses a multiply and
+/// an add on its own.
+#[inline(always)]
+fn simd<Op: WithSimd>(op: Op) -> Op::Output {
+    pulp::Arch::new().dispatch(op)
+}
+
 /// Half-width of the integer grid of `bits` (8 → 127, 4 → 7, 2 → 1).
 fn grid(bits: u8) -> u32 {
     (1u32 << (bits - 1)) - 1
 }
 
+#[inline(always)]
 fn splitmix64(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -168,6 +182,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// Key of the dither of one chunk.
+#[inline(always)]
 fn chunk_key(seed: u64, chunk_index: u64) -> u32 {
     let z = splitmix64(seed ^ splitmix64(chunk_index));
     (z ^ (z >> 32)) as u32
@@ -188,6 +203,7 @@ fn dither(key: u32, c: u32) -> f32 {
 /// Largest magnitude, with eight lanes so that the loop vectorizes; infinity
 /// if any value is NaN, infinite or above [`MAX_SCALE`] (the range check
 /// rides along, sparing encode a separate pass).
+#[inline(always)]
 fn absmax(x: &[f32]) -> f32 {
     let mut m = [0.0f32; 8];
     let mut ok = [true; 8];
@@ -208,6 +224,7 @@ fn absmax(x: &[f32]) -> f32 {
 }
 
 /// Grid codes (one byte each) of `x` on the grid `-L..=L` with `inv = L / s`.
+#[inline(always)]
 fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [u8]) {
     let lf = l as f32;
     let top = (2 * l) as f32;
@@ -242,6 +259,7 @@ fn quantize(x: &[f32], inv: f32, l: u32, stochastic: bool, key: u32, out: &mut [
 
 /// Quantizes one chunk `x` (already checked finite and in range) into its
 /// codes, appended at `codes`; returns the scale.
+#[inline(always)]
 fn encode_chunk(
     x: &[f32],
     s: f32,
@@ -302,6 +320,7 @@ fn encode_chunk(
 }
 
 /// Packs codes of `bits` (4, 2, 1) bits, lowest bits first.
+#[inline(always)]
 fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         4 => {
@@ -328,6 +347,7 @@ fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
 
 /// Adds `weight * value` of each of the `out.len()` values of one chunk.
 /// `scale` has been validated; codes above the grid are clamped onto it.
+#[inline(always)]
 fn add_chunk(bits: u8, scale: f32, codes: &[u8], weight: f32, out: &mut [f32]) {
     decode_chunk(bits, scale, codes, weight, out, |o, x| *o += x);
 }
@@ -569,35 +589,63 @@ fn encode_chunks(
     codes: &mut [u8],
     scales: &mut [u8],
 ) -> Result<(), ProtocolError> {
-    let chunk = cfg.chunk as usize;
-    let stochastic = cfg.rounding == Rounding::Stochastic;
-    let chunk_code_bytes = code_bytes(cfg.bits, chunk as u64).unwrap_or(0) as usize;
-    let mut tmp = if cfg.bits < 8 {
-        vec![0u8; chunk.min(values.len())]
-    } else {
-        Vec::new()
-    };
-    for (i, (x, c)) in values
-        .chunks(chunk)
-        .zip(codes.chunks_mut(chunk_code_bytes.max(1)))
-        .enumerate()
-    {
-        let ci = first + i;
-        let key = if stochastic {
-            chunk_key(seed, ci as u64)
+    simd(EncodeChunks {
+        values,
+        first,
+        cfg,
+        seed,
+        codes,
+        scales,
+    })
+}
+
+/// The arguments of [`encode_chunks`], for [`simd`].
+struct EncodeChunks<'a> {
+    values: &'a [f32],
+    first: usize,
+    cfg: &'a CodecConfig,
+    seed: u64,
+    codes: &'a mut [u8],
+    scales: &'a mut [u8],
+}
+
+impl WithSimd for EncodeChunks<'_> {
+    type Output = Result<(), ProtocolError>;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> Self::Output {
+        let (values, first, cfg, seed) = (self.values, self.first, self.cfg, self.seed);
+        let (codes, scales) = (self.codes, self.scales);
+        let chunk = cfg.chunk as usize;
+        let stochastic = cfg.rounding == Rounding::Stochastic;
+        let chunk_code_bytes = code_bytes(cfg.bits, chunk as u64).unwrap_or(0) as usize;
+        let mut tmp = if cfg.bits < 8 {
+            vec![0u8; chunk.min(values.len())]
         } else {
-            0
+            Vec::new()
         };
-        let m = if cfg.bits == 32 { 0.0 } else { absmax(x) };
-        if m == f32::INFINITY {
-            return Err(out_of_range(x, ci * chunk));
+        for (i, (x, c)) in values
+            .chunks(chunk)
+            .zip(codes.chunks_mut(chunk_code_bytes.max(1)))
+            .enumerate()
+        {
+            let ci = first + i;
+            let key = if stochastic {
+                chunk_key(seed, ci as u64)
+            } else {
+                0
+            };
+            let m = if cfg.bits == 32 { 0.0 } else { absmax(x) };
+            if m == f32::INFINITY {
+                return Err(out_of_range(x, ci * chunk));
+            }
+            let s = encode_chunk(x, m, cfg.bits, stochastic, key, c, &mut tmp);
+            if let Some(dst) = scales.get_mut(4 * i..4 * i + 4) {
+                dst.copy_from_slice(&s.to_le_bytes());
+            }
         }
-        let s = encode_chunk(x, m, cfg.bits, stochastic, key, c, &mut tmp);
-        if let Some(dst) = scales.get_mut(4 * i..4 * i + 4) {
-            dst.copy_from_slice(&s.to_le_bytes());
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The error for the first value of `x` out of range; `offset` is the index
@@ -872,15 +920,11 @@ impl Parsed<'_> {
         let chunk = self.chunk;
         let chunk_codes = self.chunk_codes();
         match self.index {
-            None => {
-                for (ci, (out, codes)) in acc
-                    .chunks_mut(chunk)
-                    .zip(self.codes.chunks(chunk_codes))
-                    .enumerate()
-                {
-                    add_chunk(self.bits, self.scale(ci), codes, weight, out);
-                }
-            }
+            None => simd(AddChunks {
+                p: self,
+                weight,
+                acc,
+            }),
             Some(index) => {
                 // Sparse: decode one chunk of kept values at a time, then scatter.
                 let mut tmp = vec![0.0f32; chunk.min(self.k as usize)];
@@ -1015,19 +1059,7 @@ pub fn check(bytes: &[u8], len: usize) -> Result<Checked<'_>, ProtocolError> {
         // Sums over spans of chunks, added in span order: the same number
         // whatever the threads.
         _ => p
-            .par_spans(|span| {
-                span.map(|ci| {
-                    let (scale, codes, n) = p.chunk_at(ci);
-                    // The grid step, as `add_chunk` computes it.
-                    let a = f64::from(match bits {
-                        8 => scale / 127.0,
-                        4 => scale / 7.0,
-                        _ => scale,
-                    });
-                    a * a * code_squares(bits, codes, n) as f64
-                })
-                .sum::<f64>()
-            })
+            .par_spans(|span| simd(SpanSquares { p: &p, span }))
             .iter()
             .sum(),
     };
@@ -1039,8 +1071,83 @@ pub fn check(bytes: &[u8], len: usize) -> Result<Checked<'_>, ProtocolError> {
 /// on the caller's thread.
 const SPAN_VALUES: usize = 1 << 17;
 
+/// The dense part of [`Parsed::accumulate`], for [`simd`].
+struct AddChunks<'a, 'b> {
+    p: &'a Parsed<'b>,
+    weight: f32,
+    acc: &'a mut [f32],
+}
+
+impl WithSimd for AddChunks<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let p = self.p;
+        for (ci, (out, codes)) in self
+            .acc
+            .chunks_mut(p.chunk)
+            .zip(p.codes.chunks(p.chunk_codes()))
+            .enumerate()
+        {
+            add_chunk(p.bits, p.scale(ci), codes, self.weight, out);
+        }
+    }
+}
+
+/// One span of chunks of a dense [`Checked`] decode, from chunk `first`
+/// on, for [`simd`].
+struct ScatterSpan<'a, 'b, F> {
+    p: &'a Parsed<'b>,
+    first: usize,
+    out: &'a mut [f32],
+    f: &'a F,
+}
+
+impl<F: Fn(&mut f32, f32)> WithSimd for ScatterSpan<'_, '_, F> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) {
+        let p = self.p;
+        for (ci, out) in (self.first..).zip(self.out.chunks_mut(p.chunk)) {
+            let (scale, codes, _) = p.chunk_at(ci);
+            decode_chunk(p.bits, scale, codes, 1.0, out, self.f);
+        }
+    }
+}
+
+/// [`check`]'s sum of squares over one span of quantized chunks, for
+/// [`simd`].
+struct SpanSquares<'a, 'b> {
+    p: &'a Parsed<'b>,
+    span: std::ops::Range<usize>,
+}
+
+impl WithSimd for SpanSquares<'_, '_> {
+    type Output = f64;
+
+    #[inline(always)]
+    fn with_simd<S: Simd>(self, _: S) -> f64 {
+        let (p, bits) = (self.p, self.p.bits);
+        self.span
+            .map(|ci| {
+                let (scale, codes, n) = p.chunk_at(ci);
+                // The grid step, as `add_chunk` computes it.
+                let a = f64::from(match bits {
+                    8 => scale / 127.0,
+                    4 => scale / 7.0,
+                    _ => scale,
+                });
+                a * a * code_squares(bits, codes, n) as f64
+            })
+            .sum::<f64>()
+    }
+}
+
 /// Sum of the squared grid steps of the first `n` codes of a chunk of
 /// `bits` (8, 4, 2, 1), clamped as [`add_chunk`] clamps them.
+#[inline(always)]
 fn code_squares(bits: u8, codes: &[u8], n: usize) -> u64 {
     // u32 sums over blocks cannot overflow (127² × 4096 < 2³²) and
     // vectorize; u64 across blocks.
@@ -1112,12 +1219,13 @@ impl Checked<'_> {
             None => {
                 let p = &self.p;
                 let span = p.span_chunks() * p.chunk;
-                let decode_span = |(si, o): (usize, &mut [f32])| {
-                    let first = si * p.span_chunks();
-                    for (ci, oc) in (first..).zip(o.chunks_mut(p.chunk)) {
-                        let (scale, codes, _) = p.chunk_at(ci);
-                        decode_chunk(p.bits, scale, codes, 1.0, oc, &f);
-                    }
+                let decode_span = |(si, out): (usize, &mut [f32])| {
+                    simd(ScatterSpan {
+                        p,
+                        first: si * p.span_chunks(),
+                        out,
+                        f: &f,
+                    });
                 };
                 if out.len() > span {
                     out.par_chunks_mut(span).enumerate().for_each(decode_span);
@@ -1266,6 +1374,93 @@ impl ErrorFeedback {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loops `simd` compiles for the CPU's widest instruction set give
+    /// the bits of the same loops without it (what a CPU without AVX2
+    /// runs): encode, the sum of squares of `check`, and both decodes.
+    #[test]
+    fn every_instruction_set_gives_the_same_bits() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let n: usize = 5_003; // several chunks and a partial one
+        let x: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0f32..1.0) * 1e-2).collect();
+        for bits in [32u8, 16, 8, 4, 2, 1] {
+            for rounding in [Rounding::Nearest, Rounding::Stochastic] {
+                let c = CodecConfig {
+                    bits,
+                    rounding,
+                    chunk: 256,
+                    top_k: None,
+                };
+                let codes_len = code_bytes(bits, n as u64).expect("len") as usize;
+                let scales_len = 4 * num_scales(bits, n as u64, 256) as usize;
+                let run = |scalar: bool| {
+                    let (mut codes, mut scales) = (vec![0u8; codes_len], vec![0u8; scales_len]);
+                    let op = EncodeChunks {
+                        values: &x,
+                        first: 0,
+                        cfg: &c,
+                        seed: 9,
+                        codes: &mut codes,
+                        scales: &mut scales,
+                    };
+                    let r = if scalar {
+                        op.with_simd(pulp::Scalar::new())
+                    } else {
+                        simd(op)
+                    };
+                    r.expect("encode");
+                    (codes, scales)
+                };
+                assert_eq!(run(true), run(false), "encode, {bits} bits");
+
+                let e = encode(&x, &c, 9).expect("encode");
+                let p = parse(&e).expect("parse");
+                let chunks = n.div_ceil(256);
+                let squares = |scalar: bool| {
+                    let op = SpanSquares {
+                        p: &p,
+                        span: 0..chunks,
+                    };
+                    if scalar {
+                        op.with_simd(pulp::Scalar::new())
+                    } else {
+                        simd(op)
+                    }
+                };
+                assert_eq!(
+                    squares(true).to_bits(),
+                    squares(false).to_bits(),
+                    "{bits} bits"
+                );
+                let decode = |scalar: bool| {
+                    let (mut a, mut b) = (vec![0.5f32; n], vec![0.5f32; n]);
+                    let add = AddChunks {
+                        p: &p,
+                        weight: 0.3,
+                        acc: &mut a,
+                    };
+                    let f = |o: &mut f32, v: f32| *o += 0.7 * v;
+                    let scatter = ScatterSpan {
+                        p: &p,
+                        first: 0,
+                        out: &mut b,
+                        f: &f,
+                    };
+                    if scalar {
+                        add.with_simd(pulp::Scalar::new());
+                        scatter.with_simd(pulp::Scalar::new());
+                    } else {
+                        simd(add);
+                        simd(scatter);
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    (bits(&a), bits(&b))
+                };
+                assert_eq!(decode(true), decode(false), "decode, {bits} bits");
+            }
+        }
+    }
 
     fn cfg(bits: u8, rounding: Rounding) -> CodecConfig {
         CodecConfig {
