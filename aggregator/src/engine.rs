@@ -2038,11 +2038,8 @@ const PAR_SPAN: usize = 1 << 17;
 /// vectorizing); a block with a non-finite value ends the scan.
 fn all_finite(v: &[f32]) -> bool {
     let span = |c: &[f32]| {
-        c.chunks(4096).all(|b| {
-            b.iter().fold(true, |ok, x| {
-                ok & (x.to_bits() & 0x7f80_0000 != 0x7f80_0000)
-            })
-        })
+        c.chunks(4096)
+            .all(|b| b.iter().fold(true, |ok, x| ok & x.is_finite()))
     };
     if v.len() > PAR_SPAN {
         v.par_chunks(PAR_SPAN).all(span)

@@ -1375,9 +1375,68 @@ impl ErrorFeedback {
 mod tests {
     use super::*;
 
+    /// `op` through the generic path (what a CPU without AVX2 runs) or
+    /// through [`simd`]'s dispatch.
+    fn via<Op: WithSimd>(generic: bool, op: Op) -> Op::Output {
+        if generic {
+            op.with_simd(pulp::Scalar::new())
+        } else {
+            simd(op)
+        }
+    }
+
+    /// `x` encoded by [`EncodeChunks`]: its codes and scales.
+    fn encode_via(generic: bool, x: &[f32], c: &CodecConfig) -> (Vec<u8>, Vec<u8>) {
+        let n = x.len() as u64;
+        let mut codes = vec![0u8; code_bytes(c.bits, n).expect("len") as usize];
+        let mut scales = vec![0u8; 4 * num_scales(c.bits, n, u64::from(c.chunk)) as usize];
+        let op = EncodeChunks {
+            values: x,
+            first: 0,
+            cfg: c,
+            seed: 9,
+            codes: &mut codes,
+            scales: &mut scales,
+        };
+        via(generic, op).expect("encode");
+        (codes, scales)
+    }
+
+    /// The bits of `check`'s sum of squares and of both dense decodes of `p`.
+    fn decode_via(generic: bool, p: &Parsed<'_>, n: usize) -> (u64, Vec<u32>, Vec<u32>) {
+        let squares = via(
+            generic,
+            SpanSquares {
+                p,
+                span: 0..n.div_ceil(p.chunk),
+            },
+        );
+        let (mut a, mut b) = (vec![0.5f32; n], vec![0.5f32; n]);
+        via(
+            generic,
+            AddChunks {
+                p,
+                weight: 0.3,
+                acc: &mut a,
+            },
+        );
+        let f = |o: &mut f32, v: f32| *o += 0.7 * v;
+        via(
+            generic,
+            ScatterSpan {
+                p,
+                first: 0,
+                out: &mut b,
+                f: &f,
+            },
+        );
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect();
+        (squares.to_bits(), bits(&a), bits(&b))
+    }
+
     /// The loops `simd` compiles for the CPU's widest instruction set give
-    /// the bits of the same loops without it (what a CPU without AVX2
-    /// runs): encode, the sum of squares of `check`, and both decodes.
+    /// the bits of the same loops without it: encode, the sum of squares of
+    /// `check`, and both decodes.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         use rand::{Rng, SeedableRng};
@@ -1392,72 +1451,15 @@ mod tests {
                     chunk: 256,
                     top_k: None,
                 };
-                let codes_len = code_bytes(bits, n as u64).expect("len") as usize;
-                let scales_len = 4 * num_scales(bits, n as u64, 256) as usize;
-                let run = |scalar: bool| {
-                    let (mut codes, mut scales) = (vec![0u8; codes_len], vec![0u8; scales_len]);
-                    let op = EncodeChunks {
-                        values: &x,
-                        first: 0,
-                        cfg: &c,
-                        seed: 9,
-                        codes: &mut codes,
-                        scales: &mut scales,
-                    };
-                    let r = if scalar {
-                        op.with_simd(pulp::Scalar::new())
-                    } else {
-                        simd(op)
-                    };
-                    r.expect("encode");
-                    (codes, scales)
-                };
-                assert_eq!(run(true), run(false), "encode, {bits} bits");
-
+                let (generic, dispatched) = (encode_via(true, &x, &c), encode_via(false, &x, &c));
+                assert_eq!(generic, dispatched, "encode, {bits} bits");
                 let e = encode(&x, &c, 9).expect("encode");
                 let p = parse(&e).expect("parse");
-                let chunks = n.div_ceil(256);
-                let squares = |scalar: bool| {
-                    let op = SpanSquares {
-                        p: &p,
-                        span: 0..chunks,
-                    };
-                    if scalar {
-                        op.with_simd(pulp::Scalar::new())
-                    } else {
-                        simd(op)
-                    }
-                };
                 assert_eq!(
-                    squares(true).to_bits(),
-                    squares(false).to_bits(),
-                    "{bits} bits"
+                    decode_via(true, &p, n),
+                    decode_via(false, &p, n),
+                    "check and decode, {bits} bits"
                 );
-                let decode = |scalar: bool| {
-                    let (mut a, mut b) = (vec![0.5f32; n], vec![0.5f32; n]);
-                    let add = AddChunks {
-                        p: &p,
-                        weight: 0.3,
-                        acc: &mut a,
-                    };
-                    let f = |o: &mut f32, v: f32| *o += 0.7 * v;
-                    let scatter = ScatterSpan {
-                        p: &p,
-                        first: 0,
-                        out: &mut b,
-                        f: &f,
-                    };
-                    if scalar {
-                        add.with_simd(pulp::Scalar::new());
-                        scatter.with_simd(pulp::Scalar::new());
-                    } else {
-                        simd(add);
-                        simd(scatter);
-                    }
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                    (bits(&a), bits(&b))
-                };
-                assert_eq!(decode(true), decode(false), "decode, {bits} bits");
             }
         }
     }
